@@ -1,0 +1,50 @@
+# One entry point for developers and CI. `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REQS := services/api/requirements.txt services/model/requirements.txt services/model/requirements-cpu.txt requirements-dev.txt
+TINY := .cache/tiny-qwen3-vl
+# CUDA machines get the registry's CUDA torch; everything else the pinned CPU wheel (never torchvision).
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format run tiny-model bench up down up-cpu k8s-check clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): $(REQS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+ifeq ($(HAS_CUDA),1)
+	$(BIN)/pip install -q torch torchvision
+else
+	$(BIN)/pip install -q -r services/model/requirements-cpu.txt
+endif
+	$(BIN)/pip install -q -r services/api/requirements.txt -r services/model/requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (CPU torch pinned where there is no CUDA)
+
+tiny-model: $(STAMP) ## build the offline tiny Qwen3-VL checkpoint at .cache/tiny-qwen3-vl
+	HF_HUB_OFFLINE=1 $(BIN)/python -m services.model.tiny_checkpoint $(TINY)
+
+test: $(STAMP) ## install when needed, then run the whole test suite
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## unit tests only (no real processes)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not integration and not postgres"
+
+lint: $(STAMP) ## ruff lint + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## apply ruff format and safe fixes
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean: ## remove caches and build outputs (keeps .venv)
+	rm -rf .pytest_cache .ruff_cache tmp bench/results/*.json bench/results/*.png
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

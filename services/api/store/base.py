@@ -1,0 +1,96 @@
+"""The SessionStore protocol: sessions and their SSE events, durable across processes.
+
+Implementations: ``sqlite.py`` (default, ``SESSIONS_DB_PATH``), ``postgres.py`` (``DATABASE_URL``, psycopg 3
+pool, LISTEN/NOTIFY), ``memory.py`` (``PERSIST_SESSIONS=0``). One contract test suite runs against all three.
+
+Events are the exact SSE ``data:`` payloads (already-encoded JSON strings), written in index order with no
+gaps. The runner batches appends (one call per flush, many events), so a chunk is never one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+FINAL_STATUSES = frozenset({"completed", "cancelled", "failed"})
+STATUSES = frozenset({"queued", "running"}) | FINAL_STATUSES
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    id: str
+    owner: str  # sha256 hex of the creating API key ("" when the service is open)
+    status: str = "queued"
+    created: float = 0.0
+    updated: float = 0.0
+    last_index: int = -1  # index of the last stored event; -1 when none
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    model_url: str | None = None  # the model replica that runs this session's generation
+    model_request_id: str | None = None
+    model_seq: int = -1  # last model-service event seq folded into the stored events (for re-attach)
+    runner_id: str | None = None  # process currently running the generation
+    lease_until: float = 0.0  # runner lease; a resume on another process takes over after it lapses
+    reader_seen_at: float = 0.0  # last time any client was attached (auto-cancel across processes)
+    meta: dict[str, Any] = field(default_factory=dict)  # chunk id, created, model, include_usage, ...
+
+
+@dataclass(slots=True)
+class StoredEvent:
+    index: int
+    data: str
+
+
+class SessionExists(Exception):
+    pass
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached (api: 503 with Retry-After)."""
+
+
+class SessionStore(Protocol):
+    async def open(self) -> None:
+        """Connect and create/migrate the schema."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the database is not reachable (readiness)."""
+
+    async def create(self, record: SessionRecord) -> None:
+        """Insert a new session; raise SessionExists when the id is taken."""
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        model_seq: int,
+        status: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+        now: float,
+    ) -> None:
+        """Atomically store ``events`` (consecutive, starting at last_index + 1) and advance the session:
+        last_index, model_seq, updated, and optionally status/finish_reason/usage. Then wake waiters."""
+
+    async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
+        """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...)."""
+
+    async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        """Stored events with index > after, in order."""
+
+    async def wait(self, session_id: str, after: int, timeout: float) -> None:
+        """Return when an event with index > after may exist or the session changed, or at timeout.
+        Cross-process: Postgres uses LISTEN/NOTIFY; SQLite polls its file at a short interval."""
+
+    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+        """Take or renew the runner lease: succeeds when the session is not final and the lease is held by
+        ``runner_id`` already or has lapsed. Atomic across processes."""
+
+    async def delete_expired(self, now: float, ttl_seconds: float) -> int:
+        """Delete final sessions (and their events) whose ``updated`` is older than ttl. Returns count."""

@@ -1,0 +1,40 @@
+"""Model service settings: every variable validated at start; a bad value stops the service naming it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # where and what
+    host: str = Field(default="127.0.0.1", validation_alias="MODEL_HOST")
+    port: int = Field(default=8001, ge=1, le=65535, validation_alias="MODEL_PORT")
+    model_repo_id: str = "Qwen/Qwen3-VL-2B-Thinking"
+    hf_token: SecretStr | None = None
+    engine: Literal["hf", "fake"] = Field(default="hf", validation_alias="ENGINE")
+    device_map: str = "auto"
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+    # generation defaults (None: the checkpoint's generation_config.json decides)
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    # media limits
+    max_video_frames: int = Field(default=32, ge=1, le=768)
+    max_image_pixels: int = Field(default=16_777_216, ge=1024)  # decoded pixels per image (bomb guard)
+    max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # per decoded media item
+
+    # scheduling and limits
+    max_batch_size: int = Field(default=16, ge=1, le=512)
+    max_queue: int = Field(default=64, ge=0)
+    max_step_tokens: int = Field(default=2048, ge=16)  # prefill token budget per scheduler step
+    finished_retention_seconds: float = Field(default=600.0, ge=0.0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0.0)
+
+    internal_token: SecretStr | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,0 +1,93 @@
+"""Typed errors of the model service, shared by both sides.
+
+The model service answers a failed call with HTTP ``status`` and body
+``{"error": {"code": <code>, "message": <text>}}``; the api service maps ``code`` back to the exception
+and then to the public OpenAI error (400 / 404 / 429 / 503 / 500).
+"""
+
+from __future__ import annotations
+
+
+class ModelServiceError(Exception):
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class InvalidRequest(ModelServiceError):
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidMedia(InvalidRequest):
+    """Undecodable image/video, too many pixels or frames, decompression bomb."""
+
+    code = "invalid_media"
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt plus ``max_tokens`` does not fit the model's context."""
+
+    code = "prompt_too_long"
+
+
+class NotFound(ModelServiceError):
+    code = "not_found"
+    status = 404
+
+
+class Unauthorized(ModelServiceError):
+    code = "unauthorized"
+    status = 401
+
+
+class Overloaded(ModelServiceError):
+    """The queue is full: answered at once, never an unbounded wait (api: 429 + Retry-After)."""
+
+    code = "overloaded"
+    status = 429
+
+
+class NotReady(ModelServiceError):
+    """Weights not loaded yet, load failed, or shutting down (api: 503 + Retry-After)."""
+
+    code = "not_ready"
+    status = 503
+
+
+class Conflict(ModelServiceError):
+    """A request with this id already exists."""
+
+    code = "conflict"
+    status = 409
+
+
+_BY_CODE: dict[str, type[ModelServiceError]] = {
+    cls.code: cls
+    for cls in (
+        ModelServiceError,
+        InvalidRequest,
+        InvalidMedia,
+        PromptTooLong,
+        NotFound,
+        Unauthorized,
+        Overloaded,
+        NotReady,
+        Conflict,
+    )
+}
+
+
+def error_from_body(status: int, body: object) -> ModelServiceError:
+    """Rebuild the typed error from a model service error response."""
+    code, message = "internal", f"model service answered HTTP {status}"
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code = str(body["error"].get("code", code))
+        message = str(body["error"].get("message", message))
+    return _BY_CODE.get(code, ModelServiceError)(message)

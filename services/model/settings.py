@@ -38,3 +38,8 @@ class ModelSettings(BaseSettings):
 
     internal_token: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # ENGINE=fake only (deterministic engine for fast tests; see services/model/engine/fake.py)
+    fake_step_seconds: float = Field(default=0.005, ge=0.0, le=10.0)  # one decode step
+    fake_load_seconds: float = Field(default=0.0, ge=0.0, le=600.0)  # simulated weight loading
+    fake_context_tokens: int = Field(default=4096, ge=16)  # prompt + max_tokens limit

@@ -1,0 +1,158 @@
+"""The model service's life: load the engine in the background, admit while ready, drain on shutdown.
+
+States: ``loading`` -> ``ready`` (or ``failed`` with the load error) -> ``draining``. Loading runs in a
+daemon thread so ``/health`` answers at once and ``/ready`` reports progress; draining stops admitting,
+lets running generations finish for up to SHUTDOWN_GRACE_SECONDS, then cancels the rest, so every open
+stream ends with its Finished event before the server closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from services.model.engine.base import Engine, EngineStats
+from services.model.generations import GenerationRegistry
+from services.model.metrics import ModelMetrics
+from services.model.settings import ModelSettings
+from services.protocol.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+State = Literal["loading", "ready", "failed", "draining"]
+EngineFactory = Callable[[ModelSettings, ModelMetrics], Engine]
+
+
+def build_engine(settings: ModelSettings, metrics: ModelMetrics) -> Engine:
+    """ENGINE=fake: the deterministic engine; ENGINE=hf: the weights, the processor and the scheduler."""
+    if settings.engine == "fake":
+        from services.model.engine.fake import FakeEngine
+
+        if settings.fake_load_seconds:
+            time.sleep(settings.fake_load_seconds)  # simulated weight loading, in the loader thread
+        return FakeEngine(settings, observer=metrics)
+    # Imported here: torch and transformers load only when the real engine is asked for.
+    from services.model.engine.hf import HFEngine
+    from services.model.loading import load_model_and_processor
+
+    loaded = load_model_and_processor(settings)
+    return HFEngine(loaded, settings, observer=metrics)
+
+
+class ModelService:
+    """Owns the engine and its state; built in the lifespan, kept on ``app.state.service``."""
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        metrics: ModelMetrics,
+        registry: GenerationRegistry,
+        engine_factory: EngineFactory = build_engine,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = registry
+        self._factory = engine_factory
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # state is written by the loader thread and read by the loop
+        self._state: State = "loading"
+        self._reason = "loading"
+        self._engine: Engine | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @property
+    def ready(self) -> bool:
+        return self._state == "ready"
+
+    def admitting_engine(self) -> Engine:
+        """The engine, when new requests are admitted; else ``NotReady`` with the reason."""
+        with self._lock:
+            if self._state != "ready" or self._engine is None:
+                raise NotReady(f"model not ready: {self._reason}")
+            return self._engine
+
+    def engine(self) -> Engine | None:
+        """The started engine in any state (cancel and stats still work while draining)."""
+        return self._engine
+
+    def stats(self) -> EngineStats:
+        engine = self._engine
+        return engine.stats() if engine is not None else EngineStats(running=0, queued=0)
+
+    # --- loading ------------------------------------------------------------------------------------
+    def start_loading(self) -> None:
+        threading.Thread(target=self._load, name="engine-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        started = time.monotonic()
+        log.info("loading engine %s (%s)", self.settings.engine, self.settings.model_repo_id)
+        try:
+            engine = self._factory(self.settings, self.metrics)
+        except Exception as exc:
+            reason = _describe_load_error(exc)
+            log.error("engine failed to load: %s", reason)
+            with self._lock:
+                if self._state == "loading":
+                    self._state, self._reason = "failed", reason
+            return
+        with self._lock:
+            if self._state != "loading":
+                log.info("engine loaded after shutdown began; not starting it")
+                return
+            engine.start(self.registry.sink)
+            self._engine, self._state, self._reason = engine, "ready", "ready"
+        self.metrics.ready.set(1)
+        log.info("engine ready in %.1f s", time.monotonic() - started)
+
+    # --- shutdown -----------------------------------------------------------------------------------
+    def request_drain_threadsafe(self) -> None:
+        """Safe from a signal handler or another thread: schedules ``begin_drain`` on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.call_soon_threadsafe(self.begin_drain)
+
+    def begin_drain(self) -> None:
+        """Stop admitting and shut the engine down in a worker thread (idempotent)."""
+        with self._lock:
+            if self._state == "draining":
+                return
+            self._state, self._reason = "draining", "shutting down"
+            engine = self._engine
+        self.metrics.ready.set(0)
+        if engine is None:
+            return
+        grace = self.settings.shutdown_grace_seconds
+        stats = engine.stats()
+        log.info("draining: %d running, %d queued, grace %.0f s", stats.running, stats.queued, grace)
+        self._drain = self._loop.create_task(self._shutdown_engine(engine, grace))
+
+    async def _shutdown_engine(self, engine: Engine, grace: float) -> None:
+        try:
+            await asyncio.to_thread(engine.shutdown, grace)
+        except Exception:
+            log.exception("engine shutdown failed")
+        log.info("engine stopped")
+
+    async def close(self) -> None:
+        self.begin_drain()
+        if self._drain is not None:
+            await self._drain
+
+
+def _describe_load_error(exc: Exception) -> str:
+    # ModelLoadError messages are written for operators; anything else gets its type for context.
+    if type(exc).__name__ == "ModelLoadError":
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

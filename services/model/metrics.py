@@ -1,0 +1,115 @@
+"""Every Prometheus object of the model service, on its own registry (built in the lifespan, never global).
+
+The names are a contract with the Grafana dashboards and alerts: rename nothing without updating deploy/.
+Gauges that mirror state (queue, running, memory) are refreshed on scrape; the rest move as events happen.
+The same object is the scheduler's step observer (``on_step`` / ``on_first_token``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OUTCOMES = ("stop", "length", "cancelled", "error", "rejected")
+
+# ms to minutes: a first token can wait behind a long video prefill or a full queue.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# one decode step: about a millisecond on the tiny model, tens of ms for the 2B model on a busy GPU.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ModelMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "model_requests", "Generation requests by outcome", ["outcome"], registry=r
+        )  # exported as model_requests_total
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)  # every series exists from the start, so rate() sees the first one
+        self.queue_depth = Gauge("model_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("model_running_generations", "Requests in the running batch", registry=r)
+        self.ttft = Histogram(
+            "model_time_to_first_token_seconds",
+            "Submit to first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "model_inter_token_latency_seconds",
+            "Time between tokens of one request",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "model_request_duration_seconds", "Submit to finished", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("model_prompt_tokens", "Prompt tokens admitted", registry=r)
+        self.generated_tokens = Counter("model_generated_tokens", "Tokens generated", registry=r)
+        self.cancellations = Counter(
+            "model_cancellations", "Cancel calls that stopped a generation", registry=r
+        )
+        self.ready = Gauge(
+            "model_ready", "1 when the weights are loaded and requests are admitted", registry=r
+        )
+        self.batch_size = Histogram(
+            "model_batch_size", "Rows per scheduler step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_duration = Histogram(
+            "model_step_duration_seconds", "Wall time of one scheduler step", buckets=STEP_BUCKETS, registry=r
+        )
+        self.device_memory = Gauge(
+            "model_device_memory_bytes", "Memory in use by device and kind", ["device", "kind"], registry=r
+        )
+
+    # --- the scheduler observer -------------------------------------------------------------------
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int = 0) -> None:
+        self.batch_size.observe(batch_size)
+        self.step_duration.observe(seconds)
+
+    def on_first_token(self, request_id: str) -> None:
+        """Time to first token is measured by the generation registry (the same for every engine)."""
+
+    # --- scrape -----------------------------------------------------------------------------------
+    def render(self, queue_and_running: Callable[[], tuple[int, int]] | None) -> bytes:
+        if queue_and_running is not None:
+            queued, running = queue_and_running()
+            self.queue_depth.set(queued)
+            self.running.set(running)
+        self._refresh_memory()
+        return generate_latest(self.registry)
+
+    def _refresh_memory(self) -> None:
+        rss = _process_rss_bytes()
+        if rss is not None:
+            self.device_memory.labels("cpu", "rss").set(rss)
+        # Only when the engine already imported torch: a scrape must never pull torch in (fake engine).
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return
+        for index in range(torch.cuda.device_count()):
+            device = f"cuda:{index}"
+            self.device_memory.labels(device, "allocated").set(torch.cuda.memory_allocated(index))
+            self.device_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(index))
+
+
+def _process_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        # ru_maxrss is the peak, in KiB on Linux and bytes on macOS: better than nothing off Linux.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except (ImportError, OSError):
+        return None

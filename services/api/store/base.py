@@ -50,6 +50,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached (api: 503 with Retry-After)."""
 
 
+class AppendConflict(Exception):
+    """append() found the session missing or its last_index not just before the first new event: another
+    runner advanced it (the caller lost its lease) or the batch is not consecutive. Nothing was stored."""
+
+
 class SessionStore(Protocol):
     async def open(self) -> None:
         """Connect and create/migrate the schema."""
@@ -76,7 +81,9 @@ class SessionStore(Protocol):
         now: float,
     ) -> None:
         """Atomically store ``events`` (consecutive, starting at last_index + 1) and advance the session:
-        last_index, model_seq, updated, and optionally status/finish_reason/usage. Then wake waiters."""
+        last_index, model_seq, updated, and optionally status/finish_reason/usage. Then wake waiters.
+        An empty batch only updates the session. Raises AppendConflict (storing nothing) when the session is
+        missing or the batch does not continue it exactly."""
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...)."""
@@ -84,7 +91,7 @@ class SessionStore(Protocol):
     async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         """Stored events with index > after, in order."""
 
-    async def wait(self, session_id: str, after: int, timeout: float) -> None:
+    async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109
         """Return when an event with index > after may exist or the session changed, or at timeout.
         Cross-process: Postgres uses LISTEN/NOTIFY; SQLite polls its file at a short interval."""
 

@@ -1,0 +1,21 @@
+"""Pick the session store from the settings (called once, in the api lifespan; open() is the caller's)."""
+
+from __future__ import annotations
+
+from services.api.store.base import SessionStore
+
+
+def create_store(*, persist: bool, sqlite_path: str, database_url: str | None) -> SessionStore:
+    """Postgres when ``database_url`` is set (it wins), else SQLite at ``sqlite_path``, or memory when
+    ``persist`` is false. Backends are imported here so an unused driver is never loaded."""
+    if database_url:
+        from services.api.store.postgres import PostgresStore
+
+        return PostgresStore(database_url)
+    if not persist:
+        from services.api.store.memory import MemoryStore
+
+        return MemoryStore()
+    from services.api.store.sqlite import SqliteStore
+
+    return SqliteStore(sqlite_path)

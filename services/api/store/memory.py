@@ -1,0 +1,117 @@
+"""In-memory SessionStore (PERSIST_SESSIONS=0): one process only, lost on restart.
+
+Every method runs on the event loop without awaiting in between its check and its write, so each one is
+atomic with respect to other tasks without a lock.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from services.api.store.base import FINAL_STATUSES, SessionExists, SessionRecord, StoredEvent
+from services.api.store.common import Waiters, check_batch, check_status, check_update_fields, wait_event
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._sessions: dict[str, SessionRecord] = {}
+        self._events: dict[str, list[str]] = {}
+        self._waiters = Waiters()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._waiters.notify_all()
+
+    async def ping(self) -> None:
+        return None
+
+    async def create(self, record: SessionRecord) -> None:
+        if record.id in self._sessions:
+            raise SessionExists(record.id)
+        check_status(record.status)
+        self._sessions[record.id] = _copy(record)
+        self._events[record.id] = []
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        record = self._sessions.get(session_id)
+        if record is None:
+            return None
+        return _copy(record)
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        model_seq: int,
+        status: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+        now: float,
+    ) -> None:
+        check_status(status)
+        record = self._sessions.get(session_id)
+        check_batch(session_id, events, record.last_index if record else None)
+        assert record is not None
+        self._events[session_id].extend(event.data for event in events)
+        record.last_index += len(events)
+        record.model_seq = model_seq
+        record.updated = now
+        if status is not None:
+            record.status = status
+        if finish_reason is not None:
+            record.finish_reason = finish_reason
+        if usage is not None:
+            record.usage = dict(usage)
+        self._waiters.notify(session_id)
+
+    async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
+        check_update_fields(fields)
+        record = self._sessions.get(session_id)
+        if record is None:
+            return
+        for name, value in fields.items():
+            setattr(record, name, value)
+        record.updated = now
+        if "status" in fields:
+            self._waiters.notify(session_id)
+
+    async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        data = self._events.get(session_id, [])
+        start = max(after + 1, 0)
+        return [StoredEvent(i, d) for i, d in enumerate(data[start : start + limit], start)]
+
+    async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109
+        record = self._sessions.get(session_id)
+        if record is None or record.last_index > after:
+            return
+        with self._waiters.register(session_id, after) as waiter:
+            await wait_event(waiter.event, timeout)
+
+    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+        record = self._sessions.get(session_id)
+        if record is None or record.status in FINAL_STATUSES:
+            return False
+        if record.runner_id not in (None, runner_id) and record.lease_until >= now:
+            return False
+        record.runner_id = runner_id
+        record.lease_until = now + lease_seconds
+        return True
+
+    async def delete_expired(self, now: float, ttl_seconds: float) -> int:
+        cutoff = now - ttl_seconds
+        gone = [r.id for r in self._sessions.values() if r.status in FINAL_STATUSES and r.updated < cutoff]
+        for session_id in gone:
+            del self._sessions[session_id]
+            del self._events[session_id]
+            self._waiters.notify(session_id)
+        return len(gone)
+
+
+def _copy(record: SessionRecord) -> SessionRecord:
+    """Callers and the store never share mutable state (as with a real database)."""
+    return copy.deepcopy(record)

@@ -1,0 +1,376 @@
+"""Postgres SessionStore (DATABASE_URL): shared by every api replica and worker process.
+
+Concurrency design:
+- A psycopg 3 AsyncConnectionPool in autocommit mode: every call is one statement, hence one transaction and
+  (with psycopg's automatic prepared statements) one round trip.
+- append() is a single statement: a CTE updates the session only ``WHERE last_index = first - 1`` (so two
+  runners can never both extend a session; the loser gets AppendConflict), inserts the batch with unnest()
+  and calls pg_notify(). Events, the session row and the notification commit together, so a reader either
+  sees the whole batch with its new last_index or none of it.
+- wait(): one LISTEN connection per store, read by a background task that wakes the asyncio waiters of the
+  notified session; appends through this store also wake local waiters directly. No polling.
+- claim() is one conditional UPDATE: concurrent claims serialise on the row lock and the loser re-checks the
+  condition against the winner's lease.
+- The schema is created/migrated at open() under a transaction-scoped advisory lock, so replicas starting
+  together do not race on CREATE TABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from services.api.store.base import (
+    FINAL_STATUSES,
+    AppendConflict,
+    SessionExists,
+    SessionRecord,
+    StoredEvent,
+    StoreUnavailable,
+)
+from services.api.store.common import (
+    COLUMNS,
+    JSON_COLUMNS,
+    Waiters,
+    check_batch,
+    check_status,
+    check_update_fields,
+    record_from_row,
+    wait_event,
+)
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "qvl_session_events"
+_MIGRATION_LOCK = 0x71766C5F73746F72  # arbitrary advisory-lock key owned by this schema
+_DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+_FINAL = sorted(FINAL_STATUSES)
+
+# Each entry: (version, statements), applied once, in order, in one transaction.
+# No index on sessions.updated: every append changes it, and an index would turn those frequent updates into
+# non-HOT ones; delete_expired's occasional sequential scan of a TTL-bounded table is cheaper.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            """CREATE TABLE IF NOT EXISTS sessions (
+                id text PRIMARY KEY,
+                owner text NOT NULL,
+                status text NOT NULL,
+                created double precision NOT NULL,
+                updated double precision NOT NULL,
+                last_index integer NOT NULL DEFAULT -1,
+                finish_reason text,
+                usage jsonb,
+                model_url text,
+                model_request_id text,
+                model_seq integer NOT NULL DEFAULT -1,
+                runner_id text,
+                lease_until double precision NOT NULL DEFAULT 0,
+                reader_seen_at double precision NOT NULL DEFAULT 0,
+                meta jsonb NOT NULL DEFAULT '{}'
+            ) WITH (fillfactor = 80)""",
+            """CREATE TABLE IF NOT EXISTS events (
+                session_id text NOT NULL,
+                idx integer NOT NULL,
+                data text NOT NULL,
+                PRIMARY KEY (session_id, idx)
+            )""",
+        ),
+    ),
+)
+
+_APPEND_SQL = """
+WITH s AS (
+    UPDATE sessions SET last_index = last_index + %(n)s, model_seq = %(model_seq)s, updated = %(now)s,
+        status = coalesce(%(status)s, status), finish_reason = coalesce(%(finish_reason)s, finish_reason),
+        usage = coalesce(%(usage)s, usage)
+    WHERE id = %(id)s AND (%(n)s = 0 OR last_index = %(prev)s)
+    RETURNING id
+), ins AS (
+    INSERT INTO events (session_id, idx, data)
+    SELECT s.id, e.idx, e.data
+    FROM s CROSS JOIN unnest(%(idxs)s::integer[], %(datas)s::text[]) AS e(idx, data)
+)
+SELECT pg_notify(%(channel)s, s.id) FROM s
+"""
+
+_CLAIM_SQL = """
+UPDATE sessions SET runner_id = %(runner)s, lease_until = %(until)s
+WHERE id = %(id)s AND status <> ALL(%(final)s)
+  AND (runner_id IS NULL OR runner_id = %(runner)s OR lease_until < %(now)s)
+"""
+
+_DELETE_EXPIRED_SQL = """
+WITH gone AS (
+    DELETE FROM sessions WHERE status = ANY(%(final)s) AND updated < %(cutoff)s RETURNING id
+), ev AS (
+    DELETE FROM events WHERE session_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone
+"""
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        connect_timeout: float = 5.0,
+        pool_timeout: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._pool_timeout = pool_timeout
+        self._pool: AsyncConnectionPool | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._setup_lock = asyncio.Lock()
+        self._waiters = Waiters()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, migrate, start listening. Raises StoreUnavailable when the server cannot be reached;
+        the store stays usable: a later ping() retries the whole setup (readiness recovers by itself)."""
+        async with self._setup_lock:
+            if self._pool is None:
+                await self._setup()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        self._waiters.notify_all()
+
+    async def ping(self) -> None:
+        if self._pool is None:
+            await self.open()
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
+    # ---- protocol --------------------------------------------------------------------------------------
+
+    async def create(self, record: SessionRecord) -> None:
+        check_status(record.status)
+        values = [_param(name, getattr(record, name)) for name in COLUMNS]
+        query = sql.SQL("INSERT INTO sessions ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+            sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+        )
+        async with self._connection() as conn:
+            try:
+                await conn.execute(query, values)
+            except psycopg.errors.UniqueViolation as exc:
+                raise SessionExists(record.id) from exc
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        query = sql.SQL("SELECT {} FROM sessions WHERE id = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        )
+        async with self._connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(query, (session_id,))
+            row = await cursor.fetchone()
+        return None if row is None else record_from_row(row, decode_json=False)
+
+    async def append(
+        self,
+        session_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        model_seq: int,
+        status: str | None = None,
+        finish_reason: str | None = None,
+        usage: dict[str, Any] | None = None,
+        now: float,
+    ) -> None:
+        check_status(status)
+        prev = events[0].index - 1 if events else -1
+        check_batch(session_id, events, prev)  # the batch itself is consecutive; the database checks prev
+        params = {
+            "id": session_id,
+            "n": len(events),
+            "prev": prev,
+            "idxs": [e.index for e in events],
+            "datas": [e.data for e in events],
+            "model_seq": model_seq,
+            "now": now,
+            "status": status,
+            "finish_reason": finish_reason,
+            "usage": None if usage is None else Jsonb(usage),
+            "channel": CHANNEL,
+        }
+        async with self._connection() as conn:
+            cursor = await conn.execute(_APPEND_SQL, params)
+            matched = await cursor.fetchone()
+        if matched is None:
+            raise AppendConflict(f"session {session_id} is missing or its last_index is not {prev}")
+        self._waiters.notify(session_id)
+
+    async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
+        check_update_fields(fields)
+        assignments = [sql.SQL("{} = %s").format(sql.Identifier(name)) for name in fields]
+        assignments.append(sql.SQL("updated = %s"))
+        query = sql.SQL("UPDATE sessions SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments))
+        values = [*(_param(name, value) for name, value in fields.items()), now, session_id]
+        if "status" in fields:
+            # Readers wait on status changes too (a cancel, a failure without a final event).
+            query = sql.SQL("WITH u AS ({} RETURNING id) SELECT pg_notify(%s, u.id) FROM u").format(query)
+            values.append(CHANNEL)
+        async with self._connection() as conn:
+            await conn.execute(query, values)
+        if "status" in fields:
+            self._waiters.notify(session_id)
+
+    async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        async with self._connection() as conn:
+            cursor = await conn.execute(
+                "SELECT idx, data FROM events WHERE session_id = %s AND idx > %s ORDER BY idx LIMIT %s",
+                (session_id, after, limit),
+            )
+            rows = await cursor.fetchall()
+        return [StoredEvent(idx, data) for idx, data in rows]
+
+    async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109
+        # Register first, then look: a notification arriving in between still wakes us.
+        with self._waiters.register(session_id, after) as waiter:
+            async with self._connection() as conn:
+                cursor = await conn.execute("SELECT last_index FROM sessions WHERE id = %s", (session_id,))
+                row = await cursor.fetchone()
+            if row is None or row[0] > after:
+                return
+            await wait_event(waiter.event, timeout)
+
+    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+        params = {
+            "id": session_id,
+            "runner": runner_id,
+            "until": now + lease_seconds,
+            "now": now,
+            "final": _FINAL,
+        }
+        async with self._connection() as conn:
+            cursor = await conn.execute(_CLAIM_SQL, params)
+            return cursor.rowcount == 1
+
+    async def delete_expired(self, now: float, ttl_seconds: float) -> int:
+        async with self._connection() as conn:
+            cursor = await conn.execute(_DELETE_EXPIRED_SQL, {"final": _FINAL, "cutoff": now - ttl_seconds})
+            row = await cursor.fetchone()
+        count = int(row[0]) if row else 0
+        if count:
+            self._waiters.notify_all()  # waiters of a deleted session must not sleep to their timeout
+        return count
+
+    # ---- plumbing --------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("the Postgres session store is not connected")
+        try:
+            async with pool.connection() as conn:
+                yield conn
+        except _DB_ERRORS as exc:  # includes the pool's PoolTimeout and PoolClosed
+            raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                self._url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
+            )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+
+    async def _setup(self) -> None:
+        listen_conn = await self._connect()
+        try:
+            await _migrate(listen_conn)
+            await listen_conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+            pool = AsyncConnectionPool(
+                self._url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._pool_timeout,
+                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._connect_timeout))},
+                open=False,
+                name="session-store",
+            )
+            await pool.open(wait=True, timeout=self._connect_timeout)
+        except BaseException as exc:
+            await listen_conn.close()
+            if isinstance(exc, _DB_ERRORS):
+                raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+            raise
+        self._pool = pool
+        self._listener = asyncio.create_task(self._listen_loop(listen_conn), name="session-store-listener")
+
+    async def _listen_loop(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
+        """Dispatch NOTIFYs to waiters; reconnect with backoff when the connection drops."""
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    if conn is None:
+                        conn = await self._connect()
+                        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
+                        self._waiters.notify_all()  # notifications may have been missed meanwhile
+                        delay = 0.1
+                    async for note in conn.notifies():
+                        self._waiters.notify(note.payload)
+                except (*_DB_ERRORS, StoreUnavailable) as exc:
+                    log.warning("session store LISTEN connection lost (%s); retrying", _first_line(exc))
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            if conn is not None:
+                await conn.close()
+
+
+async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+        row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        latest = MIGRATIONS[-1][0]
+        if current > latest:
+            raise RuntimeError(f"sessions database schema v{current} is newer than this code (v{latest})")
+        for version, statements in MIGRATIONS:
+            if version > current:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+
+def _param(name: str, value: Any) -> Any:
+    return Jsonb(value) if name in JSON_COLUMNS and value is not None else value
+
+
+def _first_line(exc: BaseException) -> str:
+    """Driver messages can span lines (hints, context); one line is enough for logs and 503 bodies."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -72,8 +72,11 @@ class ModelMetrics:
         self.batch_size.observe(batch_size)
         self.step_duration.observe(seconds)
 
-    def on_first_token(self, request_id: str) -> None:
+    def on_first_token(self, request_id: str, seconds: float) -> None:
         """Time to first token is measured by the generation registry (the same for every engine)."""
+
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
+        """Outcomes are counted by the generation registry, which also sees every FinalOutput."""
 
     # --- scrape -----------------------------------------------------------------------------------
     def render(self, queue_and_running: Callable[[], tuple[int, int]] | None) -> bytes:

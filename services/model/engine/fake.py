@@ -31,7 +31,7 @@ from typing import Protocol
 
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
 from services.model.settings import ModelSettings
-from services.protocol.errors import InvalidMedia, NotReady, Overloaded, PromptTooLong
+from services.protocol.errors import Conflict, InvalidMedia, NotReady, Overloaded, PromptTooLong
 from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,11 @@ _TOKENS_DIRECTIVE = re.compile(r"\[\[fake:tokens=(\d+)\]\]")
 
 
 class StepObserver(Protocol):
+    """The scheduler's metrics hooks (see engine/scheduler.py), called from the engine thread."""
+
     def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None: ...
-    def on_first_token(self, request_id: str) -> None: ...
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -63,6 +66,7 @@ class FakeInputs:
 @dataclass(slots=True)
 class _Row:
     prepared: Prepared
+    submitted_at: float
     words: Iterator[str]
     stops: list[str]
     text: str = ""  # everything generated so far, the </think> marker included
@@ -93,6 +97,7 @@ class FakeEngine:
         self._cond = threading.Condition()
         self._queue: deque[Prepared] = deque()
         self._running_ids: set[str] = set()  # guarded by _cond; the rows themselves belong to the thread
+        self._submitted_at: dict[str, float] = {}  # queued request -> submit time
         self._to_cancel: set[str] = set()
         self._admitting = True
         self._stopping = False
@@ -119,15 +124,19 @@ class FakeEngine:
         with self._cond:
             if not self._admitting:
                 raise NotReady("shutting down")
+            rid = prepared.request_id
+            if rid in self._running_ids or rid in self._submitted_at:
+                raise Conflict(f"request {rid!r} is already queued or running")
             in_flight = len(self._queue) + len(self._running_ids)
             if in_flight >= self.max_batch_size + self._settings.max_queue:
                 raise Overloaded(f"queue full ({self._settings.max_queue} waiting)")
             self._queue.append(prepared)
+            self._submitted_at[rid] = time.monotonic()
             self._cond.notify_all()
 
     def cancel(self, request_id: str) -> bool:
         with self._cond:
-            known = request_id in self._running_ids or any(p.request_id == request_id for p in self._queue)
+            known = request_id in self._running_ids or request_id in self._submitted_at
             if not known or request_id in self._to_cancel:
                 return False
             self._to_cancel.add(request_id)
@@ -214,6 +223,7 @@ class FakeEngine:
             self._running_ids.discard(row.request_id)
         for prepared in [p for p in self._queue if p.request_id in self._to_cancel]:
             self._queue.remove(prepared)
+            self._submitted_at.pop(prepared.request_id, None)
             out.append((prepared.request_id, FinalOutput("cancelled", prepared.prompt_tokens, 0)))
         self._to_cancel.clear()
         self._cond.notify_all()  # shutdown() waits for rows to leave
@@ -224,7 +234,7 @@ class FakeEngine:
         prefill = 0
         while self._queue and len(rows) < self.max_batch_size:
             prepared = self._queue.popleft()
-            rows.append(_new_row(prepared))
+            rows.append(_new_row(prepared, self._submitted_at.pop(prepared.request_id)))
             self._running_ids.add(prepared.request_id)
             prefill += prepared.prompt_tokens
         return prefill
@@ -235,7 +245,7 @@ class FakeEngine:
             first = row.generated == 0
             outputs.extend(_advance(row))
             if first and self._observer is not None:
-                self._observer.on_first_token(row.request_id)
+                self._observer.on_first_token(row.request_id, time.monotonic() - row.submitted_at)
         return outputs
 
     def _retire(self, rows: list[_Row]) -> None:
@@ -247,8 +257,13 @@ class FakeEngine:
     def _report(self, outputs: list[tuple[str, Output]], started: float, batch: int, prefill: int) -> None:
         if outputs and self._sink is not None:
             self._sink(outputs)
-        if self._observer is not None and batch:
+        if self._observer is None:
+            return
+        if batch:
             self._observer.on_step(batch, time.monotonic() - started, prefill)
+        for request_id, out in outputs:
+            if isinstance(out, FinalOutput):
+                self._observer.on_finish(request_id, out.finish_reason, out.completion_tokens)
 
     def _pace(self, started: float) -> None:
         left = self._step_seconds - (time.monotonic() - started)
@@ -260,11 +275,11 @@ class FakeEngine:
 
 
 # --- rows: generation, stop strings, outputs -----------------------------------------------------------
-def _new_row(prepared: Prepared) -> _Row:
+def _new_row(prepared: Prepared, submitted_at: float) -> _Row:
     inputs: FakeInputs = prepared.inputs
     words = _words(inputs.text, prepared.sampling.seed, inputs.length)
     stops = [s for s in prepared.sampling.stop if s]
-    return _Row(prepared=prepared, words=words, stops=stops)
+    return _Row(prepared=prepared, submitted_at=submitted_at, words=words, stops=stops)
 
 
 def _advance(row: _Row) -> list[tuple[str, Output]]:

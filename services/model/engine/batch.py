@@ -1,0 +1,156 @@
+"""The tensors of the running batch and the two model calls: prefill one request, decode one step for all.
+
+Rows are left-padded to a common length. RoPE is applied before keys are cached, so where the padding sits
+does not matter; only the attention mask and the explicit per-row positions do. Every call passes explicit
+``position_ids`` of shape (4, B, L): row 0 the text index, rows 1-3 the 3-D mrope position (text index plus
+the row's own rope delta from its prefill). The model's shared ``model.model.rope_deltas`` is never used: a
+multimodal prefill of one request would otherwise shift the positions of every other row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
+_FLOAT_KEYS = ("pixel_values", "pixel_values_videos")
+
+
+@dataclass(slots=True)
+class BatchTensors:
+    """Model-side state of the running rows, all in the same row order.
+
+    ``tokens`` (B, 1) are the tokens to feed next (sampled, not yet in the cache); ``next_pos`` (B,) their
+    text positions; ``delta`` (B,) each row's mrope delta; ``mask`` (B, T) marks real cache columns.
+    """
+
+    cache: DynamicCache
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    delta: torch.Tensor
+    tokens: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+
+def prefill(model: Any, inputs: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, BatchTensors]:
+    """Run one request's prompt (with its pixels) alone; returns its last logits (1, V) and its batch state
+    (``tokens`` is a placeholder until its first token is sampled)."""
+    input_ids = inputs["input_ids"].to(device)
+    length = int(input_ids.shape[1])
+    mask = torch.ones_like(input_ids)
+    media = {k: inputs[k].to(device) for k in _MEDIA_KEYS if inputs.get(k) is not None}
+    for key in _FLOAT_KEYS:
+        if key in media:
+            media[key] = media[key].to(model.dtype)
+    mrope, delta = _prompt_positions(model, input_ids, mask, media)
+    text = torch.arange(length, device=device).view(1, 1, length)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=torch.cat([text, mrope], dim=0),
+        use_cache=True,
+        logits_to_keep=1,
+        **media,
+    )
+    state = BatchTensors(
+        cache=out.cache,
+        mask=mask,
+        next_pos=torch.full((1,), length, dtype=torch.long, device=device),
+        delta=delta.reshape(1).to(device=device, dtype=torch.long),
+        tokens=torch.zeros((1, 1), dtype=torch.long, device=device),
+    )
+    return out.logits[:, -1], state
+
+
+def _prompt_positions(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, media: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D mrope positions (3, 1, L) of the prompt and its delta (1,)."""
+    has_media = media.get("image_grid_thw") is not None or media.get("video_grid_thw") is not None
+    if not has_media or media.get("mm_token_type_ids") is None:
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device).view(1, 1, -1).expand(3, 1, -1)
+        return positions, torch.zeros(1, dtype=torch.long, device=input_ids.device)
+    positions, delta = model.model.get_rope_index(
+        input_ids,
+        media["mm_token_type_ids"],
+        image_grid_thw=media.get("image_grid_thw"),
+        video_grid_thw=media.get("video_grid_thw"),
+        attention_mask=mask,
+    )
+    return positions, delta.reshape(-1)
+
+
+def decode(model: Any, batch: BatchTensors) -> torch.Tensor:
+    """One decode step for every row; appends to the cache and returns the logits (B, V)."""
+    ones = torch.ones((batch.size, 1), dtype=batch.mask.dtype, device=batch.mask.device)
+    mask = torch.cat([batch.mask, ones], dim=1)
+    pos = batch.next_pos[:, None]
+    mrope = pos + batch.delta[:, None]
+    out = model(
+        input_ids=batch.tokens,
+        attention_mask=mask,
+        position_ids=torch.stack([pos, mrope, mrope, mrope]),
+        cache=batch.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    batch.cache = out.cache
+    batch.mask = mask
+    batch.next_pos = batch.next_pos + 1
+    return out.logits[:, -1]
+
+
+def merge(parts: list[BatchTensors]) -> BatchTensors:
+    """Concatenate row groups into one batch, left-padding caches and masks to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(int(p.mask.shape[1]) for p in parts)
+    cache = parts[0].cache
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([_left_pad(p.cache.layers[i].keys, width, 2) for p in parts], dim=0)
+        layer.values = torch.cat([_left_pad(p.cache.layers[i].values, width, 2) for p in parts], dim=0)
+    return BatchTensors(
+        cache=cache,
+        mask=torch.cat([_left_pad(p.mask, width, 1) for p in parts], dim=0),
+        next_pos=torch.cat([p.next_pos for p in parts]),
+        delta=torch.cat([p.delta for p in parts]),
+        tokens=torch.cat([p.tokens for p in parts]),
+    )
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - int(t.shape[dim])
+    if missing == 0:
+        return t
+    # F.pad lists (left, right) pairs starting from the last dimension.
+    pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
+    return F.pad(t, pad)
+
+
+def select(batch: BatchTensors, keep: list[int]) -> BatchTensors:
+    """Keep only the rows at ``keep`` (in that order), then drop leading columns that are padding for all."""
+    idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+    batch.cache.batch_select_indices(idx)
+    mask = batch.mask.index_select(0, idx)
+    first = int(mask.any(dim=0).to(torch.int8).argmax())
+    if first > 0:
+        mask = mask[:, first:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[:, :, first:]
+            layer.values = layer.values[:, :, first:]
+    return BatchTensors(
+        cache=batch.cache,
+        mask=mask,
+        next_pos=batch.next_pos.index_select(0, idx),
+        delta=batch.delta.index_select(0, idx),
+        tokens=batch.tokens.index_select(0, idx),
+    )

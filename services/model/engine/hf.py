@@ -1,0 +1,114 @@
+"""``HFEngine``: the transformers model and processor behind the step-level batching scheduler.
+
+``prepare`` turns a request into processor inputs in a worker thread and resolves its sampling:
+request value > environment (``MAX_TOKENS``, ``TEMPERATURE``) > the checkpoint's generation config.
+``max_tokens`` given by the request must fit the context with the prompt (else ``PromptTooLong``, as the
+OpenAI API does); the default ``MAX_TOKENS`` is shortened to what still fits instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from services.model.engine.base import EngineStats, OutputSink, Prepared
+from services.model.engine.detokenize import TokenTable
+from services.model.engine.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from services.model.loading import Loaded
+from services.model.settings import ModelSettings
+from services.protocol.errors import PromptTooLong
+from services.protocol.generate import GenerateRequest, SamplingParams
+
+DEFAULT_EOS = (151645, 151643)
+
+
+class HFEngine:
+    """Implements ``services.model.engine.base.Engine`` for a loaded Qwen3-VL checkpoint."""
+
+    def __init__(
+        self, loaded: Loaded, settings: ModelSettings, observer: SchedulerObserver | None = None
+    ) -> None:
+        self.model_id = loaded.model_id
+        self.max_batch_size = settings.max_batch_size
+        self._loaded = loaded
+        self._settings = settings
+        vocab = loaded.model.get_output_embeddings().weight.shape[0]
+        self.table = TokenTable.from_tokenizer(loaded.processor.tokenizer, vocab)
+        config = SchedulerConfig(
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            max_step_tokens=settings.max_step_tokens,
+            eos_token_ids=frozenset(loaded.eos_token_ids or DEFAULT_EOS),
+        )
+        self.scheduler_config = config
+        self._scheduler = Scheduler(loaded.model, self.table, config, observer)
+
+    def start(self, sink: OutputSink) -> None:
+        self._scheduler.start(sink)
+
+    async def prepare(self, request: GenerateRequest) -> Prepared:
+        return await asyncio.to_thread(self.prepare_sync, request)
+
+    def prepare_sync(self, request: GenerateRequest) -> Prepared:
+        """The blocking part of :meth:`prepare` (media decoding, template, processor, limits)."""
+        from services.model.multimodal.prompt import MediaLimits, build_inputs
+
+        limits = MediaLimits.from_settings(self._settings)
+        inputs = build_inputs(self._loaded.processor, request.messages, limits)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        sampling = resolve_sampling(request.sampling, self._settings, self._loaded, prompt_tokens)
+        return Prepared(
+            request_id=request.request_id, sampling=sampling, prompt_tokens=prompt_tokens, inputs=inputs
+        )
+
+    def submit(self, prepared: Prepared) -> None:
+        self._scheduler.submit(prepared)
+
+    def cancel(self, request_id: str) -> bool:
+        return self._scheduler.cancel(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._scheduler.stats()
+
+    def shutdown(self, grace_seconds: float) -> None:
+        self._scheduler.shutdown(grace_seconds)
+
+
+def resolve_sampling(
+    requested: SamplingParams, settings: ModelSettings, loaded: Any, prompt_tokens: int
+) -> SamplingParams:
+    """Fill every ``None`` of the request from the environment, then the checkpoint's defaults."""
+    defaults = loaded.sampling
+    temperature = requested.temperature
+    if temperature is None:
+        temperature = settings.temperature
+    if temperature is None:
+        temperature = defaults.temperature if defaults.do_sample else 0.0
+    return requested.model_copy(
+        update={
+            "max_tokens": _max_tokens(requested.max_tokens, settings.max_tokens, loaded, prompt_tokens),
+            "temperature": temperature,
+            "top_p": requested.top_p if requested.top_p is not None else defaults.top_p,
+            "top_k": requested.top_k if requested.top_k is not None else defaults.top_k,
+            "repetition_penalty": (
+                requested.repetition_penalty
+                if requested.repetition_penalty is not None
+                else defaults.repetition_penalty
+            ),
+        }
+    )
+
+
+def _max_tokens(requested: int | None, default: int, loaded: Any, prompt_tokens: int) -> int:
+    room = int(loaded.context_length) - prompt_tokens
+    if requested is not None and requested > room:
+        raise PromptTooLong(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the model's "
+            f"context of {loaded.context_length} tokens"
+        )
+    if room < 1:
+        raise PromptTooLong(
+            f"the prompt ({prompt_tokens} tokens) leaves no room in the model's context of "
+            f"{loaded.context_length} tokens"
+        )
+    return requested if requested is not None else min(default, room)

@@ -1,0 +1,378 @@
+"""Iteration-level batching: one thread owns the model and runs the step loop.
+
+One step: apply cancellations; admit queued requests while the batch has room, prefilling each alone with
+its pixels, at most ``max_step_tokens`` prompt tokens per step (so a long prompt cannot starve the running
+rows; a single prompt over the budget still goes, alone); one decode step for every running row; sample all
+rows at once (running and just-prefilled) on the whole logits tensor; detokenize per row; report every
+row's output in ONE sink call; retire finished and cancelled rows at once.
+
+Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
+or shutdown), ``error`` (the step failed: the affected requests fail, the loop lives on).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from services.model.engine import batch as kv
+from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
+from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
+from services.model.engine.sampling import BatchSampler, RowSampler, SamplingConfig, sampling_config
+from services.protocol.errors import Conflict, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerObserver(Protocol):
+    """Hooks for metrics, called from the engine thread; keep them cheap and non-raising."""
+
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
+        """After every step: rows decoded or prefilled in it, its wall time, prompt tokens prefilled."""
+
+    def on_first_token(self, request_id: str, seconds: float) -> None:
+        """A request's first generated token, ``seconds`` after it was submitted."""
+
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
+        """A request's end (every submitted request gets exactly one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int = 16
+    max_queue: int = 64
+    max_step_tokens: int = 2048
+    eos_token_ids: frozenset[int] = frozenset({151645, 151643})
+    starts_in_reasoning: bool = True  # the Thinking template's prompt opens <think>
+
+
+@dataclass(slots=True, eq=False)
+class _Row:
+    prepared: Prepared
+    submitted_at: float
+    sampler: RowSampler
+    detok: IncrementalDetokenizer
+    max_tokens: int
+    generated: int = 0
+    unreported: int = 0  # generated tokens not yet covered by a TokenOutput
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request_id
+
+
+@dataclass(slots=True)
+class _Step:
+    outputs: list[tuple[str, Output]] = field(default_factory=list)
+    prefill_tokens: int = 0
+    batch_size: int = 0  # rows sampled in this step
+
+
+def to_sampling_config(prepared: Prepared) -> SamplingConfig:
+    s = prepared.sampling
+    return sampling_config(
+        temperature=1.0 if s.temperature is None else s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+    )
+
+
+class Scheduler:
+    """The batching loop around one model. ``submit``/``cancel``/``stats`` are thread-safe."""
+
+    def __init__(
+        self,
+        model: Any,
+        table: TokenTable,
+        config: SchedulerConfig,
+        observer: SchedulerObserver | None = None,
+    ) -> None:
+        self._model = model
+        self._table = table
+        self._config = config
+        self._observer = observer
+        self._device = next(model.parameters()).device
+        self._sampler = BatchSampler(model.get_output_embeddings().weight.shape[0], self._device)
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[Prepared, float]] = deque()
+        self._known: set[str] = set()  # queued or running request ids
+        self._cancels: set[str] = set()
+        self._rows: list[_Row] = []
+        self._batch: kv.BatchTensors | None = None
+        self._sink: OutputSink | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False  # no more submissions
+        self._stopping = False  # the loop ends once no row is left
+        self._drained = threading.Event()
+
+    # ---- public, any thread -------------------------------------------------------------------------
+
+    def start(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
+        self._thread.start()
+
+    def bind(self, sink: OutputSink) -> None:
+        """Set the sink without starting the thread: the caller drives the loop with :meth:`step_once`
+        (tests that need exact arrival steps, in-process benchmarks)."""
+        self._sink = sink
+
+    def step_once(self) -> bool:
+        """Run one step in the calling thread; False when there was nothing to do. Never while the
+        loop thread runs."""
+        assert self._thread is None, "the scheduler thread owns the loop"
+        if not (self._queue or self._rows or self._cancels):
+            return False
+        with torch.inference_mode():
+            self._step()
+        return True
+
+    def submit(self, prepared: Prepared) -> None:
+        with self._cond:
+            if self._closing:
+                raise NotReady("the model service is shutting down")
+            if prepared.request_id in self._known:
+                raise Conflict(f"request {prepared.request_id!r} is already running")
+            # Queue capacity counts only requests that cannot join the batch at its next step.
+            free_slots = max(0, self._config.max_batch_size - len(self._rows))
+            if len(self._queue) >= self._config.max_queue + free_slots:
+                raise Overloaded("the generation queue is full")
+            self._queue.append((prepared, time.perf_counter()))
+            self._known.add(prepared.request_id)
+            self._cond.notify_all()
+
+    def cancel(self, request_id: str) -> bool:
+        with self._cond:
+            if request_id not in self._known:
+                return False
+            self._cancels.add(request_id)
+            self._cond.notify_all()
+            return True
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._rows), queued=len(self._queue))
+
+    def shutdown(self, grace_seconds: float) -> None:
+        with self._cond:
+            self._closing = True
+            self._cancels.update(p.request_id for p, _ in self._queue)
+            self._cond.notify_all()
+        if self._thread is None:
+            return
+        if not self._drained.wait(grace_seconds):
+            with self._cond:
+                self._cancels.update(self._known)
+                self._cond.notify_all()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    # ---- the engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._wait_for_work():
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception:  # the loop must survive anything; _step already failed the rows it could
+                log.exception("scheduler step failed outside row handling")
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while True:
+                idle = not self._queue and not self._rows
+                if idle and self._closing:
+                    self._drained.set()
+                if idle and self._stopping:
+                    return False
+                if not idle or self._cancels:
+                    return True
+                self._cond.wait()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        step = _Step()
+        self._apply_cancels(step)
+        self._retire()
+        new_rows, new_logits, new_state = self._admit(step)
+        logits = self._forward(step, new_rows, new_logits, new_state)
+        if logits is not None:
+            step.batch_size = int(logits.shape[0])
+            self._sample_and_emit(step, logits)
+        self._retire()
+        if step.outputs and self._sink is not None:
+            self._sink(step.outputs)
+        if self._observer is not None and step.batch_size:
+            self._observer.on_step(step.batch_size, time.perf_counter() - started, step.prefill_tokens)
+
+    def _apply_cancels(self, step: _Step) -> None:
+        with self._cond:
+            if not self._cancels:
+                return
+            cancels, self._cancels = self._cancels, set()
+            kept: deque[tuple[Prepared, float]] = deque()
+            for prepared, submitted in self._queue:
+                if prepared.request_id in cancels:
+                    self._finish_unstarted(step, prepared, "cancelled")
+                else:
+                    kept.append((prepared, submitted))
+            self._queue = kept
+        for row in self._rows:
+            if row.request_id in cancels and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+                self._final(step, row)
+
+    def _admit(self, step: _Step) -> tuple[list[_Row], list[torch.Tensor], list[kv.BatchTensors]]:
+        rows: list[_Row] = []
+        logits: list[torch.Tensor] = []
+        states: list[kv.BatchTensors] = []
+        while len(self._rows) + len(rows) < self._config.max_batch_size:
+            nxt = self._pop_admissible(step, first=not rows)
+            if nxt is None:
+                break
+            prepared, submitted = nxt
+            step.prefill_tokens += prepared.prompt_tokens
+            try:
+                row_logits, state = kv.prefill(self._model, prepared.inputs, self._device)
+                rows.append(self._new_row(prepared, submitted))
+            except Exception as exc:
+                log.exception("prefill of %s failed", prepared.request_id)
+                self._finish_unstarted(step, prepared, "error", f"prefill failed: {exc}")
+                continue
+            logits.append(row_logits)
+            states.append(state)
+        return rows, logits, states
+
+    def _pop_admissible(self, step: _Step, first: bool) -> tuple[Prepared, float] | None:
+        with self._cond:
+            if not self._queue:
+                return None
+            prepared = self._queue[0][0]
+            over = step.prefill_tokens + prepared.prompt_tokens > self._config.max_step_tokens
+            if over and not first:
+                return None
+            return self._queue.popleft()
+
+    def _new_row(self, prepared: Prepared, submitted: float) -> _Row:
+        cfg = to_sampling_config(prepared)
+        vocab = self._sampler.vocab_size
+        prompt_ids = prepared.inputs["input_ids"] if cfg.repetition_penalty != 1.0 else torch.empty(0)
+        return _Row(
+            prepared=prepared,
+            submitted_at=submitted,
+            sampler=RowSampler(cfg, prompt_ids.to(self._device, dtype=torch.long), vocab),
+            detok=IncrementalDetokenizer(
+                self._table, prepared.sampling.stop, in_reasoning=self._config.starts_in_reasoning
+            ),
+            max_tokens=prepared.sampling.max_tokens or 1,
+        )
+
+    def _forward(
+        self,
+        step: _Step,
+        new_rows: list[_Row],
+        new_logits: list[torch.Tensor],
+        new_state: list[kv.BatchTensors],
+    ) -> torch.Tensor | None:
+        """Decode the running rows, then merge the new ones in; the logits of all rows in the new order."""
+        parts = list(new_logits)
+        if self._batch is not None and self._rows:
+            try:
+                parts.insert(0, kv.decode(self._model, self._batch))
+            except Exception as exc:
+                log.exception("decode step failed")
+                self._fail_rows(step, self._rows, f"decode step failed: {exc}")
+                self._rows, self._batch = [], None
+        if new_rows:
+            self._batch = kv.merge(([self._batch] if self._batch is not None else []) + new_state)
+            self._rows = self._rows + new_rows
+            self._sampler.set_rows([r.sampler for r in self._rows])
+        return torch.cat(parts) if parts else None
+
+    def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
+        try:
+            tokens = self._sampler.sample(logits)
+            self._sampler.record(tokens)
+        except Exception as exc:
+            log.exception("sampling failed")
+            self._fail_rows(step, [r for r in self._rows if r.finish_reason is None], f"sampling: {exc}")
+            return
+        assert self._batch is not None
+        self._batch.tokens = tokens.reshape(-1, 1)
+        now = time.perf_counter()
+        for row, token in zip(self._rows, tokens.tolist(), strict=True):
+            self._advance(step, row, token, now)
+
+    def _advance(self, step: _Step, row: _Row, token: int, now: float) -> None:
+        row.generated += 1
+        row.unreported += 1
+        if row.generated == 1 and self._observer is not None:
+            self._observer.on_first_token(row.request_id, now - row.submitted_at)
+        if token in self._config.eos_token_ids:
+            row.finish_reason = "stop"
+            piece = row.detok.finish()
+        else:
+            piece = row.detok.push(token)
+            if piece.stopped:
+                row.finish_reason = "stop"
+            elif row.generated >= row.max_tokens:
+                row.finish_reason = "length"
+                tail = row.detok.finish()
+                piece = Piece(piece.reasoning + tail.reasoning, piece.content + tail.content)
+        if piece.reasoning or piece.content:
+            step.outputs.append((row.request_id, TokenOutput(piece.reasoning, piece.content, row.unreported)))
+            row.unreported = 0
+        if row.finish_reason is not None:
+            self._final(step, row)
+
+    def _final(self, step: _Step, row: _Row) -> None:
+        reason = row.finish_reason or "error"
+        final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error)
+        step.outputs.append((row.request_id, final))
+        self._forget(row.request_id, reason, row.generated)
+
+    def _finish_unstarted(
+        self, step: _Step, prepared: Prepared, reason: str, error: str | None = None
+    ) -> None:
+        final = FinalOutput(reason, prepared.prompt_tokens, 0, error)
+        step.outputs.append((prepared.request_id, final))
+        self._forget(prepared.request_id, reason, 0)
+
+    def _forget(self, request_id: str, reason: str, completion_tokens: int) -> None:
+        with self._cond:
+            self._known.discard(request_id)
+        if self._observer is not None:
+            self._observer.on_finish(request_id, reason, completion_tokens)
+
+    def _fail_rows(self, step: _Step, rows: Iterable[_Row], message: str) -> None:
+        for row in rows:
+            if row.finish_reason is None:
+                row.finish_reason, row.error = "error", message
+                self._final(step, row)
+
+    def _retire(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        self._batch = kv.select(self._batch, keep) if keep and self._batch is not None else None
+        self._sampler.set_rows([r.sampler for r in self._rows])
+
+
+def finished_ids(outputs: Sequence[tuple[str, Output]]) -> list[str]:
+    """Request ids that end in this step's outputs (a helper for sinks and tests)."""
+    return [rid for rid, out in outputs if isinstance(out, FinalOutput)]

@@ -427,6 +427,56 @@ async def test_data_survives_reopen(make_store: StoreMaker) -> None:
         await first.get(record.id)
 
 
+@pytest.mark.parametrize("store_backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_postgres_recovers_from_dropped_connections(store_target: str, make_store: StoreMaker) -> None:
+    """A database restart kills every connection: calls fail with StoreUnavailable (503), then recover by
+    themselves, and the LISTEN connection comes back so cross-process wake-ups work again."""
+    import psycopg
+
+    from services.api.store.postgres import LISTEN_APP_NAME
+
+    writer, reader = await make_store(), await make_store()
+    record = new_record(status="running")
+    await writer.create(record)
+
+    def admin(query: str) -> int:
+        with psycopg.connect(store_target, autocommit=True) as conn:
+            row = conn.execute(query).fetchone()
+            return int(row[0]) if row else 0
+
+    others = "datname = current_database() AND pid <> pg_backend_pid()"
+    await asyncio.gather(*(writer.get(record.id) for _ in range(4)))  # several pooled connections
+    await asyncio.to_thread(
+        admin, f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {others}"
+    )
+    with pytest.raises(StoreUnavailable):
+        await writer.get(record.id)
+    # One failure, then the pool has dropped its other dead connections: the next call works.
+    assert await writer.get(record.id) is not None
+    listening = (
+        f"SELECT count(*) FROM pg_stat_activity WHERE {others} AND application_name = '{LISTEN_APP_NAME}'"
+    )
+    deadline = time.monotonic() + 15
+    while not await _recovered(writer, reader) or await asyncio.to_thread(admin, listening) < 2:
+        assert time.monotonic() < deadline, "the store did not recover from dropped connections"
+        await asyncio.sleep(0.05)
+
+    waiter = asyncio.create_task(reader.wait(record.id, -1, timeout=10.0))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    await writer.append(record.id, events(0, 1), model_seq=0, now=2.0)
+    await asyncio.wait_for(waiter, 2.0)
+
+
+async def _recovered(*stores: SessionStore) -> bool:
+    try:
+        for store in stores:
+            await store.ping()
+    except StoreUnavailable:
+        return False
+    return True
+
+
 async def test_postgres_unreachable_is_unavailable() -> None:
     store = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/none", connect_timeout=2)
     started = time.monotonic()

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from services.api.store.base import (
     FINAL_STATUSES,
@@ -51,6 +51,8 @@ from services.api.store.common import (
 log = logging.getLogger(__name__)
 
 CHANNEL = "qvl_session_events"
+POOL_APP_NAME = "qvl-session-store"
+LISTEN_APP_NAME = "qvl-session-store-listen"
 _MIGRATION_LOCK = 0x71766C5F73746F72  # arbitrary advisory-lock key owned by this schema
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 _FINAL = sorted(FINAL_STATUSES)
@@ -291,12 +293,21 @@ class PostgresStore:
             async with pool.connection() as conn:
                 yield conn
         except _DB_ERRORS as exc:  # includes the pool's PoolTimeout and PoolClosed
+            if not isinstance(exc, PoolTimeout | PoolClosed):
+                # A dead connection usually means a server restart: drop the pool's other dead idle
+                # connections now, so one request answers 503 instead of one per pooled connection.
+                with contextlib.suppress(Exception):
+                    await pool.check()
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        """The migration/LISTEN connection (named, so operators can tell it from the pool's)."""
         try:
             return await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=max(1, round(self._connect_timeout))
+                self._url,
+                autocommit=True,
+                connect_timeout=max(1, round(self._connect_timeout)),
+                application_name=LISTEN_APP_NAME,
             )
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
@@ -311,7 +322,11 @@ class PostgresStore:
                 min_size=self._min_size,
                 max_size=self._max_size,
                 timeout=self._pool_timeout,
-                kwargs={"autocommit": True, "connect_timeout": max(1, round(self._connect_timeout))},
+                kwargs={
+                    "autocommit": True,
+                    "connect_timeout": max(1, round(self._connect_timeout)),
+                    "application_name": POOL_APP_NAME,
+                },
                 open=False,
                 name="session-store",
             )

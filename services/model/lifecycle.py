@@ -36,11 +36,13 @@ def build_engine(settings: ModelSettings, metrics: ModelMetrics) -> Engine:
         if settings.fake_load_seconds:
             time.sleep(settings.fake_load_seconds)  # simulated weight loading, in the loader thread
         return FakeEngine(settings, observer=metrics)
-    # Imported here: torch and transformers load only when the real engine is asked for.
-    from services.model.engine.hf import HFEngine
+    # Imported here: torch and transformers load only when the real engine is asked for; loading first,
+    # so that a missing model directory is reported before the engine's imports are paid for.
     from services.model.loading import load_model_and_processor
 
     loaded = load_model_and_processor(settings)
+    from services.model.engine.hf import HFEngine
+
     return HFEngine(loaded, settings, observer=metrics)
 
 

@@ -9,7 +9,8 @@ Prompt "tokens" are the words of the rendered messages (each image counts 64, ea
 derived from the prompt text and the seed only: some reasoning words, ``</think>`` (one token, no text), then
 answer words, then end of sequence ("stop"). Directives anywhere in the prompt, for tests:
 
-- ``[[fake:tokens=N]]``  the natural output length in tokens (``</think>`` included), instead of 14-44
+- ``[[fake:tokens=N]]``  N text tokens (``</think>`` included) before the end-of-sequence token, instead
+                         of 14-44; completion_tokens is then N + 1 (EOS counts, as with the real model)
 - ``[[fake:error]]``     fail with finish_reason "error" after three tokens
 """
 

@@ -141,3 +141,49 @@ class RecordingScheduler(Scheduler):
 
 def prepare(engine: Any, req: GenerateRequest) -> Prepared:
     return engine.prepare_sync(req)
+
+
+_ENGINES: dict[Path, Any] = {}
+
+
+def tiny_engine(model_dir: Path) -> Any:
+    """One HFEngine (not started) per process and checkpoint: loading costs seconds, tests share it."""
+    from services.model.engine.hf import HFEngine
+
+    if model_dir not in _ENGINES:
+        loaded, settings = load_tiny(model_dir)
+        _ENGINES[model_dir] = HFEngine(loaded, settings)
+    return _ENGINES[model_dir]
+
+
+def scheduler_for(engine: Any, observer: Any = None, **config: Any) -> RecordingScheduler:
+    """A fresh recording scheduler over the engine's model (the engine's own one stays unused)."""
+    from dataclasses import replace
+
+    cfg = replace(engine.scheduler_config, **config)
+    return RecordingScheduler(engine.loaded.model, engine.table, cfg, observer)
+
+
+def reference_tokens(engine: Any, prepared: Prepared) -> list[int]:
+    """HF ``generate`` on the request alone, greedy: the ground truth for batched decoding."""
+    import torch
+
+    inputs = dict(prepared.inputs)
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(
+            **inputs,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            max_new_tokens=prepared.sampling.max_tokens,
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def drain(scheduler: Scheduler) -> int:
+    """Drive a bound (thread-less) scheduler until it is idle; returns the number of steps."""
+    steps = 0
+    while scheduler.step_once():
+        steps += 1
+    return steps

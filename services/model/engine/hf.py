@@ -30,7 +30,7 @@ class HFEngine:
     ) -> None:
         self.model_id = loaded.model_id
         self.max_batch_size = settings.max_batch_size
-        self._loaded = loaded
+        self.loaded = loaded
         self._settings = settings
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         self.table = TokenTable.from_tokenizer(loaded.processor.tokenizer, vocab)
@@ -54,9 +54,9 @@ class HFEngine:
         from services.model.multimodal.prompt import MediaLimits, build_inputs
 
         limits = MediaLimits.from_settings(self._settings)
-        inputs = build_inputs(self._loaded.processor, request.messages, limits)
+        inputs = build_inputs(self.loaded.processor, request.messages, limits)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling = resolve_sampling(request.sampling, self._settings, self._loaded, prompt_tokens)
+        sampling = resolve_sampling(request.sampling, self._settings, self.loaded, prompt_tokens)
         return Prepared(
             request_id=request.request_id, sampling=sampling, prompt_tokens=prompt_tokens, inputs=inputs
         )

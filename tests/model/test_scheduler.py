@@ -1,0 +1,338 @@
+"""The batching scheduler on the tiny real model: batched decoding equals decoding alone, and the request
+life cycle (length, stop, cancel, errors, overload, shutdown) behaves."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.model.engine import batch as kv
+from services.model.engine.base import FinalOutput, Prepared
+from services.protocol.errors import Conflict, NotReady, Overloaded
+from tests.model.engine_support import (
+    Recorder,
+    drain,
+    prepare,
+    reference_tokens,
+    request,
+    scheduler_for,
+    tiny_engine,
+)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Any:
+    return tiny_engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def mixed(engine: Any) -> dict[str, Prepared]:
+    """Text, image and video requests of different lengths, all greedy."""
+    reqs = [
+        request("text-a", "Tell me a story about cats", max_tokens=12, temperature=0),
+        request("image-b", "What is in the image?", image=1, max_tokens=30, temperature=0),
+        request("video-c", "Describe the video", video=2, max_tokens=20, temperature=0),
+        request("text-d", "hi", max_tokens=25, temperature=0),
+        request("image-e", "And this one?", image=3, max_tokens=18, temperature=0),
+        request("text-f", "Count to ten, slowly and carefully please", max_tokens=15, temperature=0),
+    ]
+    return {r.request_id: prepare(engine, r) for r in reqs}
+
+
+@pytest.fixture(scope="module")
+def references(engine: Any, mixed: dict[str, Prepared]) -> dict[str, list[int]]:
+    return {rid: reference_tokens(engine, p) for rid, p in mixed.items()}
+
+
+def test_references_are_diverse(references: dict[str, list[int]]) -> None:
+    # A model that repeats one token would make every equality below pass vacuously.
+    for rid, tokens in references.items():
+        assert len(set(tokens)) >= 3, rid
+    assert len({tuple(t) for t in references.values()}) == len(references)
+
+
+def test_batched_equals_alone_with_joins_and_leaves(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    for _ in range(3):
+        sched.step_once()
+    sched.submit(mixed["image-b"])  # joins a running text row
+    sched.step_once()
+    sched.submit(mixed["video-c"])
+    sched.submit(mixed["text-d"])
+    for _ in range(11):  # text-a (12 tokens) has left by now
+        sched.step_once()
+    assert rec.final("text-a") is not None
+    sched.submit(mixed["image-e"])  # joins after a row left
+    for _ in range(4):
+        sched.step_once()
+    sched.submit(mixed["text-f"])
+    drain(sched)
+    for rid, ref in references.items():
+        assert sched.tokens[rid] == ref, rid
+        final = rec.final(rid)
+        assert final is not None
+        assert final.completion_tokens == len(ref)
+        assert final.finish_reason == ("length" if len(ref) == mixed[rid].sampling.max_tokens else "stop")
+    assert sched.stats().running == 0
+
+
+def test_threaded_concurrent_submissions_equal_alone(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    sched = scheduler_for(engine, max_batch_size=4, max_step_tokens=64)
+    rec = Recorder()
+    sched.start(rec)
+    try:
+        for prepared in mixed.values():
+            sched.submit(prepared)
+        rec.wait(list(mixed))
+    finally:
+        sched.shutdown(5)
+    for rid, ref in references.items():
+        assert sched.tokens[rid] == ref, rid
+
+
+def test_one_step_reports_all_rows_in_one_sink_call(engine: Any, mixed: dict[str, Prepared]) -> None:
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    for rid in ("text-a", "text-d", "text-f"):
+        sched.submit(mixed[rid])
+    steps = drain(sched)
+    assert len(rec.calls) <= steps
+    first = {rid for rid, _ in rec.calls[1]}
+    assert len(first) >= 2  # the second step already decodes several rows together
+
+
+def test_prefill_budget_spreads_admissions(engine: Any, mixed: dict[str, Prepared]) -> None:
+    sched = scheduler_for(engine, max_step_tokens=64)
+    sched.bind(Recorder())
+    for rid in ("image-b", "text-a", "text-d"):  # 82 tokens (over budget, goes alone), then 16 + 11
+        sched.submit(mixed[rid])
+    sched.step_once()
+    assert sched.stats().running == 1
+    sched.step_once()
+    assert sched.stats().running == 3
+
+
+def _sampled(engine: Any, rid: str, seed: int, **extra: Any) -> Prepared:
+    text = {"s1": "Once upon a time", "s2": "Write a poem", "s3": "Explain gravity"}.get(rid, "hello there")
+    params = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_tokens": 16, "seed": seed, **extra}
+    return prepare(engine, request(rid, text, **params))
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_companions(engine: Any) -> None:
+    alone = scheduler_for(engine)
+    alone.bind(Recorder())
+    alone.submit(_sampled(engine, "s1", seed=7))
+    drain(alone)
+
+    crowd = scheduler_for(engine)
+    crowd.bind(Recorder())
+    crowd.submit(_sampled(engine, "s2", seed=1, temperature=0.7))
+    crowd.submit(_sampled(engine, "s3", seed=2, top_p=1.0, top_k=0))
+    crowd.step_once()
+    crowd.submit(_sampled(engine, "s1", seed=7))
+    crowd.submit(_sampled(engine, "s4", seed=3, temperature=0))
+    drain(crowd)
+    assert crowd.tokens["s1"] == alone.tokens["s1"]
+
+    other = scheduler_for(engine)
+    other.bind(Recorder())
+    other.submit(_sampled(engine, "s1", seed=8))
+    drain(other)
+    assert other.tokens["s1"] != alone.tokens["s1"]
+
+
+def test_stop_string_split_across_tokens_finishes_with_stop(engine: Any) -> None:
+    # All output counts as content here, so the stop string applies from the first token.
+    base = request("stop-ref", "Tell me a story about cats", max_tokens=20, temperature=0)
+    sched = scheduler_for(engine, starts_in_reasoning=False)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(prepare(engine, base))
+    drain(sched)
+    full = rec.text("stop-ref")[1]
+    assert len(full) > 12
+    stop = full[8:14]  # spans several tokens of this (random) output
+    cut = full.index(stop)
+
+    sched.submit(
+        prepare(
+            engine,
+            request(
+                "stop", base.messages[0].content[0].text, max_tokens=20, temperature=0, stop=["zzzq", stop]
+            ),
+        )
+    )
+    drain(sched)
+    final = rec.final("stop")
+    assert final is not None and final.finish_reason == "stop"
+    assert rec.text("stop") == ("", full[:cut])
+    assert final.completion_tokens < 20
+
+
+def test_cancel_one_of_several_within_a_step(engine: Any, mixed: dict[str, Prepared]) -> None:
+    long = {
+        rid: prepare(engine, request(rid, f"keep going {rid}", max_tokens=400, temperature=0))
+        for rid in ("long-1", "long-2", "long-3")
+    }
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.start(rec)
+    try:
+        for prepared in long.values():
+            sched.submit(prepared)
+        sched.submit(mixed["text-a"])
+        rec.wait_tokens("long-2", 5)
+        seen = len(sched.tokens["long-2"])
+        assert sched.cancel("long-2")
+        rec.wait(["long-2"])
+        final = rec.final("long-2")
+        assert final is not None and final.finish_reason == "cancelled"
+        assert final.completion_tokens <= seen + 2  # at most the step in flight and the next boundary
+        assert sched.cancel("long-2") is False
+        rec.wait(["text-a"])
+        assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
+        assert sched.stats().running == 2
+    finally:
+        sched.shutdown(0)
+    for rid in ("long-1", "long-3"):
+        assert rec.final(rid).finish_reason == "cancelled"  # type: ignore[union-attr]
+
+
+def test_cancel_of_a_queued_request(engine: Any, mixed: dict[str, Prepared]) -> None:
+    sched = scheduler_for(engine, max_batch_size=1)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    sched.submit(mixed["text-d"])
+    sched.step_once()
+    assert sched.stats().queued == 1
+    assert sched.cancel("text-d")
+    sched.step_once()
+    final = rec.final("text-d")
+    assert final == FinalOutput("cancelled", mixed["text-d"].prompt_tokens, 0)
+    drain(sched)
+    assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
+    assert sched.cancel("unknown") is False
+
+
+def test_overloaded_when_queue_full_and_conflict_on_duplicate(
+    engine: Any, mixed: dict[str, Prepared]
+) -> None:
+    sched = scheduler_for(engine, max_batch_size=1, max_queue=1)
+    sched.bind(Recorder())
+    sched.submit(mixed["text-a"])  # takes the free batch slot at the next step
+    with pytest.raises(Conflict):
+        sched.submit(mixed["text-a"])
+    sched.submit(mixed["text-d"])  # the one queue place
+    with pytest.raises(Overloaded):
+        sched.submit(mixed["text-f"])
+    sched.step_once()
+    with pytest.raises(Overloaded):  # text-a runs, text-d still waits
+        sched.submit(mixed["text-f"])
+
+
+def test_failed_prefill_fails_only_that_request(engine: Any, mixed: dict[str, Prepared]) -> None:
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    sched.step_once()
+    broken = Prepared(request_id="broken", sampling=mixed["text-d"].sampling, prompt_tokens=3, inputs={})
+    sched.submit(broken)
+    drain(sched)
+    final = rec.final("broken")
+    assert final is not None and final.finish_reason == "error" and final.error
+    assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
+
+
+def test_failed_decode_fails_the_batch_and_the_loop_lives_on(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    sched.submit(mixed["text-d"])
+    sched.step_once()
+
+    def boom(model: Any, batch: kv.BatchTensors) -> Any:
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(kv, "decode", boom)
+        sched.step_once()
+    for rid in ("text-a", "text-d"):
+        final = rec.final(rid)
+        assert final is not None and final.finish_reason == "error" and "device lost" in (final.error or "")
+    sched.submit(mixed["text-f"])
+    drain(sched)
+    assert sched.tokens["text-f"] == references["text-f"]
+
+
+def test_shutdown_lets_short_rows_finish_then_cancels_the_rest(
+    engine: Any, mixed: dict[str, Prepared]
+) -> None:
+    sched = scheduler_for(engine, max_batch_size=1)
+    rec = Recorder()
+    sched.start(rec)
+    sched.submit(mixed["text-a"])
+    sched.submit(mixed["text-d"])  # queued: never starts once shutdown begins
+    rec.wait_tokens("text-a", 1)
+    sched.shutdown(30)
+    assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
+    assert rec.final("text-d").finish_reason == "cancelled"  # type: ignore[union-attr]
+    with pytest.raises(NotReady):
+        sched.submit(mixed["text-f"])
+
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.start(rec)
+    sched.submit(prepare(engine, request("endless", "go on", max_tokens=100_000, temperature=0)))
+    rec.wait_tokens("endless", 3)
+    stopped = threading.Event()
+    threading.Thread(target=lambda: (sched.shutdown(0), stopped.set())).start()
+    assert stopped.wait(10)
+    assert rec.final("endless").finish_reason == "cancelled"  # type: ignore[union-attr]
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float, int]] = []
+        self.first: dict[str, float] = {}
+        self.finished: dict[str, tuple[str, int]] = {}
+
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
+        self.steps.append((batch_size, seconds, prefill_tokens))
+
+    def on_first_token(self, request_id: str, seconds: float) -> None:
+        self.first[request_id] = seconds
+
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
+        self.finished[request_id] = (finish_reason, completion_tokens)
+
+
+def test_observer_sees_steps_first_tokens_and_finishes(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    obs = _Observer()
+    sched = scheduler_for(engine, observer=obs)
+    sched.bind(Recorder())
+    sched.submit(mixed["text-a"])
+    sched.submit(mixed["text-d"])
+    drain(sched)
+    prompts = mixed["text-a"].prompt_tokens + mixed["text-d"].prompt_tokens
+    assert obs.steps[0][0] == 2 and obs.steps[0][2] == prompts
+    assert max(b for b, _, _ in obs.steps) == 2 and obs.steps[-1][0] == 1
+    assert set(obs.first) == {"text-a", "text-d"} and all(s >= 0 for s in obs.first.values())
+    assert obs.finished == {rid: ("length", len(references[rid])) for rid in ("text-a", "text-d")}

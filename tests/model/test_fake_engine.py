@@ -116,18 +116,21 @@ def test_max_tokens_gives_length(make_engine) -> None:
     assert (final.finish_reason, final.completion_tokens) == ("length", 3)
 
 
-def test_stop_string_cuts_the_text_and_holds_back_prefixes(make_engine) -> None:
+def test_stop_strings_cut_the_answer_and_hold_back_prefixes(make_engine) -> None:
     engine, sink = make_engine()
     run(engine, request("probe", seed=1))
     sink.final("probe")
-    reasoning, _ = sink.text("probe")
-    stop = reasoning.split()[3]  # a word that certainly comes up
+    reasoning, content = sink.text("probe")
+    stop = content.split()[2][:3]  # a piece of the answer, possibly in the middle of a word
     run(engine, request("a", seed=1, stop=[stop]))
     final = sink.final("a")
-    text, _ = sink.text("a")
     assert final.finish_reason == "stop"
-    assert text == reasoning[: reasoning.index(stop)]
-    assert 1 <= final.completion_tokens <= 4  # the token completing the stop string counts
+    assert sink.text("a") == (reasoning, content[: content.index(stop)])
+    # reasoning is never cut: a stop string that only occurs there does not end the request
+    only_in_reasoning = next(w for w in reasoning.split() if w not in content)
+    run(engine, request("b", seed=1, stop=[only_in_reasoning]))
+    assert sink.final("b").finish_reason == "stop"
+    assert sink.text("b") == (reasoning, content)
 
 
 def test_steps_batch_all_running_rows(make_engine) -> None:

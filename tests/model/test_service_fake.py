@@ -71,11 +71,11 @@ def test_max_tokens_and_stop(client: httpx.Client) -> None:
     events = generate(client, body("len-1", max_tokens=5))
     finished = assert_well_formed(events)
     assert (finished.finish_reason, finished.usage.completion_tokens) == ("length", 5)
-    reasoning, _ = text_of(generate(client, body("stop-probe", seed=9)))
-    stop = reasoning.split()[2]
+    reasoning, content = text_of(generate(client, body("stop-probe", seed=9)))
+    stop = content.split()[2]
     events = generate(client, body("stop-1", seed=9, stop=[stop]))
     assert assert_well_formed(events).finish_reason == "stop"
-    assert text_of(events)[0] == reasoning[: reasoning.index(stop)]
+    assert text_of(events) == (reasoning, content[: content.index(stop)])
 
 
 def test_cancel_one_of_several(client: httpx.Client, base_url: str) -> None:

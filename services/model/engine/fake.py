@@ -7,7 +7,8 @@ step, ``shutdown(grace)``, usage counts and one ``FinalOutput`` per request.
 
 Prompt "tokens" are the words of the rendered messages (each image counts 64, each video 128). The output is
 derived from the prompt text and the seed only: some reasoning words, ``</think>`` (one token, no text), then
-answer words, then end of sequence ("stop"). Directives anywhere in the prompt, for tests:
+answer words, then end of sequence ("stop"). Stop strings apply to the answer only, as in the real engine.
+Directives anywhere in the prompt, for tests:
 
 - ``[[fake:tokens=N]]``  N text tokens (``</think>`` included) before the end-of-sequence token, instead
                          of 14-44; completion_tokens is then N + 1 (EOS counts, as with the real model)
@@ -294,13 +295,14 @@ def _advance(row: _Row) -> list[tuple[str, Output]]:
     if word is None:  # end of sequence: the EOS token counts, like the real model's <|im_end|>
         return _finish(row, "stop")
     row.text += word
-    cut = _first_stop(row.text, row.stops, row.emitted)
+    content_start = _content_start(row.text)
+    cut = _first_stop(row.text, row.stops, content_start, row.emitted)
     if cut is not None:
         row.text = row.text[:cut]
         return _finish(row, "stop")
     if row.generated >= row.prepared.sampling.max_tokens:
         return _finish(row, "length")
-    upto = len(row.text) - _held_back(row.text, row.stops)
+    upto = len(row.text) - _held_back(row.text[content_start:], row.stops)
     if upto <= row.emitted and not row.unreported:
         return []
     return [(row.request_id, _output(row, upto))]
@@ -333,11 +335,19 @@ def _final(row: _Row, reason: str, error: str | None = None) -> FinalOutput:
     return FinalOutput(reason, row.prepared.prompt_tokens, row.generated, error)
 
 
-def _first_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Earliest start of a stop string in the not yet emitted tail (earlier text was checked before)."""
+def _content_start(text: str) -> int:
+    """Where the answer begins (after ``</think>``); the end of the text while still reasoning."""
+    marker = text.find(THINK_END)
+    return len(text) if marker < 0 else marker + len(THINK_END)
+
+
+def _first_stop(text: str, stops: list[str], content_start: int, emitted: int) -> int | None:
+    """Earliest start of a stop string in the answer, searching only what could not match before.
+
+    Like the real engine, stop strings apply to the answer only: reasoning routinely contains them."""
     best: int | None = None
     for stop in stops:
-        idx = text.find(stop, max(0, emitted - len(stop) + 1))
+        idx = text.find(stop, max(content_start, emitted - len(stop) + 1))
         if idx >= 0 and (best is None or idx < best):
             best = idx
     return best

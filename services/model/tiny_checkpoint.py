@@ -9,11 +9,14 @@ processor configs and a chat template of our own.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -361,25 +364,38 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = SEED, cache_dir: Path | Non
     written into a sibling temp directory and renamed into place, so a concurrent reader never sees a
     half-written checkpoint.
     """
-    import shutil
-    import tempfile
-
     out_dir = Path(out_dir)
     cache_dir = cache_dir or _repo_root() / ".cache" / "wheels"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-new-", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         _write_model(tmp, seed)
         real = _write_tokenizer(tmp, cache_dir)
         _write_processor(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        for path in tmp.iterdir():
+            path.chmod(0o644)  # some writers create private files; the checkpoint is read by services
+        _swap_into_place(tmp, out_dir)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("tiny checkpoint at %s (real Qwen BPE: %s)", out_dir, real)
     return out_dir
+
+
+def _swap_into_place(new: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``new`` with renames only. When a concurrent build (another test process)
+    got there first, its identical result is kept."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+    # Nothing to replace, or a concurrent build moved it already.
+    with contextlib.suppress(FileNotFoundError):
+        out_dir.rename(trash / "ckpt")
+    try:
+        new.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

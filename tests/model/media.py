@@ -42,12 +42,16 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-def mp4_bytes(frames: int = 8, width: int = 64, height: int = 64, fps: int = 4) -> bytes:
-    """An mpeg4 video in MP4 whose frame ``i`` is a flat grey of level ``i * 255 // frames``."""
+def mp4_bytes(frames: int = 8, width: int = 64, height: int = 64, fps: int = 4, gop: int = 0) -> bytes:
+    """An mpeg4 video in MP4 whose frame ``i`` is a flat grey of level ``i * 255 // frames``; ``gop``:
+    keyframe interval (0: the encoder's choice)."""
     out = io.BytesIO()
     with av.open(out, "w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
+            stream.codec_context.options = {"sc_threshold": "1000000000"}  # no scene-cut keyframes
         for i in range(frames):
             level = i * 255 // max(frames, 1)
             arr = np.full((height, width, 3), level, np.uint8)
@@ -58,5 +62,5 @@ def mp4_bytes(frames: int = 8, width: int = 64, height: int = 64, fps: int = 4) 
     return out.getvalue()
 
 
-def mp4_b64(frames: int = 8, width: int = 64, height: int = 64, fps: int = 4) -> str:
-    return b64(mp4_bytes(frames, width, height, fps))
+def mp4_b64(frames: int = 8, width: int = 64, height: int = 64, fps: int = 4, gop: int = 0) -> str:
+    return b64(mp4_bytes(frames, width, height, fps, gop))

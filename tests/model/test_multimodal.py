@@ -124,6 +124,23 @@ def test_video_frames_capped_with_real_timestamps() -> None:
     assert np.all(np.diff(levels) > 0), "frames must be in time order"
 
 
+@pytest.mark.parametrize("gop", [0, 12])
+def test_seeking_decode_matches_sequential_decode(gop: int) -> None:
+    data = mp4_b64(frames=60, fps=10, gop=gop)
+    fast = decode_video(data, max_frames=8, max_pixels=1 << 20, max_bytes=1 << 20, seek=True)
+    slow = decode_video(data, max_frames=8, max_pixels=1 << 20, max_bytes=1 << 20, seek=False)
+    assert fast.metadata.frames_indices == slow.metadata.frames_indices == [0, 8, 17, 25, 34, 42, 51, 59]
+    assert np.array_equal(fast.frames, slow.frames)
+    assert fast.timestamps == slow.timestamps
+
+
+def test_one_frame_video_becomes_a_still(loaded: Loaded) -> None:
+    video = decode_video(mp4_b64(frames=1), max_frames=8, max_pixels=1 << 20, max_bytes=1 << 20)
+    assert video.frames.shape[0] == 2 and video.metadata.frames_indices == [0, 0]
+    inputs = build_inputs(loaded.processor, [user(VideoPart(data=mp4_b64(frames=1)))], LIMITS)
+    assert inputs["video_grid_thw"][0, 0].item() == 1
+
+
 def test_short_video_samples_two_per_second() -> None:
     video = decode_video(mp4_b64(frames=8, fps=4), max_frames=32, max_pixels=1 << 20, max_bytes=1 << 20)
     assert video.metadata.frames_indices == [0, 2, 5, 7]

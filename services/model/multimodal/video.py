@@ -1,19 +1,24 @@
 """Base64 video bytes -> uniformly sampled RGB frames with their real timestamps, decoded with PyAV.
 
 Everything stays in memory (PyAV reads a file-like object): no temp files. A first pass only demuxes
-(cheap) to count frames; the second decodes and keeps just the sampled frames, so memory is bounded by
-``max_frames`` frames, each at most ``MAX_DECODED_FRAME_PIXELS`` (larger frames are scaled down while
-decoding; the processor scales far below that anyway).
+(cheap) to count frames and learn their presentation times and keyframes. The second decodes just what
+the sampled frames need: it seeks to the keyframe before a sampled frame whenever that skips decoding,
+and converts only the sampled frames. Memory is bounded by ``max_frames`` frames of at most
+``MAX_DECODED_FRAME_PIXELS`` each (larger frames are scaled down while converting; the processor scales
+far below that anyway).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import av
 import numpy as np
+from av.container import InputContainer
 from transformers.video_utils import VideoMetadata
 
 from services.model.multimodal.images import decode_base64
@@ -33,52 +38,63 @@ class DecodedVideo:
     timestamps: list[float]  # seconds of each sampled frame, from the stream's own clock
 
 
-def decode_video(data: str, max_frames: int, max_pixels: int, max_bytes: int) -> DecodedVideo:
+@dataclass(slots=True)
+class _Probe:
+    total: int
+    fps: float
+    duration: float
+    pts: list[int] | None  # presentation times of all frames, sorted; None when some are unknown
+    keyframes: list[int]  # presentation times of keyframes, sorted
+
+
+@dataclass(slots=True)
+class _Picked:
+    frames: list[np.ndarray] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+
+def decode_video(
+    data: str, max_frames: int, max_pixels: int, max_bytes: int, seek: bool = True
+) -> DecodedVideo:
+    """Decode one base64 video; ``seek=False`` decodes sequentially (kept for tests and odd files)."""
     raw = decode_base64(data, max_bytes, "video")
     try:
-        return _decode(raw, max_frames, max_pixels)
+        return _decode(raw, max_frames, max_pixels, seek)
     except InvalidMedia:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError) as exc:
         raise InvalidMedia(f"video could not be decoded ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-def _decode(raw: bytes, max_frames: int, max_pixels: int) -> DecodedVideo:
-    total, fps, duration = _probe(raw, max_pixels)
-    count = frames_to_sample(total, duration, max_frames)
-    indices = np.linspace(0, total - 1, count).round().astype(int).tolist()
-    frames, times, kept = _decode_selected(raw, sorted(set(indices)))
-    if not frames:
+def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool) -> DecodedVideo:
+    probe = _probe(raw, max_pixels)
+    count = frames_to_sample(probe.total, probe.duration, max_frames)
+    wanted = sorted(set(np.linspace(0, probe.total - 1, count).round().astype(int).tolist()))
+    picked = None
+    if seek and probe.pts is not None:
+        try:
+            picked = _pick(raw, lambda c, s: _pick_seeking(c, s, wanted, probe, max_pixels))
+        except _CannotSeek:
+            picked = None
+    if picked is None:
+        picked = _pick(raw, lambda c, s: _pick_sequential(c, s, wanted, max_pixels))
+    if not picked.frames:
         raise InvalidMedia("video has no decodable frames")
-    height, width = frames[0].shape[:2]
+    if len(picked.frames) == 1:
+        # Qwen3-VL needs at least one temporal patch (2 frames): a one-frame video is a still.
+        _keep_again(picked)
+    height, width = picked.frames[0].shape[:2]
     metadata = VideoMetadata(
-        total_num_frames=total,
-        fps=fps,
+        total_num_frames=probe.total,
+        fps=probe.fps,
         width=width,
         height=height,
-        duration=duration,
+        duration=probe.duration,
         video_backend="pyav",
-        frames_indices=kept,
+        frames_indices=picked.indices,
     )
-    return DecodedVideo(frames=np.stack(frames), metadata=metadata, timestamps=times)
-
-
-def _probe(raw: bytes, max_pixels: int) -> tuple[int, float, float]:
-    """(frame count, fps, duration in seconds) from the container, demuxing without decoding."""
-    with av.open(io.BytesIO(raw), mode="r") as container:
-        stream = _video_stream(container)
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width and height and width * height > max_pixels:
-            raise InvalidMedia(
-                f"video frames are {width}x{height}: more than the limit of {max_pixels} pixels"
-            )
-        total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-        rate = stream.average_rate or stream.guessed_rate
-        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
-    if total <= 0:
-        raise InvalidMedia("video has no frames")
-    fps = float(rate) if rate else (total / duration if duration > 0 else DEFAULT_FPS)
-    return total, fps, duration or total / fps
+    return DecodedVideo(frames=np.stack(picked.frames), metadata=metadata, timestamps=picked.times)
 
 
 def frames_to_sample(total: int, duration: float, max_frames: int) -> int:
@@ -91,37 +107,119 @@ def frames_to_sample(total: int, duration: float, max_frames: int) -> int:
     return max(count, 1)
 
 
-def _decode_selected(raw: bytes, wanted: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
-    """Decode in order, converting only the frames at ``wanted`` indices (sorted); stop after the last."""
-    frames: list[np.ndarray] = []
-    times: list[float] = []
-    kept: list[int] = []
-    pending = iter(wanted)
-    target = next(pending, None)
-    last: tuple[int, av.VideoFrame] | None = None
+def _probe(raw: bytes, max_pixels: int) -> _Probe:
+    """Frame count, fps, duration, frame and keyframe times from the container, without decoding."""
+    with av.open(io.BytesIO(raw), mode="r") as container:
+        stream = _video_stream(container)
+        _check_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
+        pts: list[int | None] = []
+        keyframes: list[int] = []
+        for packet in container.demux(stream):
+            if packet.size <= 0:
+                continue  # the demuxer's end-of-stream marker
+            pts.append(packet.pts)
+            if packet.is_keyframe and packet.pts is not None:
+                keyframes.append(packet.pts)
+        rate = stream.average_rate or stream.guessed_rate
+        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else 0.0
+    total = len(pts)
+    if total == 0:
+        raise InvalidMedia("video has no frames")
+    fps = float(rate) if rate else (total / duration if duration > 0 else DEFAULT_FPS)
+    known = None if any(p is None for p in pts) else sorted(p for p in pts if p is not None)
+    return _Probe(total, fps, duration or total / fps, known, sorted(keyframes))
+
+
+class _CannotSeek(Exception):
+    """Decoded frames lack timestamps: fall back to decoding in order."""
+
+
+def _pick(raw: bytes, how: Callable[[InputContainer, av.VideoStream], _Picked]) -> _Picked:
     with av.open(io.BytesIO(raw), mode="r") as container:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
-        for index, frame in enumerate(container.decode(stream)):
-            last = (index, frame)
-            if index == target:
-                _keep(frame, index, frames, times, kept)
-                target = next(pending, None)
-                if target is None:
-                    break
+        return how(container, stream)
+
+
+def _pick_sequential(
+    container: InputContainer, stream: av.VideoStream, wanted: list[int], max_pixels: int
+) -> _Picked:
+    """Decode in order, converting the frames at the ``wanted`` (sorted) indices; stop after the last."""
+    picked = _Picked()
+    pending = iter(wanted)
+    target = next(pending, None)
+    last: tuple[int, av.VideoFrame] | None = None
+    for index, frame in enumerate(container.decode(stream)):
+        last = (index, frame)
+        if index == target:
+            _keep(picked, frame, index, max_pixels)
+            target = next(pending, None)
+            if target is None:
+                break
     # The demux count can exceed the decoded frames (e.g. a truncated tail): keep the last frame then.
-    if target is not None and last is not None and (not kept or kept[-1] != last[0]):
-        _keep(last[1], last[0], frames, times, kept)
-    return frames, times, kept
+    if target is not None and last is not None and (not picked.indices or picked.indices[-1] != last[0]):
+        _keep(picked, last[1], last[0], max_pixels)
+    return picked
 
 
-def _keep(frame: av.VideoFrame, index: int, frames: list, times: list, kept: list) -> None:
-    frames.append(_to_rgb_array(frame))
-    times.append(float(frame.time or 0.0))
-    kept.append(index)
+def _pick_seeking(
+    container: InputContainer, stream: av.VideoStream, wanted: list[int], probe: _Probe, max_pixels: int
+) -> _Picked:
+    """For each wanted frame, seek to the keyframe before it when that keyframe lies ahead of where the
+    decoder is (so nothing is decoded twice), else decode on; keep the first frame at or after it."""
+    assert probe.pts is not None  # checked by the caller
+    picked = _Picked()
+    frames: Iterator[av.VideoFrame] | None = None
+    position = -math.inf  # pts of the last decoded frame
+    for index in wanted:
+        target = probe.pts[index]
+        keyframe = _keyframe_at_or_before(probe.keyframes, target)
+        if frames is None or (keyframe is not None and keyframe > position):
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+        frame = _first_at_or_after(frames, target)
+        if frame is None:
+            break
+        position = frame.pts
+        found = min(bisect.bisect_left(probe.pts, frame.pts), probe.total - 1)
+        if not picked.indices or found > picked.indices[-1]:
+            _keep(picked, frame, found, max_pixels)
+    return picked
 
 
-def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+def _keyframe_at_or_before(keyframes: list[int], pts: int) -> int | None:
+    i = bisect.bisect_right(keyframes, pts)
+    return keyframes[i - 1] if i else None
+
+
+def _first_at_or_after(frames: Iterator[av.VideoFrame], pts: int) -> av.VideoFrame | None:
+    for frame in frames:
+        if frame.pts is None:
+            raise _CannotSeek
+        if frame.pts >= pts:
+            return frame
+    return None
+
+
+def _keep(picked: _Picked, frame: av.VideoFrame, index: int, max_pixels: int) -> None:
+    _check_size(frame.width, frame.height, max_pixels)
+    picked.frames.append(_to_rgb_array(frame))
+    picked.times.append(float(frame.time or 0.0))
+    picked.indices.append(index)
+
+
+def _keep_again(picked: _Picked) -> None:
+    picked.frames.append(picked.frames[-1])
+    picked.times.append(picked.times[-1])
+    picked.indices.append(picked.indices[-1])
+
+
+def _check_size(width: int | None, height: int | None, max_pixels: int) -> None:
+    if width and height and width * height > max_pixels:
+        raise InvalidMedia(f"video frames are {width}x{height}: more than the limit of {max_pixels} pixels")
+
+
+def _video_stream(container: InputContainer) -> av.VideoStream:
     if not container.streams.video:
         raise InvalidMedia("the file has no video stream")
     return container.streams.video[0]

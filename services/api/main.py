@@ -1,0 +1,98 @@
+"""create_app(settings): the api service's FastAPI app. Everything long-lived is built in the lifespan and
+kept on ``app.state``; nothing happens at import time.
+
+Run: ``gunicorn -c services/api/gunicorn.conf.py 'services.api.main:create_app()'`` (or ``python -m
+services.api`` for a single uvicorn process).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from services.api.errors import install_error_handlers
+from services.api.instrumented_store import InstrumentedStore
+from services.api.logs import configure_logging
+from services.api.media import build_media_client
+from services.api.metrics import ApiMetrics
+from services.api.middleware import RequestContextMiddleware
+from services.api.model_client import ModelClient
+from services.api.routes import chat, health, models, sessions
+from services.api.settings import ApiSettings, load_settings
+from services.api.store.base import SessionStore, StoreUnavailable
+from services.api.store.factory import create_store
+from services.api.streaming.hub import SessionHub
+
+log = logging.getLogger("api.main")
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level, settings.secrets())
+    app = FastAPI(
+        title="Qwen3-VL OpenAI-compatible API",
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.key_hashes = settings.key_hashes()
+    app.state.metrics = ApiMetrics()
+    app.state.started_at = time.time()
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        max_body=settings.max_request_bytes,
+        retry_after=settings.retry_after_seconds,
+    )
+    for module in (chat, sessions, models, health):
+        app.include_router(module.router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ApiSettings = app.state.settings
+    if not app.state.key_hashes:
+        log.warning("API_KEYS is not set: every /v1 endpoint is open to anyone who can reach this service")
+    store = InstrumentedStore(_build_store(settings), app.state.metrics)
+    await _open_store(store, settings)
+    model = ModelClient(settings)
+    limits = settings.media_limits()
+    media_client = build_media_client(limits)
+    hub = SessionHub(settings, store, model, app.state.metrics)
+    hub.start()
+    app.state.hub, app.state.media_client, app.state.media_limits = hub, media_client, limits
+    try:
+        yield
+    finally:
+        await hub.close()
+        await model.close()
+        await media_client.aclose()
+        await store.close()
+
+
+def _build_store(settings: ApiSettings) -> SessionStore:
+    database_url = settings.database_url.get_secret_value() if settings.database_url else None
+    if not database_url and settings.persist_sessions:
+        Path(settings.sessions_db_path).parent.mkdir(parents=True, exist_ok=True)
+    return create_store(
+        persist=settings.persist_sessions, sqlite_path=settings.sessions_db_path, database_url=database_url
+    )
+
+
+async def _open_store(store: SessionStore, settings: ApiSettings) -> None:
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        if settings.database_url is None:
+            raise  # a local SQLite file that cannot be opened is a configuration error
+        # Postgres may come up after us: serve 503 (and /ready says why) until it answers.
+        log.warning("session database unavailable at start: %s", exc)

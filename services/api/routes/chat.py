@@ -1,0 +1,94 @@
+"""POST /v1/chat/completions: validate, create or attach to the session, then stream or collect it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from services.api.convert import to_messages, to_sampling
+from services.api.deps import Hub, Owner
+from services.api.errors import BadRequest, request_id_of, session_not_found
+from services.api.media import MediaKind, resolve_media
+from services.api.openai_schemas import ChatCompletionRequest, unsupported_params
+from services.api.routes.common import read_json, resume_point, validate, wait_disconnect
+from services.api.store.base import SessionRecord
+from services.api.streaming.collect import collect
+from services.api.streaming.hub import NewSession, SessionHub
+from services.api.streaming.sse import sse_response
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response:
+    started = time.monotonic()
+    req = validate(ChatCompletionRequest, await read_json(request))
+    param = unsupported_params(req)
+    if param is not None:
+        raise BadRequest(
+            f"`{param}` is not supported by this server", param=param, code="unsupported_parameter"
+        )
+    named_sid, after, resuming = resume_point(request, req.session_id)
+    session_id = req.session_id or named_sid
+    record = await hub.find(session_id, owner) if session_id else None
+    if record is None and resuming:
+        raise session_not_found(session_id or "")
+    created = record is None
+    if record is None:
+        record, created = await _start(request, hub, req, owner, session_id or uuid.uuid4().hex, started)
+    if not created:
+        hub.metrics.resumes.inc()
+    request.state.session_id = record.id
+    if req.stream:
+        return sse_response(hub, record.id, after if not created else -1, request_id_of(request))
+    return await _complete(request, hub, record)
+
+
+async def _start(
+    request: Request, hub: SessionHub, req: ChatCompletionRequest, owner: str, session_id: str, started: float
+) -> tuple[SessionRecord, bool]:
+    """Start a generation; when another request created the session meanwhile, attach to that one."""
+    client, limits = request.app.state.media_client, request.app.state.media_limits
+
+    async def fetch(url: str, kind: MediaKind) -> bytes:
+        return await resolve_media(url, kind, client, limits)
+
+    new = NewSession(
+        session_id=session_id,
+        owner=owner,
+        messages=await to_messages(req.messages, fetch),
+        sampling=to_sampling(req),
+        include_usage=req.include_usage,
+        stream=req.stream,
+        started_at=started,
+    )
+    record = await hub.create(new)
+    if record is None:
+        return await hub.get_owned(session_id, owner), False
+    return record, True
+
+
+async def _complete(request: Request, hub: SessionHub, record: SessionRecord) -> JSONResponse:
+    """Collect the whole answer; a client that leaves first cancels the generation at once (unless
+    another client of this process is following the same session)."""
+    retry_after = hub.settings.retry_after_seconds
+    collecting = asyncio.create_task(collect(hub, record.id, retry_after))
+    leaving = asyncio.create_task(wait_disconnect(request))
+    try:
+        await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collecting
+    if collecting.cancelled():
+        if hub.attachments.count(record.id) == 0:
+            await hub.cancel(record, "auto", wait=False)
+        return JSONResponse({}, status_code=499)  # nobody reads it; keeps the access log honest
+    return JSONResponse(collecting.result(), headers={"X-Session-Id": record.id})

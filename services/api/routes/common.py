@@ -1,0 +1,53 @@
+"""Request helpers shared by the routes: JSON bodies, resume points, client disconnects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from services.api.errors import BadRequest
+from services.api.streaming.replay import LastEventIdError, parse_last_event_id
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("malformed JSON in the request body", code="invalid_json") from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate a body; the 400 names the first offending parameter."""
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise BadRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
+
+
+def resume_point(request: Request, session_id: str | None) -> tuple[str | None, int, bool]:
+    """(session id named by Last-Event-ID, index to resume after, whether a resume point was given).
+    The header wins over ``?last_event_id=`` (a browser's EventSource sends the header on reconnect)."""
+    value = request.headers.get("last-event-id")
+    if value is None:
+        value = request.query_params.get("last_event_id")
+    try:
+        sid, after = parse_last_event_id(value, session_id)
+    except LastEventIdError as exc:
+        raise BadRequest(str(exc), param="Last-Event-ID") from None
+    return sid, after, bool(value and value.strip())
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the client goes away (after its body was read, uvicorn reports only that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,256 @@
+"""The session hub: creates sessions, runs their runners in this process, takes over orphaned ones,
+cancels, and sweeps expired sessions. One per process, built in the lifespan (``app.state.hub``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from services.api.errors import session_not_found
+from services.api.metrics import ApiMetrics
+from services.api.model_client import ModelClient, ModelStream
+from services.api.settings import ApiSettings
+from services.api.store.base import (
+    FINAL_STATUSES,
+    SessionExists,
+    SessionRecord,
+    SessionStore,
+    StoreUnavailable,
+)
+from services.api.streaming.live import Attachments, LiveLog
+from services.api.streaming.runner import RunnerDeps, SessionRunner
+from services.protocol.errors import ModelServiceError
+from services.protocol.generate import GenerateRequest, Message, SamplingParams
+
+log = logging.getLogger("api.hub")
+
+
+@dataclass(slots=True)
+class NewSession:
+    """What the chat route hands over to start a generation."""
+
+    session_id: str
+    owner: str
+    messages: list[Message]
+    sampling: SamplingParams
+    include_usage: bool
+    stream: bool
+    started_at: float  # monotonic arrival of the request (TTFT)
+
+
+@dataclass(slots=True)
+class _Running:
+    runner: SessionRunner
+    live: LiveLog
+    task: asyncio.Task[None]
+
+
+class SessionHub:
+    def __init__(
+        self, settings: ApiSettings, store: SessionStore, model: ModelClient, metrics: ApiMetrics
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.model = model
+        self.metrics = metrics
+        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.attachments = Attachments()
+        self._deps = RunnerDeps(store, model, metrics, settings, self.attachments, self.runner_id)
+        self._running: dict[str, _Running] = {}
+        self._closing = False
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        """Stop local runners without cancelling their generations: each releases its lease, so the next
+        reader anywhere re-attaches at once."""
+        self._closing = True
+        tasks = [r.task for r in self._running.values()]
+        if self._sweeper is not None:
+            tasks.append(self._sweeper)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- lookup ---------------------------------------------------------------------------------------
+
+    def live(self, session_id: str) -> LiveLog | None:
+        running = self._running.get(session_id)
+        return running.live if running else None
+
+    def runs_locally(self, session_id: str) -> bool:
+        running = self._running.get(session_id)
+        return running is not None and not running.live.closed
+
+    async def find(self, session_id: str, owner: str) -> SessionRecord | None:
+        """The caller's session, None when there is none; another key's session raises 404."""
+        record = await self.store.get(session_id)
+        if record is None or self._expired(record):
+            return None
+        if record.owner != owner:
+            raise session_not_found(session_id)
+        return record
+
+    async def get_owned(self, session_id: str, owner: str) -> SessionRecord:
+        record = await self.find(session_id, owner)
+        if record is None:
+            raise session_not_found(session_id)
+        return record
+
+    def _expired(self, record: SessionRecord) -> bool:
+        ttl = self.settings.sessions_ttl_seconds
+        return record.status in FINAL_STATUSES and record.updated < time.time() - ttl
+
+    # ---- creation and takeover ------------------------------------------------------------------------
+
+    async def create(self, new: NewSession) -> SessionRecord | None:
+        """Start the generation on the least busy replica, then record the session; None when the id was
+        taken meanwhile (the generation just started is cancelled; the caller attaches instead).
+        Model errors (400/429/503) surface before any session exists."""
+        url, model_name = await self.model.pick()
+        request_id = f"{new.session_id}.{uuid.uuid4().hex[:12]}"
+        request = GenerateRequest(request_id=request_id, messages=new.messages, sampling=new.sampling)
+        try:
+            stream = await self.model.generate(url, request)
+        except ModelServiceError as exc:
+            self.metrics.model_errors.labels(exc.code).inc()
+            raise
+        record = _new_record(new, url, request_id, model_name, self.runner_id, self.settings)
+        try:
+            await self.store.create(record)
+        except BaseException as exc:
+            await self._abandon(stream, url, request_id)
+            if isinstance(exc, SessionExists):
+                return None
+            raise
+        self._start(record, stream, new.started_at)
+        return record
+
+    async def _abandon(self, stream: ModelStream, url: str, request_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+            await self.model.cancel(url, request_id)
+
+    def _start(self, record: SessionRecord, stream: ModelStream | None, started_at: float | None) -> None:
+        live = LiveLog(record.id, record.last_index + 1)
+        runner = SessionRunner(self._deps, record, live, stream, started_at)
+        task = asyncio.create_task(runner.run(), name=f"runner:{record.id}")
+        entry = _Running(runner, live, task)
+        self._running[record.id] = entry
+        task.add_done_callback(lambda _t: self._forget(record.id, entry))
+
+    def _forget(self, session_id: str, entry: _Running) -> None:
+        if self._running.get(session_id) is entry:
+            del self._running[session_id]
+        self.attachments.forget(session_id)
+
+    async def ensure_runner(self, record: SessionRecord) -> None:
+        """Take over a session whose runner died (lease lapsed): re-attach to its model replica here."""
+        if self._closing or self.runs_locally(record.id) or record.status in FINAL_STATUSES:
+            return
+        now = time.time()
+        if record.lease_until >= now and record.runner_id is not None:
+            return
+        if not await self.store.claim(record.id, self.runner_id, self.settings.runner_lease_seconds, now):
+            return
+        fresh = await self.store.get(record.id)  # the old runner may have stored more before it died
+        if fresh is None or fresh.status in FINAL_STATUSES or self.runs_locally(record.id):
+            return
+        log.info(
+            "session %s: taking over at index %d (model seq %d)",
+            fresh.id,
+            fresh.last_index + 1,
+            fresh.model_seq,
+        )
+        self._start(fresh, None, None)
+
+    # ---- cancel ---------------------------------------------------------------------------------------
+
+    async def cancel(self, record: SessionRecord, kind: str, *, wait: bool = True) -> str:
+        """Cancel on the owning replica and (unless ``wait`` is false) wait, bounded, for the session's
+        final status."""
+        if record.status in FINAL_STATUSES:
+            return record.status
+        await self.ensure_runner(record)  # someone must be there to write the cancelled chunk
+        running = self._running.get(record.id)
+        if running is not None:
+            await running.runner.cancel()
+        elif record.model_url and record.model_request_id:
+            try:
+                await self.model.cancel(record.model_url, record.model_request_id)
+            except ModelServiceError as exc:
+                self.metrics.model_errors.labels(exc.code).inc()
+        self.metrics.cancels.labels(kind).inc()
+        return await self._await_final(record.id) if wait else record.status
+
+    async def _await_final(self, session_id: str) -> str:
+        deadline = time.monotonic() + self.settings.cancel_wait_seconds
+        while True:
+            record = await self.store.get(session_id)
+            if record is None:
+                return "cancelled"
+            remaining = deadline - time.monotonic()
+            if record.status in FINAL_STATUSES or remaining <= 0:
+                return record.status
+            live = self.live(session_id)
+            if live is not None and not live.closed:
+                await live.wait(live.next_index, min(remaining, 0.5))
+            else:
+                await self.store.wait(session_id, record.last_index, min(remaining, 0.5))
+
+    async def heartbeat(self, session_id: str) -> None:
+        """A client is attached here to a session run elsewhere (auto-cancel across processes)."""
+        with contextlib.suppress(StoreUnavailable):
+            now = time.time()
+            await self.store.update(session_id, now=now, reader_seen_at=now)
+
+    # ---- TTL ------------------------------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        ttl = self.settings.sessions_ttl_seconds
+        interval = min(max(ttl / 4.0, 1.0), 300.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                deleted = await self.store.delete_expired(time.time(), ttl)
+            except StoreUnavailable:
+                continue
+            if deleted:
+                log.info("deleted %d expired sessions", deleted)
+
+
+def _new_record(
+    new: NewSession, url: str, request_id: str, model: str, runner_id: str, settings: ApiSettings
+) -> SessionRecord:
+    now = time.time()
+    meta = {
+        "chunk_id": f"chatcmpl-{uuid.uuid4().hex}",
+        "created": int(now),
+        "model": model,
+        "include_usage": new.include_usage,
+        "stream": new.stream,
+    }
+    return SessionRecord(
+        id=new.session_id,
+        owner=new.owner,
+        status="queued",
+        created=now,
+        updated=now,
+        model_url=url,
+        model_request_id=request_id,
+        runner_id=runner_id,
+        lease_until=now + settings.runner_lease_seconds,
+        reader_seen_at=now,
+        meta=meta,
+    )

@@ -1,0 +1,100 @@
+"""Following a session: the stored events after an index, then the live tail, until ``[DONE]``.
+
+Same-process readers of a running session follow its ``LiveLog`` (no database hop); others read the store
+and ``wait`` on it. A reader that finds the session running with a lapsed lease takes it over (the hub
+re-attaches to the model replica), so a resume after a crash continues with the next index.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from services.api.store.base import FINAL_STATUSES, StoredEvent
+from services.api.streaming.hub import SessionHub
+from services.api.streaming.translate import DONE
+
+
+class LastEventIdError(ValueError):
+    pass
+
+
+def parse_last_event_id(value: str | None, session_id: str | None) -> tuple[str | None, int]:
+    """``<sid>:<n>`` or a bare ``<n>`` -> (sid or None, n). None/empty -> (None, -1): from the first event."""
+    if value is None or not value.strip():
+        return None, -1
+    sid, sep, index = value.strip().rpartition(":")
+    if not index.lstrip("-").isdigit() or int(index) < -1:
+        raise LastEventIdError("Last-Event-ID must be `<session_id>:<index>` or `<index>`")
+    if sep and session_id is not None and sid != session_id:
+        raise LastEventIdError("Last-Event-ID belongs to another session")
+    return (sid if sep else None), int(index)
+
+
+async def follow(hub: SessionHub, session_id: str, after: int) -> AsyncIterator[StoredEvent | None]:
+    """Yield the events with index > ``after`` in order, then stop after ``[DONE]`` (or when the session
+    is final and fully read). Yields None whenever nothing came for SSE_PING_SECONDS (send a ping)."""
+    settings = hub.settings
+    beat_every = _heartbeat_interval(settings.cancel_after_disconnect_seconds)
+    next_index = after + 1
+    last_yield = last_beat = time.monotonic()
+    hub.attachments.attach(session_id)
+    try:
+        while True:
+            now = time.monotonic()
+            if beat_every and now - last_beat >= beat_every and not hub.runs_locally(session_id):
+                await hub.heartbeat(session_id)
+                last_beat = now
+            timeout = max(0.01, min(settings.sse_ping_seconds - (now - last_yield), beat_every or 3600.0))
+            events, ended = await _step(hub, session_id, next_index, timeout)
+            for event in events:
+                yield event
+                if event.data == DONE:
+                    return
+            if ended:
+                return
+            if events:
+                next_index = events[-1].index + 1
+                last_yield = time.monotonic()
+            elif time.monotonic() - last_yield >= settings.sse_ping_seconds:
+                yield None
+                last_yield = time.monotonic()
+    finally:
+        hub.attachments.detach(session_id)
+
+
+async def _step(
+    hub: SessionHub, session_id: str, next_index: int, within: float
+) -> tuple[list[StoredEvent], bool]:
+    """The next events from ``next_index`` (waiting up to ``within`` seconds for them), and whether the
+    session ended without more events."""
+    live = hub.live(session_id)
+    if live is not None and live.covers(next_index):
+        events = live.since(next_index)
+        if not events and not live.closed:
+            await live.wait(next_index, within)
+            events = live.since(next_index)
+        if events or not live.closed:
+            return events, False
+        # the runner stopped here without more events (lease lost, shutdown): the store has the truth
+    events = await hub.store.read(session_id, next_index - 1)
+    if events:
+        return events, False
+    record = await hub.store.get(session_id)
+    if record is None:
+        return [], True
+    if record.status in FINAL_STATUSES and record.last_index < next_index:
+        return [], True
+    if record.lease_until < time.time() or record.runner_id is None:
+        await hub.ensure_runner(record)
+        if hub.runs_locally(session_id):
+            return [], False
+    await hub.store.wait(session_id, next_index - 1, min(within, hub.settings.runner_lease_seconds / 2))
+    return [], False
+
+
+def _heartbeat_interval(cancel_after: float) -> float:
+    """How often a reader marks itself present; 0 when auto-cancel is off."""
+    if cancel_after <= 0:
+        return 0.0
+    return min(max(cancel_after / 4.0, 0.2), 5.0)

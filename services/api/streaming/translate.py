@@ -1,0 +1,72 @@
+"""Model events -> OpenAI ``chat.completion.chunk`` JSON strings (pure; no I/O).
+
+Each chunk is encoded once here, stored as-is and sent as-is. The fixed part of every chunk of a session
+(id, created, model) is pre-encoded so a delta costs one small ``json.dumps`` of the text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from services.protocol.events import Finished
+
+DONE = "[DONE]"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class ChunkEncoder:
+    """Builds the chunk strings of one session (all share one ``id``, ``created`` and ``model``)."""
+
+    def __init__(self, chunk_id: str, created: int, model: str) -> None:
+        head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        self._prefix = _dumps(head)[:-1] + ',"choices":'
+
+    def _chunk(self, delta: str, finish_reason: str | None) -> str:
+        finish = "null" if finish_reason is None else _dumps(finish_reason)
+        return f'{self._prefix}[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}'
+
+    def role(self) -> str:
+        return self._chunk('{"role":"assistant"}', None)
+
+    def reasoning(self, text: str) -> str:
+        return self._chunk('{"reasoning_content":' + _dumps(text) + "}", None)
+
+    def content(self, text: str) -> str:
+        return self._chunk('{"content":' + _dumps(text) + "}", None)
+
+    def finish(self, reason: str) -> str:
+        return self._chunk("{}", reason)
+
+    def usage(self, usage: dict[str, int]) -> str:
+        return f'{self._prefix}[],"usage":{_dumps(usage)}}}'
+
+
+def usage_dict(finished: Finished) -> dict[str, int]:
+    p, c = finished.usage.prompt_tokens, finished.usage.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def error_payload(message: str, *, type_: str, code: str | None) -> str:
+    return _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+def final_chunks(
+    enc: ChunkEncoder, finished: Finished, include_usage: bool
+) -> tuple[list[str], str, str | None]:
+    """Chunks that end a stream, the session's final status and its finish_reason. A model-side error
+    ends the stream with one error event (no finish chunk), as the contract asks for errors mid-stream."""
+    usage = usage_dict(finished)
+    if finished.finish_reason == "error":
+        message = finished.error.message if finished.error else "generation failed"
+        code = finished.error.code if finished.error else None
+        return [error_payload(message, type_="server_error", code=code), DONE], "failed", None
+    status = "cancelled" if finished.finish_reason == "cancelled" else "completed"
+    chunks = [enc.finish(finished.finish_reason)]
+    if include_usage:
+        chunks.append(enc.usage(usage))
+    chunks.append(DONE)
+    return chunks, status, finished.finish_reason

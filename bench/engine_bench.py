@@ -1,0 +1,112 @@
+"""(a) The raw engine: the project's ``HFEngine`` (processor + step-level batching scheduler) in-process.
+
+No HTTP: each request is prepared (chat template, image processing) and submitted exactly as the model
+service does it, and its outputs come back through the engine's sink, hopped onto the event loop once per
+scheduler step. This is the ceiling the full stack is compared against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import LevelResult, RequestRecord, closed_loop, level_sizes, next_id, warm_up
+from bench.workload import Workload
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: RequestRecord
+    done: asyncio.Future[None]
+
+
+class EngineClient:
+    """Sends workload requests to an in-process engine and records what a client would see."""
+
+    def __init__(self, engine: Any, workload: Workload, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine = engine
+        self._workload = workload
+        self._loop = loop
+        self._pending: dict[str, _Pending] = {}
+
+    def sink(self, outputs: Sequence[tuple[str, Any]]) -> None:
+        """Engine thread -> event loop, once per step (as the model service's registry does)."""
+        now = time.perf_counter()
+        self._loop.call_soon_threadsafe(self._dispatch, list(outputs), now)
+
+    def _dispatch(self, outputs: list[tuple[str, Any]], now: float) -> None:
+        from services.model.engine.base import FinalOutput
+
+        for request_id, out in outputs:
+            pending = self._pending.get(request_id)
+            if pending is None:
+                continue
+            rec = pending.record
+            if isinstance(out, FinalOutput):
+                rec.end = now
+                rec.completion_tokens = out.completion_tokens
+                rec.prompt_tokens = out.prompt_tokens
+                if out.finish_reason not in ("stop", "length"):
+                    rec.error = f"{out.finish_reason}: {out.error}"
+                del self._pending[request_id]
+                pending.done.set_result(None)
+            elif out.reasoning or out.content:
+                rec.chunks += 1
+                if rec.first_token is None:
+                    rec.first_token = now
+
+    async def send(self, index: int) -> RequestRecord:
+        rec = RequestRecord(start=time.perf_counter())
+        request_id = next_id("raw")
+        try:
+            prepared = await self._engine.prepare(
+                self._workload.generate_request(self._workload.request(index), request_id)
+            )
+            pending = _Pending(rec, self._loop.create_future())
+            self._pending[request_id] = pending
+            self._engine.submit(prepared)
+            await pending.done
+        except Exception as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"
+            rec.end = time.perf_counter()
+            self._pending.pop(request_id, None)
+        return rec
+
+
+def load_engine(model_dir: Path) -> Any:
+    """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, default scheduler settings)."""
+    from services.model.engine.hf import HFEngine
+    from services.model.loading import load_model_and_processor
+    from services.model.settings import ModelSettings
+
+    settings = ModelSettings(model_repo_id=str(model_dir), engine="hf")
+    return HFEngine(load_model_and_processor(settings), settings)
+
+
+async def run_raw_engine(
+    model_dir: Path,
+    workload: Workload,
+    levels: Sequence[int],
+    *,
+    quick: bool,
+    cap: int,
+    time_limit: float,
+    warmup: int,
+) -> list[LevelResult]:
+    engine = await asyncio.to_thread(load_engine, model_dir)
+    client = EngineClient(engine, workload, asyncio.get_running_loop())
+    engine.start(client.sink)
+    results: list[LevelResult] = []
+    try:
+        await warm_up(client.send, warmup)
+        for concurrency in levels:
+            n = level_sizes(concurrency, quick, cap)
+            records = await closed_loop(client.send, concurrency, n, time_limit)
+            results.append(LevelResult.from_records("raw engine", concurrency, records))
+    finally:
+        await asyncio.to_thread(engine.shutdown, 5.0)
+    return results

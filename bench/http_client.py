@@ -1,0 +1,91 @@
+"""Streaming chat completions over HTTP, measured the way a client sees them.
+
+Works for both servers: ours ends its stream with ``data: [DONE]``; ``transformers serve`` just closes it
+(it sends its usage on the last chunk and rejects nothing about ``stream_options`` but ignores it). The
+first token is the first chunk that carries text (content or reasoning); tokens come from ``usage``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from bench.loadgen import RequestRecord
+from bench.workload import Workload
+
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning")
+
+
+def make_client(max_connections: int, timeout: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False)
+
+
+class ChatTarget:
+    """One OpenAI-compatible server: where to post and how to phrase the workload for it."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        model: str,
+        workload: Workload,
+        *,
+        include_usage: bool,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._client = client
+        self._url = base_url.rstrip("/") + "/v1/chat/completions"
+        self._model = model
+        self._workload = workload
+        self._include_usage = include_usage
+        self._headers = headers or {}
+
+    async def send(self, index: int) -> RequestRecord:
+        body = self._workload.openai_body(
+            self._workload.request(index), self._model, include_usage=self._include_usage
+        )
+        rec = RequestRecord(start=time.perf_counter())
+        try:
+            async with self._client.stream("POST", self._url, json=body, headers=self._headers) as resp:
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")
+                    rec.error = f"HTTP {resp.status_code}: {text[:200]}"
+                else:
+                    await _consume(resp, rec)
+        except (httpx.HTTPError, ValueError) as exc:
+            rec.error = f"{type(exc).__name__}: {exc}"
+        rec.end = time.perf_counter()
+        if rec.error is None and rec.completion_tokens == 0:
+            rec.error = "the stream ended without usage"
+        return rec
+
+
+async def _consume(resp: httpx.Response, rec: RequestRecord) -> None:
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # ids, event names, ": ping" comments, blank separators
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        chunk = json.loads(payload)
+        if "error" in chunk:
+            rec.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
+            return
+        _note_chunk(chunk, rec)
+
+
+def _note_chunk(chunk: dict[str, Any], rec: RequestRecord) -> None:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if any(delta.get(f) for f in _TEXT_FIELDS):
+            rec.chunks += 1
+            if rec.first_token is None:
+                rec.first_token = time.perf_counter()
+    usage = chunk.get("usage")
+    if usage:
+        rec.completion_tokens = int(usage.get("completion_tokens") or 0)
+        rec.prompt_tokens = int(usage.get("prompt_tokens") or 0)

@@ -177,23 +177,35 @@ def _eos_ids(gen: Any, processor: Any) -> tuple[int, ...]:
 
 def _explain(repo_id: str, exc: Exception, token: str | None) -> str:
     """One operator-readable sentence for a loading failure, with the token scrubbed out."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    detail = f"{type(exc).__name__}: {exc}".strip()
+    detail = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
     if token:
         detail = detail.replace(token, "***")
-    if isinstance(exc, GatedRepoError):
-        msg = f"model '{repo_id}' is gated: HF_TOKEN is missing or has no access"
-    elif isinstance(exc, RepositoryNotFoundError):
+    if _caused_by(exc, GatedRepoError):
+        msg = f"model '{repo_id}' is gated: HF_TOKEN is missing or has no access to it"
+    elif _caused_by(exc, RepositoryNotFoundError):
         msg = f"model '{repo_id}' not found on the hub (or HF_TOKEN has no access to it)"
-    elif hub_offline() and isinstance(exc, (LocalEntryNotFoundError, OSError)):
+    elif hub_offline() and _caused_by(exc, OSError):
         msg = f"model '{repo_id}' not found locally and the hub is unreachable (HF_HUB_OFFLINE=1)"
-    elif isinstance(exc, LocalEntryNotFoundError):
-        msg = f"model '{repo_id}' not in the local cache and the hub could not be reached"
+    elif _caused_by(exc, LocalEntryNotFoundError):
+        msg = (
+            f"model '{repo_id}' is not in the local cache and the hub could not be reached "
+            "(HF_HUB_OFFLINE=1 skips the hub)"
+        )
     else:
         return f"failed to load model '{repo_id}': {detail[:500]}"
     return f"{msg} ({detail[:300]})"
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or anything in its cause/context chain is a ``kind`` (transformers wraps hub
+    errors in plain ``OSError``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import GenerationConfig
@@ -96,3 +97,28 @@ def test_hub_offline_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert not loading.hub_offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")
     assert loading.hub_offline()
+
+
+def _wrapped(inner: Exception) -> OSError:
+    """What transformers raises: a plain OSError whose context is the hub's error."""
+    try:
+        try:
+            raise inner
+        except Exception as exc:
+            raise OSError("could not load the files") from exc
+    except OSError as outer:
+        return outer
+
+
+def test_load_errors_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    explain = loading._explain
+    assert "could not be reached" in explain("a/b", _wrapped(LocalEntryNotFoundError("x")), None)
+    response = httpx.Response(404, request=httpx.Request("GET", "https://hub.invalid/a/b"))
+    missing = RepositoryNotFoundError("x", response=response)
+    assert "not found on the hub" in explain("a/b", _wrapped(missing), None)
+    assert "gated" in explain("a/b", _wrapped(GatedRepoError("x", response=response)), None)
+    message = explain("a/b", RuntimeError("boom with hf_secret inside"), "hf_secret")
+    assert message.startswith("failed to load model 'a/b'") and "hf_secret" not in message

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
@@ -35,6 +36,20 @@ _RESOLVE_TTL = 5.0
 
 class StreamBroken(Exception):
     """The model stream ended or failed before its Finished event."""
+
+
+class EventStream(Protocol):
+    def events(self) -> AsyncIterator[Delta | Finished]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class GenerationBackend(Protocol):
+    """What a runner needs from the model service (ModelClient; typed fakes in unit tests)."""
+
+    async def events(self, url: str, request_id: str, after: int) -> EventStream: ...
+
+    async def cancel(self, url: str, request_id: str) -> paths.CancelResult | None: ...
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.api.settings import SESSION_ID_PATTERN
 
@@ -101,11 +101,12 @@ class ChatCompletionRequest(_Lenient):
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _stop_limit(self) -> ChatCompletionRequest:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("`stop` takes at most 4 strings")
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop strings")
+        return value
 
     @property
     def include_usage(self) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from services.api.errors import session_not_found
 from services.api.metrics import ApiMetrics
-from services.api.model_client import ModelClient, ModelStream
+from services.api.model_client import EventStream, ModelClient
 from services.api.settings import ApiSettings
 from services.api.store.base import (
     FINAL_STATUSES,
@@ -137,12 +137,12 @@ class SessionHub:
         self._start(record, stream, new.started_at)
         return record
 
-    async def _abandon(self, stream: ModelStream, url: str, request_id: str) -> None:
+    async def _abandon(self, stream: EventStream, url: str, request_id: str) -> None:
         with contextlib.suppress(Exception):
             await stream.aclose()
             await self.model.cancel(url, request_id)
 
-    def _start(self, record: SessionRecord, stream: ModelStream | None, started_at: float | None) -> None:
+    def _start(self, record: SessionRecord, stream: EventStream | None, started_at: float | None) -> None:
         live = LiveLog(record.id, record.last_index + 1)
         runner = SessionRunner(self._deps, record, live, stream, started_at)
         task = asyncio.create_task(runner.run(), name=f"runner:{record.id}")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.api.metrics import ApiMetrics
-from services.api.model_client import ModelClient, ModelStream, StreamBroken
+from services.api.model_client import EventStream, GenerationBackend, StreamBroken
 from services.api.settings import ApiSettings
 from services.api.store.base import AppendConflict, SessionRecord, SessionStore, StoredEvent, StoreUnavailable
 from services.api.streaming.live import Attachments, LiveLog
@@ -37,7 +37,7 @@ class LeaseLost(Exception):
 @dataclass(slots=True)
 class RunnerDeps:
     store: SessionStore
-    model: ModelClient
+    model: GenerationBackend
     metrics: ApiMetrics
     settings: ApiSettings
     attachments: Attachments
@@ -73,7 +73,7 @@ class SessionRunner:
         deps: RunnerDeps,
         record: SessionRecord,
         live: LiveLog,
-        stream: ModelStream | None,
+        stream: EventStream | None,
         started_at: float | None = None,
     ) -> None:
         self._d = deps
@@ -105,6 +105,7 @@ class SessionRunner:
 
     async def run(self) -> None:
         final_status: str | None = None
+        release = True
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._keep_lease())
@@ -115,13 +116,14 @@ class SessionRunner:
         except* _Done:
             final_status = self._final.status if self._final else None
         except* LeaseLost:
+            release = False  # the lease is someone else's now: leave it alone
             log.warning("session %s: lease lost, another process continues it", self.session_id)
         except* Exception:
             log.exception("session %s: runner failed", self.session_id)
             final_status = await self._fail_now()
         finally:
             self._live.close(final_status)
-            if final_status is None:
+            if final_status is None and release:
                 await self._release()
 
     async def _fail_now(self) -> str | None:
@@ -162,7 +164,7 @@ class SessionRunner:
             finally:
                 await stream.aclose()
 
-    async def _reattach(self) -> ModelStream | None:
+    async def _reattach(self) -> EventStream | None:
         try:
             return await self._d.model.events(self.model_url, self.request_id, self._model_seq)
         except ModelServiceError as exc:
@@ -171,7 +173,7 @@ class SessionRunner:
             self._fail("the generation was lost by the model service", "generation_lost")
             return None
 
-    async def _consume(self, stream: ModelStream) -> None:
+    async def _consume(self, stream: EventStream) -> None:
         async for event in stream.events():
             if isinstance(event, Delta):
                 self._fold(event)

@@ -1,0 +1,158 @@
+"""Fast unit tests of the pure pieces: chunk encoding, Last-Event-ID, request validation, settings, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import pytest
+
+from services.api.errors import BadRequest
+from services.api.logs import JsonFormatter
+from services.api.openai_schemas import ChatCompletionRequest, unsupported_params
+from services.api.routes.common import validate
+from services.api.settings import ApiSettings, SettingsError, load_settings
+from services.api.streaming.replay import LastEventIdError, parse_last_event_id
+from services.api.streaming.translate import DONE, ChunkEncoder, final_chunks
+from services.protocol.events import ErrorInfo, Finished, Usage
+
+
+def test_chunks_share_id_and_created_and_are_valid_json() -> None:
+    enc = ChunkEncoder("chatcmpl-1", 42, 'mod"el')
+    chunks = [enc.role(), enc.reasoning('th"ink\n'), enc.content("ünï"), enc.finish("stop")]
+    chunks.append(enc.usage({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}))
+    parsed = [json.loads(c) for c in chunks]
+    assert {(p["id"], p["created"], p["model"], p["object"]) for p in parsed} == {
+        ("chatcmpl-1", 42, 'mod"el', "chat.completion.chunk")
+    }
+    assert parsed[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert parsed[1]["choices"][0]["delta"] == {"reasoning_content": 'th"ink\n'}
+    assert parsed[2]["choices"][0]["delta"] == {"content": "ünï"}
+    assert parsed[3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert parsed[4]["choices"] == [] and parsed[4]["usage"]["total_tokens"] == 3
+    assert all("\n" not in c for c in chunks)  # one SSE data line each
+
+
+def test_final_chunks_per_finish_reason() -> None:
+    enc = ChunkEncoder("c", 1, "m")
+    usage = Usage(prompt_tokens=3, completion_tokens=4)
+    chunks, status, reason = final_chunks(enc, Finished(seq=5, finish_reason="cancelled", usage=usage), True)
+    assert status == "cancelled" and reason == "cancelled" and len(chunks) == 3 and chunks[-1] == DONE
+    chunks, status, _ = final_chunks(enc, Finished(seq=5, finish_reason="length", usage=usage), False)
+    assert status == "completed" and len(chunks) == 2
+    err = Finished(seq=5, finish_reason="error", usage=usage, error=ErrorInfo(code="boom", message="bad"))
+    chunks, status, reason = final_chunks(enc, err, True)
+    assert status == "failed" and reason is None
+    assert json.loads(chunks[0])["error"]["code"] == "boom" and chunks[1] == DONE
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, (None, -1)), ("", (None, -1)), ("7", (None, 7)), ("abc:3", ("abc", 3)), ("a:b:-1", ("a:b", -1))],
+)
+def test_last_event_id_forms(value: str | None, expected: tuple[str | None, int]) -> None:
+    assert parse_last_event_id(value, None) == expected
+
+
+@pytest.mark.parametrize("value", ["x", "abc:", "abc:x", "-2", "other:3"])
+def test_bad_last_event_ids(value: str) -> None:
+    with pytest.raises(LastEventIdError):
+        parse_last_event_id(value, "abc")
+
+
+def req(**body: object) -> ChatCompletionRequest:
+    return validate(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **body})
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_unsupported_parameters_are_named(body: dict[str, object], param: str) -> None:
+    assert unsupported_params(req(**body)) == param
+
+
+def test_harmless_values_and_unknown_fields_pass() -> None:
+    r = req(
+        n=1, logprobs=False, response_format={"type": "text"}, user="u", metadata={"a": 1}, tool_choice="none"
+    )
+    assert unsupported_params(r) is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"session_id": "bad id!"}, "session_id"),
+        ({"session_id": "x" * 129}, "session_id"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+    ],
+)
+def test_validation_errors_name_the_parameter(body: dict[str, object], param: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        req(**body)
+    assert info.value.param is not None and info.value.param.startswith(param)
+
+
+def test_token_limits_and_parts() -> None:
+    r = req(max_tokens=5, max_completion_tokens=9, stop="x")
+    assert r.effective_max_tokens() == 9 and r.stop_list() == ["x"]
+    content = [
+        {"type": "input_image", "image_url": "data:image/png;base64,AA"},
+        {"type": "input_video", "input_video": {"url": "https://v"}},
+        {"type": "video_url", "video_url": {"url": "https://w"}},
+    ]
+    r = req(messages=[{"role": "developer", "content": content}])
+    parts = r.messages[0].content
+    assert isinstance(parts, list)
+    assert [(p.kind, p.media_url()) for p in parts] == [
+        ("image", "data:image/png;base64,AA"),
+        ("video", "https://v"),
+        ("video", "https://w"),
+    ]
+
+
+def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CANCEL_AFTER_DISCONNECT_SECONDS", "-1")
+    monkeypatch.setenv("API_KEYS", "sekrit-value")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "CANCEL_AFTER_DISCONNECT_SECONDS" in str(info.value) and "sekrit" not in str(info.value)
+    monkeypatch.setenv("CANCEL_AFTER_DISCONNECT_SECONDS", "5")
+    monkeypatch.setenv("MODEL_SERVICE_URL", "ftp://x")
+    with pytest.raises(SettingsError, match="MODEL_SERVICE_URL"):
+        load_settings()
+
+
+def test_settings_keys_and_secrets() -> None:
+    s = ApiSettings(api_keys=" k1 , k2 ,", model_service_url="http://a:1/, http://b:2")  # type: ignore[arg-type]
+    assert s.key_hashes() == {hashlib.sha256(b"k1").hexdigest(), hashlib.sha256(b"k2").hexdigest()}
+    assert s.model_urls() == ["http://a:1", "http://b:2"]
+    assert "k1" not in s.secrets()  # too short to redact without mangling every log line
+    assert ApiSettings(api_keys="").key_hashes() == frozenset()  # type: ignore[arg-type]
+
+
+def test_logs_redact_secrets_bearer_tokens_and_url_passwords() -> None:
+    formatter = JsonFormatter(["hf_secret_token_123"])
+    record = logging.LogRecord(
+        "x",
+        logging.INFO,
+        __file__,
+        1,
+        "t=%s auth=%s db=%s",
+        ("hf_secret_token_123", "Bearer abc.def", "postgresql://u:pw@h/db"),
+        None,
+    )
+    line = formatter.format(record)
+    assert "hf_secret_token_123" not in line and "abc.def" not in line and ":pw@" not in line
+    assert json.loads(line)["msg"].startswith("t=[REDACTED]")

@@ -170,9 +170,9 @@ def _dashscope_wheel(cache_dir: Path) -> Path | None:
     wheel = cache_dir / DASHSCOPE_WHEEL
     if wheel.exists():
         return wheel
-    cache_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", DASHSCOPE_REQ, "-d", str(cache_dir)]
     try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not download %s (%s)", DASHSCOPE_REQ, exc)

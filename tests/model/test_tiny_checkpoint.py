@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.model import tiny_checkpoint as tc
+from tests.helpers.env import missing
 
 QWEN_IDS = {
     "<|endoftext|>": 151643,
@@ -85,7 +86,7 @@ def test_think_tags_survive_skip_special_tokens(tokenizer) -> None:
 
 def test_real_qwen_bpe_ids(tokenizer) -> None:
     if len(tokenizer) != 151669:
-        pytest.skip("the checkpoint was built with the fallback BPE (dashscope wheel unavailable)")
+        missing("the real Qwen BPE (the checkpoint was built with the fallback: dashscope wheel unavailable)")
     assert tokenizer.encode("user", add_special_tokens=False) == [872]
     assert tokenizer.encode("\n", add_special_tokens=False) == [198]
     assert tokenizer.encode("Hello, world!", add_special_tokens=False) == [9707, 11, 1879, 0]
@@ -130,3 +131,32 @@ def test_model_weights_are_deterministic(tmp_path: Path) -> None:
 
 def test_cli_usage() -> None:
     assert tc.main([]) == 2
+
+
+def test_wheel_download_failure_is_not_fatal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tc.subprocess, "run", offline)
+    assert tc._dashscope_wheel(tmp_path / "wheels") is None
+
+
+def test_fallback_checkpoint_builds_and_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from services.model.loading import load_model_and_processor
+    from services.model.multimodal.prompt import MediaLimits, build_inputs
+    from services.model.settings import ModelSettings
+    from services.protocol.generate import Message
+
+    monkeypatch.setattr(tc, "_dashscope_wheel", lambda cache_dir: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "tiny"
+    out.mkdir()
+    (out / "stale.txt").write_text("replaced by the build")
+    assert tc.build_tiny_checkpoint(out) == out
+    assert not (out / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"], "no temp directories left behind"
+    loaded = load_model_and_processor(ModelSettings(model_repo_id=str(out)))
+    limits = MediaLimits(max_video_frames=4, max_image_pixels=1 << 20, max_media_bytes=1 << 20)
+    ids = build_inputs(loaded.processor, [Message(role="user", content="hello")], limits)["input_ids"][0]
+    assert ids[0].item() == 151644
+    assert loaded.processor.tokenizer.decode(ids).endswith("<|im_start|>assistant\n<think>\n")

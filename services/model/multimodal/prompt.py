@@ -64,7 +64,7 @@ def build_inputs(processor: Any, messages: list[Message], limits: MediaLimits) -
             sanitize_control_tokens=True,
             processor_kwargs=processor_kwargs,
         )
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # the processor's way of rejecting an input it cannot handle
         raise InvalidRequest(f"the prompt could not be processed: {str(exc)[:300]}") from None
 
 

@@ -95,7 +95,9 @@ class TorchFreeQwen3VLVideoProcessor(Qwen3VLVideoProcessor):
 
 
 def bicubic_resize(videos: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize (..., C, H, W) to (height, width), bicubic with antialiasing; uint8 stays uint8."""
+    """Resize (..., C, H, W) to (height, width), bicubic with antialiasing; uint8 stays uint8.
+
+    What torchvision's tensor resize does for bicubic: interpolate in float, then round and clamp."""
     if tuple(videos.shape[-2:]) == (height, width):
         return videos
     lead = videos.shape[:-3]

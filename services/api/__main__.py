@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -16,6 +18,9 @@ def main() -> int:
     except SettingsError as exc:
         print(f"api: {exc}", file=sys.stderr)
         return 2
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if metrics_dir:  # multiprocess mode wants the directory to exist before the first metric
+        Path(metrics_dir).mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     uvicorn.run(
         app, host=settings.api_host, port=settings.api_port, log_config=None, timeout_graceful_shutdown=10

@@ -82,6 +82,8 @@ def start_api(
     process (``python -m services.api``), quicker to start for tests that need no second worker."""
     port = port or free_port()
     full_env = api_env(log_dir, model_urls, port, env)
+    if not gunicorn:
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if gunicorn:
         cmd = [
             str(VENV_BIN / "gunicorn"),

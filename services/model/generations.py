@@ -175,6 +175,14 @@ class GenerationRegistry:
         self._metrics.duration.observe(now - generation.created)
         if event.error is not None:
             log.error("request %s failed: %s", generation.request_id, event.error.message)
+        log.info(
+            "request %s %s: prompt %d, completion %d tokens, %.2f s",
+            generation.request_id,
+            event.finish_reason,
+            event.usage.prompt_tokens,
+            event.usage.completion_tokens,
+            now - generation.created,
+        )
 
     # --- retention ----------------------------------------------------------------------------------
     def sweep(self) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.protocol import paths
 from services.protocol.events import Finished
@@ -35,7 +36,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def service_process(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Proc, str]]:
     port = free_port()
     env = {
         "ENGINE": "hf",
@@ -54,15 +57,27 @@ def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     url = f"http://127.0.0.1:{port}"
     try:
         proc.wait_http(f"{url}/ready", timeout=180)
-        yield url
+        yield proc, url
     finally:
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def service_proc(service_process: tuple[Proc, str]) -> Proc:
+    return service_process[0]
+
+
+@pytest.fixture(scope="module")
+def service(service_process: tuple[Proc, str]) -> str:
+    return service_process[1]
+
+
 @pytest.fixture
-def client(service: str) -> Iterator[httpx.Client]:
+def client(service: str, service_proc: Proc) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service, timeout=60) as c:
         yield c
+    proc = service_proc
+    assert proc.popen.poll() is None, f"the model service died:\n{proc.log_tail()}"
 
 
 def test_text_image_and_video_requests_stream_tokens(client: httpx.Client) -> None:
@@ -176,3 +191,18 @@ def test_missing_model_directory_is_reported_on_ready(tmp_path: Path) -> None:
         assert "no-such-model" in ready.json()["error"]["message"]
     finally:
         proc.stop()
+
+
+def test_metrics_come_from_the_real_scheduler(client: httpx.Client) -> None:
+    generate(client, body("m-1", "Hello.", max_tokens=6, temperature=0))
+    text = client.get("/metrics").text
+    values = {
+        s.name + str(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if "le" not in s.labels
+    }
+    assert values["model_batch_size_count[]"] >= 6  # prefill + decode steps, from the scheduler observer
+    assert values["model_step_duration_seconds_count[]"] >= 6
+    assert values["model_ready[]"] == 1
+    assert values["model_device_memory_bytes[('device', 'cpu'), ('kind', 'rss')]"] > 50_000_000

@@ -10,10 +10,10 @@ TINY := .cache/tiny-qwen3-vl
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run tiny-model bench up down up-cpu k8s-check clean
+.PHONY: help install test test-fast lint format run tiny-model bench up up-cpu down k8s-check clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): $(REQS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,26 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+run: $(STAMP) ## start model + api (gunicorn) + nginx edge on loopback, in the foreground (SQLite by default)
+	$(BIN)/python -m deploy.local.run
+
+bench: $(STAMP) ## benchmark: raw engine vs full stack vs transformers serve (writes bench/results/)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
+
+COMPOSE := docker compose --env-file $(if $(wildcard .env),.env,.env.example) -f deploy/docker/compose.yaml
+
+up: ## docker compose up on a GPU box (nginx, api, model, postgres, prometheus, grafana)
+	$(COMPOSE) up -d --build
+
+up-cpu: ## docker compose up without a GPU (CPU override)
+	$(COMPOSE) -f deploy/docker/compose.cpu.yaml up -d --build
+
+down: ## docker compose down (volumes kept)
+	$(COMPOSE) -f deploy/docker/compose.cpu.yaml down
+
+k8s-check: $(STAMP) ## render the kustomize base and validate it strictly, offline
+	kubectl kustomize deploy/k8s | $(BIN)/kubernetes-validate --strict -
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache tmp bench/results/*.json bench/results/*.png

@@ -25,21 +25,30 @@ def check_config(nginx: str, conf: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([argv[0], "-t", *argv[1:]], capture_output=True, text=True, timeout=30)
 
 
+def start_edge(nginx: str, work_dir: Path, api_upstreams: list[str], **options: object) -> tuple[Proc, str]:
+    """nginx with the rendered config (checked by `nginx -t` first) in front of ``api_upstreams``."""
+    port = free_port()
+    conf = render(work_dir / f"edge-{port}", port, api_upstreams, **options)
+    checked = check_config(nginx, conf)
+    assert checked.returncode == 0, checked.stderr
+    proc = Proc(f"nginx-{port}", nginx_argv(conf, nginx), {}, work_dir, REPO)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{base}/_edge_probe", timeout=20, status=404)  # answered by nginx itself
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
 @pytest.fixture
 def edge(nginx_bin: str, tmp_path: Path) -> Iterator[EdgeFactory]:
-    """Start nginx with the rendered config in front of the given api upstreams; returns its base URL."""
+    """Start nginx in front of the given api upstreams; returns its base URL."""
     procs: list[Proc] = []
 
     def start(api_upstreams: list[str], **options: object) -> str:
-        port = free_port()
-        prefix = tmp_path / f"edge-{port}"
-        conf = render(prefix, port, api_upstreams, **options)
-        checked = check_config(nginx_bin, conf)
-        assert checked.returncode == 0, checked.stderr
-        proc = Proc("nginx", nginx_argv(conf, nginx_bin), {}, tmp_path, REPO)
+        proc, base = start_edge(nginx_bin, tmp_path, api_upstreams, **options)
         procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
-        proc.wait_http(f"{base}/_edge_probe", timeout=20, status=404)  # answered by nginx itself
         return base
 
     yield start

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.api.deps import Hub
+from services.api.errors import ServiceUnavailable
 from services.api.store.base import StoreUnavailable
 
 router = APIRouter()
@@ -19,6 +20,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(hub: Hub) -> JSONResponse:
     """200 when the database answers and at least one model replica is ready, else 503 with the reason."""
+    retry_after = hub.settings.retry_after_seconds
     reasons: list[str] = []
     try:
         await hub.store.ping()
@@ -28,10 +30,8 @@ async def ready(hub: Hub) -> JSONResponse:
     if not model_ok:
         reasons.append(model_reason)
     if reasons:
-        retry = str(hub.settings.retry_after_seconds)
-        return JSONResponse(
-            {"status": "unavailable", "reasons": reasons}, status_code=503, headers={"Retry-After": retry}
-        )
+        message = "not ready: " + "; ".join(reasons)
+        raise ServiceUnavailable(message, code="not_ready", retry_after=retry_after)
     return JSONResponse({"status": "ready"})
 
 

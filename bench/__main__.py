@@ -28,7 +28,7 @@ log = logging.getLogger("bench")
 
 STACK_LEVELS = (1, 4, 16, 64)
 RAW_LEVELS = (1, 16)
-QUICK_LEVELS = (1, 4, 16)
+QUICK_LEVELS = (1, 16)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -42,6 +42,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="per request (default 64, --quick 16)")
     p.add_argument("--cap", type=int, default=128, help="most requests in one level")
     p.add_argument("--level-time-limit", type=float, default=None, help="seconds per level (120; quick 60)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="experiment: intra-op threads of every torch process (raw engine, model service, "
+        "transformers serve); default: each one's own default",
+    )
     return p.parse_args(argv)
 
 
@@ -57,7 +64,7 @@ def ensure_checkpoint(model_dir: Path) -> Path:
 async def run_http_levels(
     target_name: str, target: ChatTarget, levels: Sequence[int], args: argparse.Namespace, limit: float
 ) -> list[LevelResult]:
-    await warm_up(target.send, 4 if args.quick else 8, concurrency=4)
+    await warm_up(target.send, 2 if args.quick else 8, concurrency=4)
     out = []
     for c in levels:
         records = await closed_loop(target.send, c, level_sizes(c, args.quick, args.cap), limit)
@@ -68,7 +75,7 @@ async def run_http_levels(
 
 
 async def bench_stack(args, workload, model_dir, work, levels, limit) -> list[LevelResult]:
-    stack = Stack(model_dir, work / "stack")
+    stack = Stack(model_dir, work / "stack", torch_threads=args.torch_threads)
     try:
         await asyncio.to_thread(stack.start)
         async with make_client(max(levels) + 8, timeout=limit) as client:
@@ -79,7 +86,7 @@ async def bench_stack(args, workload, model_dir, work, levels, limit) -> list[Le
 
 
 async def bench_transformers_serve(args, workload, model_dir, work, levels, limit, notes):
-    server = TransformersServe(model_dir, work / "tfs")
+    server = TransformersServe(model_dir, work / "tfs", torch_threads=args.torch_threads)
     try:
         await asyncio.to_thread(server.start)
         async with make_client(max(levels) + 8, timeout=limit) as client:
@@ -124,7 +131,14 @@ async def run(args: argparse.Namespace) -> int:
         if not args.skip_raw:
             log.info("(a) raw engine in-process")
             results += await run_raw_engine(
-                model_dir, workload, RAW_LEVELS, quick=quick, cap=args.cap, time_limit=limit, warmup=4
+                model_dir,
+                workload,
+                RAW_LEVELS,
+                quick=quick,
+                cap=args.cap,
+                time_limit=limit,
+                warmup=2 if quick else 4,
+                torch_threads=args.torch_threads,
             )
         if not args.skip_stack:
             log.info("(b)+(c) full stack")
@@ -139,7 +153,12 @@ async def run(args: argparse.Namespace) -> int:
         "started": started,
         "duration_s": round(time.perf_counter() - t0, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "config": {"max_tokens": workload.max_tokens, "quick": quick, "model": str(model_dir.name)},
+        "config": {
+            "max_tokens": workload.max_tokens,
+            "quick": quick,
+            "model": model_dir.name,
+            "torch_threads": args.torch_threads or "default",
+        },
         "notes": notes,
     }
     write_outputs(args.out_dir, meta, results, ratios)

@@ -96,7 +96,12 @@ async def run_raw_engine(
     cap: int,
     time_limit: float,
     warmup: int,
+    torch_threads: int | None = None,
 ) -> list[LevelResult]:
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
     engine = await asyncio.to_thread(load_engine, model_dir)
     client = EngineClient(engine, workload, asyncio.get_running_loop())
     engine.start(client.sink)

@@ -40,8 +40,11 @@ def _binary(name: str) -> str:
     raise FileNotFoundError(f"`{name}` not found (PATH, .venv/bin, /usr/sbin)")
 
 
-def _base_env() -> dict[str, str]:
-    return {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _base_env(torch_threads: int | None = None) -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if torch_threads is not None:  # an experiment (--torch-threads); unset = the services' own default
+        env["OMP_NUM_THREADS"] = str(torch_threads)
+    return env
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Stack:
 
     model_dir: Path
     work_dir: Path
+    torch_threads: int | None = None
     procs: list[Proc] = field(default_factory=list)
     edge_url: str = ""
     model_id: str = ""
@@ -62,7 +66,7 @@ class Stack:
         model_port, api_port, edge_port = free_port(), free_port(), free_port()
         self.model_id = str(self.model_dir)
         model_env = {
-            **_base_env(),
+            **_base_env(self.torch_threads),
             "ENGINE": "hf",
             "MODEL_REPO_ID": self.model_id,
             "MODEL_HOST": "127.0.0.1",
@@ -116,6 +120,7 @@ class Stack:
 class TransformersServe:
     model_dir: Path
     work_dir: Path
+    torch_threads: int | None = None
     continuous_batching: bool = True
     proc: Proc | None = None
     url: str = ""
@@ -129,7 +134,7 @@ class TransformersServe:
         cmd = [_python(), "-m", "bench.tf_serve", self.model_id, "--host", "127.0.0.1", "--port", str(port)]
         if self.continuous_batching:
             cmd.append("--continuous-batching")
-        self.proc = Proc("transformers-serve", cmd, _base_env(), logs, REPO)
+        self.proc = Proc("transformers-serve", cmd, _base_env(self.torch_threads), logs, REPO)
         self.url = f"http://127.0.0.1:{port}"
         self.proc.wait_http(f"{self.url}/health", timeout=timeout)
 

@@ -136,9 +136,12 @@ def to_api_error(exc: BaseException, retry_after: int) -> ApiError | None:
 
 def error_response(error: ApiError, request_id: str | None) -> JSONResponse:
     headers = error.headers()
+    body = error.body()
     if request_id:
         headers["X-Request-Id"] = request_id
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+        if error.status >= 500 and request_id not in error.message:
+            body["error"]["message"] = f"{error.message} (request id {request_id})"
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def internal_error(request_id: str | None) -> ApiError:

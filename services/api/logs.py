@@ -40,6 +40,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # which gunicorn worker: resumes may land on another one
             "msg": record.getMessage(),
         }
         for key, var in (("request_id", request_id_var), ("session_id", session_id_var)):

@@ -113,7 +113,7 @@ def test_repetition_penalty_hf_semantics() -> None:
     s = _sampler(rows, 4)
     # token 0: 2.0 / 4 = 0.5; token 1: -2 * 4 = -8; token 2 (1.0) now wins.
     assert int(s.sample(logits)[0]) == 2
-    s.record(torch.tensor([2]))
+    s.record([2])
     # token 2 seen now: 0.25; token 3 (0.5) ties token 0 (0.5) -> argmax picks the first.
     assert int(s.sample(logits)[0]) == 0
 
@@ -122,16 +122,16 @@ def test_presence_and_frequency_penalties_openai_semantics() -> None:
     logits = torch.tensor([[3.0, 2.0, 0.0]])
     presence = _sampler(_rows(SamplingConfig(0.0, presence_penalty=1.5), vocab=3), 3)
     assert int(presence.sample(logits)[0]) == 0
-    presence.record(torch.tensor([0]))
+    presence.record([0])
     assert int(presence.sample(logits)[0]) == 1  # 3 - 1.5 < 2
-    presence.record(torch.tensor([1]))
+    presence.record([1])
     assert int(presence.sample(logits)[0]) == 0  # 1.5 vs 0.5: presence does not grow with count
 
     frequency = _sampler(_rows(SamplingConfig(0.0, frequency_penalty=0.6), vocab=3), 3)
     out = []
     for _ in range(4):
         tok = frequency.sample(logits)
-        frequency.record(tok)
+        frequency.record(tok.tolist())
         out.append(int(tok[0]))
     # counts grow: 3 -> 2.4 -> 1.8 (token 1 at 2.0 wins) -> token 1 1.4 vs token 0 1.8
     assert out == [0, 0, 1, 0]
@@ -142,6 +142,47 @@ def test_penalty_state_survives_batch_changes() -> None:
     pen = RowSampler(SamplingConfig(0.0, frequency_penalty=2.0), torch.empty(0), 3)
     other = RowSampler(SamplingConfig(0.0), torch.empty(0), 3)
     s = _sampler([other, pen], 3)
-    s.record(s.sample(logits))  # pen took token 0 once
+    s.record(s.sample(logits).tolist())  # pen took token 0 once
     s.set_rows([pen])  # the other row left
     assert int(s.sample(logits[1:])[0]) == 1  # 3 - 2 = 1 < 2
+
+
+def test_top_p_applies_after_top_k_on_the_renormalised_head() -> None:
+    logits = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.0, -1.0])
+    # Over the whole softmax the third token starts at 0.74 (< 0.78, kept); over the top-3 head at 0.81.
+    freq = _frequencies(SamplingConfig(1.0, top_k=3, top_p=0.78, seed=2), logits, 600)
+    assert freq[2:].sum() == 0 and freq[1] > 0.2
+
+
+def test_top_p_head_widens_to_the_whole_vocabulary_per_row() -> None:
+    vocab = 10_000
+    flat = SamplingConfig(1.0, top_p=0.9, seed=5)
+    logits = torch.zeros(3, vocab)
+    logits[1, 7] = 30.0  # a peaky companion that fits the first head
+    alone = _sampler(_rows(flat, vocab=vocab), vocab)
+    crowd = _sampler(
+        _rows(flat, SamplingConfig(1.0, top_p=0.5, seed=6), SamplingConfig(0.0), vocab=vocab), vocab
+    )
+    seen = set()
+    for _ in range(50):
+        a, b = alone.sample(logits[:1]), crowd.sample(logits)
+        assert int(a[0]) == int(b[0])
+        assert int(b[1]) == 7
+        seen.add(int(a[0]))
+    assert max(seen) > 4096
+
+
+def test_chunked_argmax_and_topk_equal_torch() -> None:
+    from services.model.engine.vocab_ops import row_argmax, row_topk
+
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (151_936, 70_001, 600):  # divisible by the chunk, ragged, too small to chunk
+        x = torch.randn(5, vocab, generator=gen)
+        x[1, 77] = x[1, 78] = 50.0  # a tie: the first index wins, as with torch.argmax
+        assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+        for k in (1, 20, 100):
+            vals, ids = row_topk(x, k)
+            ref_vals, ref_ids = x.topk(k, dim=-1)
+            assert torch.equal(vals, ref_vals)
+            assert torch.equal(x.gather(1, ids), ref_vals)
+            assert torch.equal(ids[[0, 2, 3, 4]], ref_ids[[0, 2, 3, 4]])

@@ -1,17 +1,23 @@
-"""Vectorized per-row sampling on the whole ``(B, vocab)`` logits tensor of one decode step.
+"""Vectorized per-row sampling on the whole ``(B, vocab)`` logits tensor of one step.
 
-Every row has its own parameters and its own seeded CPU ``torch.Generator``; a row's token depends only on its
-own logits, parameters and generator, never on its batch companions:
+Every row has its own parameters and its own seeded CPU ``torch.Generator``; a row's token depends only on
+its own logits, parameters and generator, never on its batch companions: each sampled row draws exactly one
+uniform number per step, and the token is found by inverse CDF in an order fixed by the row's own parameters.
 
-- each sampled row draws exactly one uniform number per step from its generator, and the token is found by
-  inverse-CDF over the row's (masked) distribution in vocabulary order, so neither the batch size nor which
-  kernel path (``topk`` window or full sort) the batch needed changes the answer;
-- top-k / top-p are applied as a per-row logit threshold (the smallest kept value), computed from the row's
-  own sorted head.
+Rows are grouped once per batch change (:meth:`BatchSampler.set_rows`), and every group does only the passes
+over the vocabulary it needs (on CPU each pass over a (16, 151936) tensor costs about as much as a decode
+step of the tiny model):
 
-Order of operations (HF / vLLM convention): repetition penalty (HF semantics, prompt + generated tokens),
-presence / frequency penalties (OpenAI semantics, generated tokens), temperature, top-k, top-p, draw.
-No per-row slices of the logits are kept: everything works on the batch tensor.
+- greedy rows: ``argmax``;
+- truncating rows (top-k and/or top-p): the sorted head from ``topk``; top-p is applied after top-k on the
+  renormalised head (HF / vLLM semantics); rows with top-p only are normalised by the full row's
+  log-sum-exp and widen their head (256 -> 4096 -> whole vocabulary) until it holds their top-p mass;
+  inverse CDF in descending-probability order;
+- rows sampling from the whole distribution: inverse CDF in vocabulary order.
+
+Penalties are sparse (only the tokens a row has seen are touched), applied before everything else:
+repetition penalty (HF semantics, prompt + generated tokens) and presence / frequency penalties (OpenAI
+semantics, generated tokens). No per-row slices of the logits are kept.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-# Rows with top-p only look for their cut-off inside this many best tokens first (a full-vocabulary sort is
-# the fallback when the head does not hold ``top_p`` of the mass).
-_TOP_P_WINDOW = 256
+from services.model.engine.vocab_ops import row_argmax, row_topk
+
+# Widths tried, in order, for the head of a top-p-only row.
+_HEAD_TIERS = (256, 4096)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,26 +70,89 @@ class RowSampler:
 
     def __init__(self, config: SamplingConfig, prompt_ids: torch.Tensor, vocab_size: int) -> None:
         self.config = config
+        self.vocab_size = vocab_size
         seed = config.seed if config.seed is not None else secrets.randbits(63)
         # CPU generators: the same seed gives the same draws whatever device the model runs on.
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
-        device = prompt_ids.device
-        self.seen: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
+        self.seen: set[int] = set()
+        self._seen_ids = torch.empty(0, dtype=torch.long)
+        self._seen_new: list[int] = []
+        self.counts: dict[int, int] = {}
         if config.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[prompt_ids.reshape(-1).to(device)] = True
-        if config.counts_generated:
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            ids = prompt_ids.reshape(-1).to("cpu", torch.long).unique()
+            self._seen_ids = ids[(ids >= 0) & (ids < vocab_size)]
+            self.seen = set(self._seen_ids.tolist())
 
     def draw(self) -> float:
         return float(torch.rand((), generator=self.generator))
 
+    def record(self, token: int) -> None:
+        if self.config.repetition_penalty != 1.0 and token not in self.seen:
+            self.seen.add(token)
+            self._seen_new.append(token)
+        if self.config.counts_generated:
+            self.counts[token] = self.counts.get(token, 0) + 1
+
+    def seen_ids(self) -> torch.Tensor:
+        """Prompt and generated token ids (unique), for the repetition penalty."""
+        if self._seen_new:
+            self._seen_ids = torch.cat([self._seen_ids, torch.tensor(self._seen_new, dtype=torch.long)])
+            self._seen_new = []
+        return self._seen_ids
+
+
+@dataclass(slots=True)
+class _Group:
+    """Rows of the batch that take the same path, with their parameters as (n, 1) tensors."""
+
+    rows: list[int]
+    index: torch.Tensor
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # vocab size where the row has no top-k
+    has_top_k: torch.Tensor
+    all_top_k: bool
+    max_top_k: int
+
+    @classmethod
+    def of(cls, rows: list[int], cfgs: Sequence[SamplingConfig], vocab: int, device: torch.device) -> _Group:
+        sel = [cfgs[i] for i in rows]
+        top_k = [c.top_k if c.top_k > 0 else vocab for c in sel]
+
+        def col(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        return cls(
+            rows=rows,
+            index=torch.tensor(rows, dtype=torch.long, device=device),
+            temperature=col([c.temperature for c in sel]),
+            top_p=col([c.top_p for c in sel]),
+            top_k=col(top_k, torch.long),
+            has_top_k=col([c.top_k > 0 for c in sel], torch.bool),
+            all_top_k=all(c.top_k > 0 for c in sel),
+            max_top_k=max([c.top_k for c in sel] + [0]),
+        )
+
+    def subset(self, keep: torch.Tensor) -> _Group:
+        """The rows where ``keep`` (n,) is true, with ``index`` local to this group."""
+        local = keep.nonzero().reshape(-1)
+        top_k = self.top_k.index_select(0, local)
+        return _Group(
+            rows=[self.rows[i] for i in local.tolist()],
+            index=local,
+            temperature=self.temperature.index_select(0, local),
+            top_p=self.top_p.index_select(0, local),
+            top_k=top_k,
+            has_top_k=self.has_top_k.index_select(0, local),
+            all_top_k=bool(self.has_top_k.index_select(0, local).all()),
+            max_top_k=self.max_top_k,
+        )
+
 
 class BatchSampler:
     """Samples one token for every row of a step. Call :meth:`set_rows` whenever the batch's rows or their
-    order change (join / leave); the per-row parameter tensors are built only then, not every step."""
+    order change (join / leave): the groups and their parameter tensors are built only then."""
 
     def __init__(self, vocab_size: int, device: torch.device | str) -> None:
         self.vocab_size = vocab_size
@@ -92,103 +163,136 @@ class BatchSampler:
     def set_rows(self, rows: Sequence[RowSampler]) -> None:
         self._rows = list(rows)
         cfgs = [r.config for r in self._rows]
+        n, v, dev = len(cfgs), self.vocab_size, self.device
+        self._any_greedy = any(c.greedy for c in cfgs)
         self._all_greedy = all(c.greedy for c in cfgs)
-        self._penalised = any(c.penalised for c in cfgs)
+        self._penalised = [i for i, c in enumerate(cfgs) if c.penalised]
         self._plain_greedy = self._all_greedy and not self._penalised
-        self._truncates = any(c.truncates and not c.greedy for c in cfgs)
-        dev = self.device
-        self._greedy_mask = torch.tensor([c.greedy for c in cfgs], dtype=torch.bool, device=dev)
-        temps = [1.0 if c.greedy else c.temperature for c in cfgs]
-        self._temperature = torch.tensor(temps, dtype=torch.float32, device=dev)[:, None]
-        self._top_p = torch.tensor([c.top_p for c in cfgs], dtype=torch.float32, device=dev)[:, None]
-        top_k = [c.top_k if c.top_k > 0 else self.vocab_size for c in cfgs]
-        self._top_k = torch.tensor(top_k, dtype=torch.long, device=dev)[:, None]
-        truncating = [c.truncates and not c.greedy for c in cfgs]
-        self._truncating_mask = torch.tensor(truncating, dtype=torch.bool, device=dev)[:, None]
-        self._window = min(self.vocab_size, max([_TOP_P_WINDOW] + [c.top_k for c in cfgs]))
-        if self._penalised:
-            self._build_penalty_state(cfgs)
-
-    def _build_penalty_state(self, cfgs: Sequence[SamplingConfig]) -> None:
-        dev, v = self.device, self.vocab_size
-        rep = [c.repetition_penalty for c in cfgs]
-        self._rep = torch.tensor(rep, dtype=torch.float32, device=dev)[:, None]
-        self._presence = torch.tensor([c.presence_penalty for c in cfgs], device=dev)[:, None]
-        self._frequency = torch.tensor([c.frequency_penalty for c in cfgs], device=dev)[:, None]
-        no_seen = torch.zeros(v, dtype=torch.bool, device=dev)
-        no_counts = torch.zeros(v, dtype=torch.float32, device=dev)
-        self._seen = torch.stack([r.seen if r.seen is not None else no_seen for r in self._rows])
-        self._counts = torch.stack([r.counts if r.counts is not None else no_counts for r in self._rows])
-        # Rows keep views into the batch tensors, so the vectorized in-place updates of `record` are what
-        # the next `set_rows` stacks again.
-        for i, row in enumerate(self._rows):
-            if row.seen is not None:
-                row.seen = self._seen[i]
-            if row.counts is not None:
-                row.counts = self._counts[i]
+        self._sampled = [i for i, c in enumerate(cfgs) if not c.greedy]
+        head = [i for i in self._sampled if cfgs[i].truncates]
+        full = [i for i in self._sampled if not cfgs[i].truncates]
+        self._head = _Group.of(head, cfgs, v, dev) if head else None
+        self._full = _Group.of(full, cfgs, v, dev) if full else None
+        self._head_is_all = len(head) == n
+        self._full_is_all = len(full) == n
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits`` (B, vocab) in the row order of the last :meth:`set_rows`; returns (B,) token ids."""
         if self._plain_greedy:
-            return logits.argmax(dim=-1)
-        x = logits.float()
+            return row_argmax(logits)
+        # A copy only when penalties write into it: the caller's logits stay untouched.
+        x = logits.to(torch.float32, copy=bool(self._penalised))
         if self._penalised:
-            x = self._apply_penalties(x)
-        greedy_tokens = x.argmax(dim=-1)
+            self._apply_penalties(x)
         if self._all_greedy:
-            return greedy_tokens
-        x = x / self._temperature
-        if self._truncates:
-            x = self._truncate(x)
-        sampled = self._inverse_cdf(torch.softmax(x, dim=-1))
-        return torch.where(self._greedy_mask, greedy_tokens, sampled)
+            return row_argmax(x)
+        out = row_argmax(x) if self._any_greedy else torch.zeros(len(self._rows), dtype=torch.long)
+        out = out.to(x.device)
+        draws = torch.tensor([self._rows[i].draw() for i in self._sampled], dtype=torch.float32)
+        u = dict(zip(self._sampled, draws.tolist(), strict=True))
+        for group, fn, whole in (
+            (self._head, self._sample_head, self._head_is_all),
+            (self._full, self._sample_full, self._full_is_all),
+        ):
+            if group is not None:
+                part = x if whole else x.index_select(0, group.index)
+                gu = torch.tensor([u[i] for i in group.rows], dtype=torch.float32).to(x.device)
+                out.index_copy_(0, group.index, fn(part, group, gu))
+        return out
 
-    def record(self, tokens: torch.Tensor) -> None:
-        """Account the step's tokens (B,) for the penalties of the following steps."""
-        if not self._penalised:
-            return
-        idx = tokens.reshape(-1, 1).to(self.device)
-        self._counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-        self._seen.scatter_(1, idx, True)
+    def record(self, tokens: Sequence[int]) -> None:
+        """Account the step's tokens (one per row, in row order) for the penalties of the next steps."""
+        for i in self._penalised:
+            self._rows[i].record(tokens[i])
 
-    def _apply_penalties(self, x: torch.Tensor) -> torch.Tensor:
-        # HF repetition penalty: divide positive logits, multiply negative ones, for every token seen so far.
-        penalised = torch.where(x < 0, x * self._rep, x / self._rep)
-        x = torch.where(self._seen, penalised, x)
-        # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
-        return x - self._counts * self._frequency - (self._counts > 0).float() * self._presence
+    # ---- paths ----------------------------------------------------------------------------------------
 
-    def _truncate(self, x: torch.Tensor) -> torch.Tensor:
-        """Mask, per row, every logit below the smallest one that top-k and top-p keep."""
-        cutoff = self._cutoff(x, self._window)
-        if cutoff is None:
-            cutoff = self._cutoff(x, self.vocab_size)
-        assert cutoff is not None
-        return x.masked_fill(x < cutoff, float("-inf"))
-
-    def _cutoff(self, x: torch.Tensor, window: int) -> torch.Tensor | None:
-        head, _ = x.topk(window, dim=-1, sorted=True)
-        probs = torch.exp(head - torch.logsumexp(x, dim=-1, keepdim=True))
-        cum = probs.cumsum(dim=-1)
-        ranks = torch.arange(window, device=x.device)[None, :]
-        keep = ((cum - probs) < self._top_p) & (ranks < self._top_k)
-        if window < self.vocab_size:
-            # A row whose kept set reaches the window's end may continue past it: look at the full row.
-            open_ended = keep[:, -1:] & (self._top_k > window) & self._truncating_mask
-            if bool(open_ended.any()):
-                return None
-        n_keep = keep.sum(dim=-1, keepdim=True).clamp_min(1)
-        cutoff = head.gather(1, n_keep - 1)
-        # Rows that do not truncate keep everything, whatever their companions need.
-        return cutoff.masked_fill(~self._truncating_mask, float("-inf"))
-
-    def _inverse_cdf(self, probs: torch.Tensor) -> torch.Tensor:
-        draws = [0.0 if r.config.greedy else r.draw() for r in self._rows]
-        u = torch.tensor(draws, dtype=torch.float32).to(probs.device)
-        cum = probs.cumsum(dim=-1)
-        target = (u * cum[:, -1])[:, None]
-        idx = torch.searchsorted(cum, target, right=True)
+    def _sample_full(self, x: torch.Tensor, g: _Group, u: torch.Tensor) -> torch.Tensor:
+        """Inverse CDF over the whole row in vocabulary order."""
+        z = x / g.temperature
+        weights = torch.exp(z - z.amax(dim=-1, keepdim=True))
+        cum = weights.cumsum(dim=-1)
+        idx = torch.searchsorted(cum, u[:, None] * cum[:, -1:], right=True)
         return idx.clamp_max(self.vocab_size - 1).reshape(-1)
+
+    def _sample_head(self, x: torch.Tensor, g: _Group, u: torch.Tensor, tier: int = 0) -> torch.Tensor:
+        """Inverse CDF over the kept part of the row's sorted head (descending probability)."""
+        width = self._head_width(g, tier)
+        vals, ids = row_topk(x, width)
+        z = vals / g.temperature
+        ranks = torch.arange(width, device=x.device)[None, :]
+        z = z.masked_fill(ranks >= g.top_k, float("-inf"))
+        log_norm = torch.logsumexp(z, dim=-1, keepdim=True)
+        if not g.all_top_k:  # top-p alone is relative to the whole distribution
+            full_norm = torch.logsumexp(x / g.temperature, dim=-1, keepdim=True)
+            log_norm = torch.where(g.has_top_k, log_norm, full_norm)
+        probs = torch.exp(z - log_norm)
+        cum = probs.cumsum(dim=-1)
+        keep = (cum - probs) < g.top_p
+        token = self._draw_sorted(probs * keep, ids, u)
+        if width < self.vocab_size:
+            # The kept set reaches the head's end while the row may keep more: widen for those rows.
+            open_rows = keep[:, -1] & (g.top_k[:, 0] > width)
+            if bool(open_rows.any()):
+                sub = g.subset(open_rows)
+                wider = self._sample_head(x.index_select(0, sub.index), sub, u[sub.index], tier + 1)
+                token = token.index_copy(0, sub.index, wider)
+        return token
+
+    def _head_width(self, g: _Group, tier: int) -> int:
+        if g.all_top_k:
+            return min(self.vocab_size, g.max_top_k)
+        if tier < len(_HEAD_TIERS):
+            return min(self.vocab_size, max(_HEAD_TIERS[tier], g.max_top_k))
+        return self.vocab_size
+
+    @staticmethod
+    def _draw_sorted(kept: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        cum = kept.cumsum(dim=-1)
+        idx = torch.searchsorted(cum, u[:, None] * cum[:, -1:], right=True)
+        n_keep = (kept > 0).sum(dim=-1, keepdim=True).clamp_min(1)
+        return ids.gather(1, torch.minimum(idx, n_keep - 1)).reshape(-1)
+
+    def _apply_penalties(self, x: torch.Tensor) -> None:
+        rep = [i for i in self._penalised if self._rows[i].config.repetition_penalty != 1.0]
+        if rep:
+            self._repetition(x, rep)
+        counted = [i for i in self._penalised if self._rows[i].counts]
+        if counted:
+            self._presence_frequency(x, counted)
+
+    def _repetition(self, x: torch.Tensor, rows: list[int]) -> None:
+        # HF: divide positive logits, multiply negative ones, for every token seen so far.
+        seqs = [self._rows[i].seen_ids() for i in rows]
+        lengths = [len(s) for s in seqs]
+        rows = [r for r, n in zip(rows, lengths, strict=True) if n]
+        seqs = [s for s in seqs if len(s)]
+        if not rows:
+            return
+        ids = pad_sequence(seqs, batch_first=True, padding_value=-1).to(x.device)
+        # Padding repeats the row's first id: duplicate writes then carry identical values.
+        ids = torch.where(ids < 0, ids[:, :1], ids)
+        row_idx = torch.tensor(rows, dtype=torch.long, device=x.device)[:, None].expand_as(ids)
+        penalty = torch.tensor([self._rows[i].config.repetition_penalty for i in rows], device=x.device)
+        vals = x[row_idx, ids]
+        penalty = penalty[:, None]
+        x[row_idx, ids] = torch.where(vals < 0, vals * penalty, vals / penalty)
+
+    def _presence_frequency(self, x: torch.Tensor, rows: list[int]) -> None:
+        # OpenAI: mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty.
+        width = max(len(self._rows[i].counts) for i in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        delta = torch.zeros((len(rows), width), dtype=torch.float32)
+        for k, i in enumerate(rows):
+            row = self._rows[i]
+            tokens = list(row.counts)
+            counts = torch.tensor([row.counts[t] for t in tokens], dtype=torch.float32)
+            ids[k, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            cfg = row.config
+            delta[k, : len(tokens)] = counts * cfg.frequency_penalty + cfg.presence_penalty
+        row_idx = torch.tensor(rows, dtype=torch.long)[:, None].expand_as(ids)
+        # Padding entries point at token 0 with a zero delta; accumulate makes duplicates add up.
+        x.index_put_((row_idx.to(x.device), ids.to(x.device)), -delta.to(x.device), accumulate=True)
 
 
 def sampling_config(

@@ -274,7 +274,7 @@ class Scheduler:
         return _Row(
             prepared=prepared,
             submitted_at=submitted,
-            sampler=RowSampler(cfg, prompt_ids.to(self._device, dtype=torch.long), vocab),
+            sampler=RowSampler(cfg, prompt_ids, vocab),
             detok=IncrementalDetokenizer(
                 self._table, prepared.sampling.stop, in_reasoning=self._config.starts_in_reasoning
             ),
@@ -306,7 +306,8 @@ class Scheduler:
     def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
         try:
             tokens = self._sampler.sample(logits)
-            self._sampler.record(tokens)
+            token_ids = tokens.tolist()  # the step's one device -> host transfer
+            self._sampler.record(token_ids)
         except Exception as exc:
             log.exception("sampling failed")
             self._fail_rows(step, [r for r in self._rows if r.finish_reason is None], f"sampling: {exc}")
@@ -314,7 +315,7 @@ class Scheduler:
         assert self._batch is not None
         self._batch.tokens = tokens.reshape(-1, 1)
         now = time.perf_counter()
-        for row, token in zip(self._rows, tokens.tolist(), strict=True):
+        for row, token in zip(self._rows, token_ids, strict=True):
             self._advance(step, row, token, now)
 
     def _advance(self, step: _Step, row: _Row, token: int, now: float) -> None:

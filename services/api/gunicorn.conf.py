@@ -55,7 +55,23 @@ keepalive = 75  # above the edge's upstream keepalive timeout
 accesslog = None  # the app writes one JSON line per request
 errorlog = "-"
 loglevel = _settings.log_level
+# The master's own lines (boot, worker exits) in the same JSON shape as the app's.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "services.api.logs.JsonFormatter"}},
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    },
+    "loggers": {
+        "gunicorn.error": {"level": _settings.log_level.upper(), "handlers": ["stderr"], "propagate": False}
+    },
+    "root": {"level": _settings.log_level.upper(), "handlers": ["stderr"]},
+}
 proc_name = "qwen3vl-api"
+# gunicorn's control socket defaults to one path per user ($HOME/.gunicorn/gunicorn.ctl): several instances
+# (tests, replicas on a host) would fight over it, and the image's filesystem is read-only. Not needed.
+control_socket_disable = True
 
 
 def child_exit(server: Any, worker: Any) -> None:

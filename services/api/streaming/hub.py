@@ -128,7 +128,7 @@ class SessionHub:
             raise
         record = _new_record(new, url, request_id, model_name, self.runner_id, self.settings)
         try:
-            await self.store.create(record)
+            await self._insert(record)
         except BaseException as exc:
             await self._abandon(stream, url, request_id)
             if isinstance(exc, SessionExists):
@@ -136,6 +136,17 @@ class SessionHub:
             raise
         self._start(record, stream, new.started_at)
         return record
+
+    async def _insert(self, record: SessionRecord) -> None:
+        """Create the session; an id whose previous session expired (but was not swept yet) is reusable."""
+        try:
+            await self.store.create(record)
+        except SessionExists:
+            existing = await self.store.get(record.id)
+            if existing is None or not self._expired(existing):
+                raise
+            await self.store.delete_expired(time.time(), self.settings.sessions_ttl_seconds)
+            await self.store.create(record)
 
     async def _abandon(self, stream: EventStream, url: str, request_id: str) -> None:
         with contextlib.suppress(Exception):

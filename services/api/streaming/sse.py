@@ -32,7 +32,6 @@ def sse_headers(session_id: str) -> dict[str, str]:
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
         "X-Session-Id": session_id,
-        "Connection": "keep-alive",
     }
 
 

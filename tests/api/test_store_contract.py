@@ -298,24 +298,47 @@ async def test_second_instance_sees_appends_and_wakes(make_store: StoreMaker) ->
 
 _CHILD_WRITER = """
 import asyncio, sys, time
-from services.api.store.base import StoredEvent
+from services.api.store.base import SessionRecord, StoredEvent
 from tests.api.conftest import new_store
 
-async def main(backend, target, sid, total, batch):
+async def main(backend, target, sid, total, batch, pause, create):
     store = new_store(backend, target)
     await store.open()
     try:
+        if create:
+            await store.create(SessionRecord(id=sid, owner="", status="running", created=1.0, updated=1.0))
         for start in range(0, total, batch):
             stop = min(start + batch, total)
             chunk = [StoredEvent(i, "e%d" % i) for i in range(start, stop)]
             status = "completed" if stop == total else None
             await store.append(sid, chunk, model_seq=stop, status=status, now=time.time())
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(pause)
     finally:
         await store.close()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+backend, target, sid, total, batch, pause, create = sys.argv[1:8]
+asyncio.run(main(backend, target, sid, int(total), int(batch), float(pause), create == "create"))
 """
+
+
+async def run_writer(
+    backend: str, target: str, session_id: str, total: int, *, pause: float, create: bool
+) -> int:
+    """A real second process appending ``total`` events to ``session_id`` in batches of 4."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CHILD_WRITER,
+        backend,
+        target,
+        session_id,
+        str(total),
+        "4",
+        str(pause),
+        "create" if create else "-",
+        cwd=REPO,
+    )
+    return await asyncio.wait_for(child.wait(), 60)
 
 
 @cross_instance
@@ -325,17 +348,54 @@ async def test_second_process_appends_wake_reader(
     record = new_record(status="running")
     await store.create(record)
     total = 60
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD_WRITER, store_backend, store_target, record.id, str(total), "4", cwd=REPO
+    writer = asyncio.create_task(
+        run_writer(store_backend, store_target, record.id, total, pause=0.02, create=False)
     )
     try:
         seen, longest_wait = await follow(store, record.id, total - 1)
     finally:
-        assert await asyncio.wait_for(child.wait(), 30) == 0
+        assert await writer == 0
     assert seen == list(range(total))
     assert longest_wait < 2.0  # a missed cross-process wake-up would cost the full 5 s timeout
     got = await store.get(record.id)
     assert got is not None and got.status == "completed"
+
+
+@cross_instance
+async def test_processes_open_and_append_at_once(
+    store_backend: str, store_target: str, make_store: StoreMaker
+) -> None:
+    """Gunicorn workers start together: each opens (for SQLite: a fresh file, so they race on the schema)
+    and writes its own session; every write lands."""
+    ids = [f"w{n}-{uuid.uuid4().hex[:8]}" for n in range(4)]
+    codes = await asyncio.gather(
+        *(run_writer(store_backend, store_target, sid, 80, pause=0, create=True) for sid in ids)
+    )
+    assert codes == [0] * len(ids)
+    store = await make_store()
+    for sid in ids:
+        assert [e.index for e in await store.read(sid, -1)] == list(range(80))
+
+
+@pytest.mark.postgres
+async def test_postgres_replicas_migrate_a_fresh_schema_at_once(postgres_dsn: str) -> None:
+    """Replicas starting together on an empty database must not race on CREATE TABLE."""
+    import psycopg
+
+    schema = f"fresh_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    dsn = f"{postgres_dsn}?options=-csearch_path%3D{schema}"
+    stores = [PostgresStore(dsn, max_size=1) for _ in range(4)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+        await stores[0].create(new_record(id="x"))
+        assert await stores[3].get("x") is not None
+    finally:
+        for store in stores:
+            await store.close()
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_reader_never_sees_a_gap(make_store: StoreMaker) -> None:

@@ -366,7 +366,7 @@ class PostgresStore:
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
     async with conn.transaction():
-        pass
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
         cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
         row = await cursor.fetchone()

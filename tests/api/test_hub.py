@@ -1,0 +1,97 @@
+"""The hub and replay against the in-memory store and a typed fake model: pings while idle, ownership and
+expiry lookups, and a reader that takes over an orphaned session (lapsed lease) and follows it to [DONE]."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from services.api.errors import NotFound
+from services.api.metrics import ApiMetrics
+from services.api.settings import ApiSettings
+from services.api.store.base import SessionRecord, StoredEvent
+from services.api.store.memory import MemoryStore
+from services.api.streaming.hub import SessionHub
+from services.api.streaming.replay import follow
+from services.api.streaming.translate import ChunkEncoder
+from tests.api.fakes import FakeModel, script
+from tests.api.test_runner import REASONING, texts
+
+pytestmark = pytest.mark.anyio
+
+
+def make_hub(store: MemoryStore, model: FakeModel | None = None, **overrides: Any) -> SessionHub:
+    settings = ApiSettings(
+        sse_ping_seconds=overrides.pop("sse_ping_seconds", 0.1),
+        runner_lease_seconds=overrides.pop("runner_lease_seconds", 2),
+        event_flush_ms=5,
+        cancel_after_disconnect_seconds=0,
+        **overrides,
+    )
+    return SessionHub(settings, store, model or FakeModel([]), ApiMetrics())  # type: ignore[arg-type]
+
+
+def record(sid: str, **fields: Any) -> SessionRecord:
+    now = time.time()
+    base: dict[str, Any] = {
+        "owner": "me",
+        "status": "running",
+        "created": now,
+        "updated": now,
+        "model_url": "http://m",
+        "model_request_id": "rid",
+        "runner_id": "elsewhere",
+        "lease_until": now + 60,
+        "meta": {"chunk_id": "chatcmpl-h", "created": 1, "model": "m", "include_usage": False},
+    }
+    return SessionRecord(id=sid, **(base | fields))
+
+
+async def test_an_idle_follower_gets_pings() -> None:
+    store = MemoryStore()
+    await store.create(record("idle"))
+    hub = make_hub(store)
+    started = time.monotonic()
+    stream = follow(hub, "idle", -1)
+    assert await asyncio.wait_for(anext(stream), 2) is None
+    assert time.monotonic() - started < 1.0
+    assert hub.attachments.count("idle") == 1
+    await stream.aclose()
+    assert hub.attachments.count("idle") == 0
+
+
+async def test_find_checks_owner_and_expiry() -> None:
+    store = MemoryStore()
+    hub = make_hub(store, sessions_ttl_seconds=10)
+    await store.create(record("mine"))
+    await store.create(record("old", status="completed", updated=time.time() - 60))
+    assert (await hub.find("mine", "me")) is not None
+    with pytest.raises(NotFound):
+        await hub.find("mine", "someone-else")
+    assert await hub.find("old", "me") is None
+    assert await hub.find("missing", "me") is None
+
+
+async def test_a_reader_takes_over_an_orphaned_session_and_follows_it_to_the_end() -> None:
+    events = script(REASONING, ["answer"])
+    store = MemoryStore()
+    enc = ChunkEncoder("chatcmpl-h", 1, "m")
+    await store.create(record("orphan", lease_until=time.time() - 1))  # its runner died
+    await store.append(
+        "orphan",
+        [StoredEvent(0, enc.role()), StoredEvent(1, enc.reasoning("r0 r1 "))],
+        model_seq=1,
+        now=time.time(),
+    )
+    model = FakeModel(events)
+    hub = make_hub(store, model)
+    got = [e async for e in follow(hub, "orphan", 0) if e is not None]
+    assert model.reattached == [1]
+    assert [e.index for e in got] == list(range(1, len(got) + 1))
+    everything = await store.read("orphan", -1)
+    assert texts(everything)[0] == "".join(REASONING) and everything[-1].data == "[DONE]"
+    assert (await store.get("orphan")).status == "completed"  # type: ignore[union-attr]
+    await hub.close()

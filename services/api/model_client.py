@@ -15,7 +15,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -96,9 +96,24 @@ class ModelStream:
         await self._response.aclose()
 
 
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def _system_resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
 class ModelClient:
-    def __init__(self, settings: ApiSettings) -> None:
+    def __init__(
+        self,
+        settings: ApiSettings,
+        *,
+        resolve: Resolve | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._settings = settings
+        self._resolve = resolve or _system_resolve
         headers = {}
         if settings.internal_token is not None:
             headers["Authorization"] = f"Bearer {settings.internal_token.get_secret_value()}"
@@ -109,7 +124,9 @@ class ModelClient:
             pool=settings.model_connect_timeout_seconds,
         )
         limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
-        self._http = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, trust_env=False)
+        self._http = httpx.AsyncClient(
+            headers=headers, timeout=timeout, limits=limits, trust_env=False, transport=transport
+        )
         self._replicas: dict[str, _Replica] = {}
         self._resolved: dict[str, _Resolved] = {}
 
@@ -135,8 +152,7 @@ class ModelClient:
         expanded = [url]
         if not _is_ip(host):
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+                addrs = list(dict.fromkeys(await self._resolve(host, port)))
                 if len(addrs) > 1 and host != "localhost":
                     expanded = [_with_host(parts, a, port) for a in addrs]
             except OSError as exc:

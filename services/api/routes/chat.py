@@ -15,7 +15,7 @@ from services.api.deps import Hub, Owner
 from services.api.errors import BadRequest, request_id_of, session_not_found
 from services.api.media import MediaKind, resolve_media
 from services.api.openai_schemas import ChatCompletionRequest, unsupported_params
-from services.api.routes.common import read_json, resume_point, validate, wait_disconnect
+from services.api.routes.common import bind_session, read_json, resume_point, validate, wait_disconnect
 from services.api.store.base import SessionRecord
 from services.api.streaming.collect import collect
 from services.api.streaming.hub import NewSession, SessionHub
@@ -43,7 +43,7 @@ async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response
         record, created = await _start(request, hub, req, owner, session_id or uuid.uuid4().hex, started)
     if not created:
         hub.metrics.resumes.inc()
-    request.state.session_id = record.id
+    bind_session(request, record.id)
     if req.stream:
         return sse_response(hub, record.id, after if not created else -1, request_id_of(request))
     return await _complete(request, hub, record)

@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from services.api.errors import BadRequest
+from services.api.logs import session_id_var
 from services.api.streaming.replay import LastEventIdError, parse_last_event_id
 
 M = TypeVar("M", bound=BaseModel)
@@ -51,3 +52,9 @@ async def wait_disconnect(request: Request) -> None:
     """Return when the client goes away (after its body was read, uvicorn reports only that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def bind_session(request: Request, session_id: str) -> None:
+    """Name the session in this request's access line and in every log line from here on."""
+    request.state.session_id = session_id
+    session_id_var.set(session_id)

@@ -10,7 +10,7 @@ from starlette.responses import StreamingResponse
 from services.api.deps import Hub, Owner
 from services.api.errors import request_id_of, session_not_found
 from services.api.openai_schemas import CancelResponse, SessionStatus
-from services.api.routes.common import resume_point
+from services.api.routes.common import bind_session, resume_point
 from services.api.settings import SESSION_ID_PATTERN
 from services.api.store.base import SessionRecord
 from services.api.streaming.hub import SessionHub
@@ -25,7 +25,7 @@ async def _owned(hub: SessionHub, session_id: str, owner: str, request: Request)
     if not _SESSION_ID.match(session_id):
         raise session_not_found(session_id[:128])
     record = await hub.get_owned(session_id, owner)
-    request.state.session_id = record.id
+    bind_session(request, record.id)
     return record
 
 

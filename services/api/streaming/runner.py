@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from services.api.logs import session_id_var
 from services.api.metrics import ApiMetrics
 from services.api.model_client import EventStream, GenerationBackend, StreamBroken
 from services.api.settings import ApiSettings
@@ -104,6 +105,7 @@ class SessionRunner:
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        session_id_var.set(self.session_id)  # this task's own context: its log lines name the session
         final_status: str | None = None
         release = True
         try:

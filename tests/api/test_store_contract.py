@@ -388,7 +388,8 @@ async def test_postgres_replicas_migrate_a_fresh_schema_at_once(postgres_dsn: st
     dsn = f"{postgres_dsn}?options=-csearch_path%3D{schema}"
     stores = [PostgresStore(dsn, max_size=1) for _ in range(4)]
     try:
-        await asyncio.gather(*(store.open() for store in stores))
+        outcomes = await asyncio.gather(*(store.open() for store in stores), return_exceptions=True)
+        assert outcomes == [None] * len(stores)
         await stores[0].create(new_record(id="x"))
         assert await stores[3].get("x") is not None
     finally:

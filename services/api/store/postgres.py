@@ -152,6 +152,10 @@ class PostgresStore:
                 await self._setup()
 
     async def close(self) -> None:
+        async with self._setup_lock:  # an open() in flight finishes first, so nothing it makes leaks
+            await self._close()
+
+    async def _close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

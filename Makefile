@@ -63,7 +63,7 @@ down: ## docker compose down (volumes kept)
 	$(COMPOSE) -f deploy/docker/compose.cpu.yaml down
 
 k8s-check: $(STAMP) ## render the kustomize base and validate it strictly, offline
-	kubectl kustomize deploy/k8s | $(BIN)/kubernetes-validate --strict -
+	$(BIN)/kubectl kustomize deploy/k8s | $(BIN)/kubernetes-validate --strict -k 1.30.0 -
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache tmp bench/results/*.json bench/results/*.png

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# prometheus_client picks its multiprocess value class from this variable when it is first imported. It is
+# the api's (gunicorn) setting; a shared .env must not switch the single-process model service into that mode.
+os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
 import logging
 import sys
 from types import FrameType

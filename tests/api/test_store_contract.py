@@ -129,6 +129,11 @@ async def test_update_fields(store: SessionStore) -> None:
     await store.update(record.id, now=6.0, model_url=None)
     got = await store.get(record.id)
     assert got is not None and got.model_url is None and got.status == "running"
+    await store.update(record.id, now=9.0, reader_seen_at=8.5, runner_id="r", lease_until=20.0)
+    got = await store.get(record.id)
+    assert got is not None and (got.reader_seen_at, got.runner_id, got.lease_until) == (8.5, "r", 20.0)
+    assert got.updated == 6.0  # bookkeeping only: the TTL clock of a finished session must not restart
+    await store.update(record.id, now=10.0)  # nothing to write
     await store.update("missing", now=7.0, status="failed")  # an unknown session is a no-op
 
 
@@ -367,7 +372,7 @@ async def test_processes_open_and_append_at_once(
 ) -> None:
     """Gunicorn workers start together: each opens (for SQLite: a fresh file, so they race on the schema)
     and writes its own session; every write lands."""
-    ids = [f"w{n}-{uuid.uuid4().hex[:8]}" for n in range(4)]
+    ids = [f"w{n}-{uuid.uuid4().hex[:8]}" for n in range(3)]
     codes = await asyncio.gather(
         *(run_writer(store_backend, store_target, sid, 80, pause=0, create=True) for sid in ids)
     )
@@ -558,6 +563,13 @@ async def test_sqlite_missing_directory_fails_at_open(tmp_path: Path) -> None:
         await store.open()
     with pytest.raises(StoreUnavailable):
         await store.get("x")
+
+
+async def test_sqlite_file_that_is_not_a_database_fails_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    path.write_bytes(b"this is not an SQLite file, " * 100)
+    with pytest.raises(StoreUnavailable, match="SESSIONS_DB_PATH"):
+        await SqliteStore(str(path)).open()
 
 
 def test_factory_picks_backend() -> None:

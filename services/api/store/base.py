@@ -86,7 +86,10 @@ class SessionStore(Protocol):
         missing or the batch does not continue it exactly."""
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
-        """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...)."""
+        """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...).
+        ``updated`` becomes ``now`` unless only bookkeeping fields change (reader_seen_at, runner_id,
+        lease_until): a reader's heartbeat must not restart the TTL of a finished session. An unknown
+        session is a no-op; an unknown or append-only field (last_index) raises ValueError."""
 
     async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
         """Stored events with index > after, in order."""

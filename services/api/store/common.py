@@ -17,6 +17,18 @@ JSON_COLUMNS = frozenset({"usage", "meta"})
 UPDATABLE = frozenset(COLUMNS) - {"id", "owner", "created", "updated", "last_index"}
 
 
+# Bookkeeping, not a change of the session: writing only these leaves `updated` (and so the TTL) alone.
+BOOKKEEPING = frozenset({"reader_seen_at", "runner_id", "lease_until"})
+
+
+def with_updated(fields: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The columns an update() writes: ``fields``, plus ``updated`` when the session itself changed."""
+    columns = dict(fields)
+    if set(fields) - BOOKKEEPING:
+        columns["updated"] = now
+    return columns
+
+
 def check_status(status: str | None) -> None:
     if status is not None and status not in STATUSES:
         raise ValueError(f"unknown session status {status!r}")

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.api.store.base import FINAL_STATUSES, SessionExists, SessionRecord, StoredEvent
-from services.api.store.common import Waiters, check_batch, check_status, check_update_fields, wait_event
+from services.api.store.common import (
+    Waiters,
+    check_batch,
+    check_status,
+    check_update_fields,
+    wait_event,
+    with_updated,
+)
 
 
 class MemoryStore:
@@ -74,9 +81,8 @@ class MemoryStore:
         record = self._sessions.get(session_id)
         if record is None:
             return
-        for name, value in fields.items():
-            setattr(record, name, value)
-        record.updated = now
+        for name, value in with_updated(fields, now).items():
+            setattr(record, name, copy.deepcopy(value))
         if "status" in fields:
             self._waiters.notify(session_id)
 

@@ -46,6 +46,7 @@ from services.api.store.common import (
     check_update_fields,
     record_from_row,
     wait_event,
+    with_updated,
 )
 
 log = logging.getLogger(__name__)
@@ -233,10 +234,12 @@ class PostgresStore:
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         check_update_fields(fields)
-        assignments = [sql.SQL("{} = %s").format(sql.Identifier(name)) for name in fields]
-        assignments.append(sql.SQL("updated = %s"))
+        columns = with_updated(fields, now)
+        if not columns:
+            return
+        assignments = [sql.SQL("{} = %s").format(sql.Identifier(name)) for name in columns]
         query = sql.SQL("UPDATE sessions SET {} WHERE id = %s").format(sql.SQL(", ").join(assignments))
-        values = [*(_param(name, value) for name, value in fields.items()), now, session_id]
+        values = [*(_param(name, value) for name, value in columns.items()), session_id]
         if "status" in fields:
             # Readers wait on status changes too (a cancel, a failure without a final event).
             query = sql.SQL("WITH u AS ({} RETURNING id) SELECT pg_notify(%s, u.id) FROM u").format(query)
@@ -356,7 +359,7 @@ class PostgresStore:
                         delay = 0.1
                     async for note in conn.notifies():
                         self._waiters.notify(note.payload)
-                except (*_DB_ERRORS, StoreUnavailable) as exc:
+                except Exception as exc:  # never die: cross-process wake-ups depend on this task
                     log.warning("session store LISTEN connection lost (%s); retrying", _first_line(exc))
                     if conn is not None:
                         await conn.close()

@@ -41,6 +41,7 @@ from services.api.store.common import (
     check_update_fields,
     record_from_row,
     wait_event,
+    with_updated,
 )
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class SqliteStore:
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         check_update_fields(fields)
-        await self._run(_update_sync, session_id, fields, now)
+        await self._run(_update_sync, session_id, with_updated(fields, now))
         if "status" in fields:
             self._waiters.notify(session_id)
 
@@ -189,10 +190,14 @@ class SqliteStore:
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: cannot open ({exc})") from exc
         conn.row_factory = sqlite3.Row
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode survives a process crash (a power loss may drop the last commits).
-        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives a process crash (a power loss may drop the last commits).
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:  # e.g. the path is some other kind of file
+            conn.close()
+            raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: not a usable database ({exc})") from exc
         return conn
 
     @staticmethod
@@ -233,7 +238,7 @@ class SqliteStore:
                 continue
             try:
                 states = await self._run(_states_sync, ids)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # keep polling: waiters still return at their timeout meanwhile
                 log.warning("session store poll failed: %s", exc)
                 continue
             for session_id in ids:
@@ -309,14 +314,13 @@ def _append_sync(
         )
 
 
-def _update_sync(conn: sqlite3.Connection, session_id: str, fields: dict[str, Any], now: float) -> None:
+def _update_sync(conn: sqlite3.Connection, session_id: str, columns: dict[str, Any]) -> None:
+    if not columns:
+        return
     # Column names come from the UPDATABLE allow-list (checked by the caller), never from user input.
-    assignments = ", ".join(f"{name} = ?" for name in fields)
-    values = [_encode(name, value) for name, value in fields.items()]
-    sep = ", " if assignments else ""
-    conn.execute(
-        f"UPDATE sessions SET {assignments}{sep}updated = ? WHERE id = ?", [*values, now, session_id]
-    )
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    values = [_encode(name, value) for name, value in columns.items()]
+    conn.execute(f"UPDATE sessions SET {assignments} WHERE id = ?", [*values, session_id])
 
 
 def _read_sync(conn: sqlite3.Connection, session_id: str, after: int, limit: int) -> list[StoredEvent]:

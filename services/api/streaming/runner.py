@@ -142,7 +142,7 @@ class SessionRunner:
         return "failed"
 
     async def _release(self) -> None:
-        """Hand the session over at once (shutdown, lost lease, store down) instead of after the lease."""
+        """Hand the session over at once (shutdown, store down) instead of after the lease lapses."""
         with contextlib.suppress(Exception):
             await asyncio.shield(
                 self._d.store.update(self.session_id, now=time.time(), runner_id=None, lease_until=0.0)

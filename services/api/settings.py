@@ -46,9 +46,8 @@ class ApiSettings(BaseSettings):
 
     # streaming mechanics
     sse_ping_seconds: float = Field(default=10.0, gt=0, le=15)
-    event_flush_ms: float = Field(default=25.0, ge=0, le=1000)  # store write batching interval
-    event_flush_max: int = Field(default=256, ge=1)  # ... or this many pending events
-    coalesce_ms: float = Field(default=50.0, ge=0, le=1000)  # upper bound on one coalesced chunk's age
+    # store writes are batched per interval; text arriving meanwhile merges into one chunk (the coalescing)
+    event_flush_ms: float = Field(default=25.0, ge=0, le=1000)
     runner_lease_seconds: float = Field(default=10.0, ge=0.5)  # a dead runner is taken over after this
     cancel_wait_seconds: float = Field(default=10.0, gt=0)
 

@@ -107,6 +107,10 @@ WITH s AS (
 SELECT pg_notify(%(channel)s, s.id) FROM s
 """
 
+# Column names are the SessionRecord field names: plain lower-case identifiers, never user input.
+_INSERT_SQL = f"INSERT INTO sessions ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
+_SELECT_SQL = f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = %s"
+
 _CLAIM_SQL = """
 UPDATE sessions SET runner_id = %(runner)s, lease_until = %(until)s
 WHERE id = %(id)s AND status <> ALL(%(final)s)
@@ -178,23 +182,16 @@ class PostgresStore:
     async def create(self, record: SessionRecord) -> None:
         check_status(record.status)
         values = [_param(name, getattr(record, name)) for name in COLUMNS]
-        query = sql.SQL("INSERT INTO sessions ({}) VALUES ({})").format(
-            sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-            sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-        )
         async with self._connection() as conn:
             try:
-                await conn.execute(query, values)
+                await conn.execute(_INSERT_SQL, values)
             except psycopg.errors.UniqueViolation as exc:
                 raise SessionExists(record.id) from exc
 
     async def get(self, session_id: str) -> SessionRecord | None:
-        query = sql.SQL("SELECT {} FROM sessions WHERE id = %s").format(
-            sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
-        )
         async with self._connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(query, (session_id,))
+            await cursor.execute(_SELECT_SQL, (session_id,))
             row = await cursor.fetchone()
         return None if row is None else record_from_row(row, decode_json=False)
 

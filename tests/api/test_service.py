@@ -272,9 +272,8 @@ def test_auth_and_ownership(api: Service, client: httpx.Client) -> None:
         r = anon.post("/v1/chat/completions", json=body())
         assert_error(r, 401, "authentication_error")
         assert r.headers["www-authenticate"] == "Bearer"
-        assert_error(
-            anon.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401, "authentication_error"
-        )
+        wrong = {"Authorization": "Bearer wrong-key-value-123"}
+        assert_error(anon.get("/v1/models", headers=wrong), 401, "authentication_error")
         assert anon.get("/health").status_code == 200
         other = {"Authorization": f"Bearer {KEY_B}"}
         assert_error(anon.get(f"/v1/sessions/{s}", headers=other), 404, "not_found_error")
@@ -282,6 +281,8 @@ def test_auth_and_ownership(api: Service, client: httpx.Client) -> None:
         assert_error(anon.post(f"/v1/cancel/{s}", headers=other), 404, "not_found_error")
         r = anon.post("/v1/chat/completions", json={**body(), "session_id": s}, headers=other)
         assert_error(r, 404, "not_found_error")
+    log = api.proc.log_path.read_text()
+    assert KEY_A not in log and KEY_B not in log and "wrong-key-value-123" not in log
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ database is unreachable, TTL expiry (404), and an open service (no API_KEYS) on 
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ import httpx
 import pytest
 
 from tests.api.sse import iter_sse
-from tests.helpers.env import free_port
+from tests.helpers.env import REPO, VENV_BIN, free_port
 from tests.helpers.stack import Service, start_api, start_model
 
 pytestmark = pytest.mark.integration
@@ -101,3 +103,24 @@ def test_database_down_is_503_and_its_password_is_never_logged(logs: Path, small
     finally:
         api.proc.stop()
     assert "pw-s3cret" not in api.proc.log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("CANCEL_AFTER_DISCONNECT_SECONDS", "soon"),
+        ("SESSIONS_TTL_SECONDS", "-5"),
+        ("MODEL_SERVICE_URL", "model"),
+    ],
+)
+def test_a_bad_variable_stops_the_service_naming_it(name: str, value: str) -> None:
+    env = {**os.environ, "API_PORT": str(free_port()), name: value}
+    cmd = [
+        str(VENV_BIN / "gunicorn"),
+        "-c",
+        "services/api/gunicorn.conf.py",
+        "services.api.main:create_app()",
+    ]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert name in done.stderr

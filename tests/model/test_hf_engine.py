@@ -69,6 +69,7 @@ def engine(tiny_model_dir: Path) -> HFEngine:
     return HFEngine(shared.loaded, shared.settings.model_copy(update={"max_batch_size": 4}))
 
 
+@pytest.mark.slow
 def test_whole_request_through_the_engine(engine: HFEngine) -> None:
     _: Engine = engine  # structural check for the type checker
     rec = Recorder()
@@ -95,6 +96,7 @@ def test_whole_request_through_the_engine(engine: HFEngine) -> None:
         engine.shutdown(5)
 
 
+@pytest.mark.slow
 def test_bad_media_is_rejected_in_prepare(engine: HFEngine) -> None:
     parts = [ImagePart(data=base64.b64encode(b"not an image").decode()), TextPart(text="look")]
     bad = GenerateRequest(request_id="bad", messages=[Message(role="user", content=parts)])

@@ -22,6 +22,9 @@ from tests.model.engine_support import (
     tiny_engine,
 )
 
+# Loading the tiny model and its processor takes several seconds; each test then takes well under one.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path) -> Any:
@@ -336,3 +339,31 @@ def test_observer_sees_steps_first_tokens_and_finishes(
     assert max(b for b, _, _ in obs.steps) == 2 and obs.steps[-1][0] == 1
     assert set(obs.first) == {"text-a", "text-d"} and all(s >= 0 for s in obs.first.values())
     assert obs.finished == {rid: ("length", len(references[rid])) for rid in ("text-a", "text-d")}
+
+
+def test_unexpected_step_error_fails_all_rows_and_recovers(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.model.engine.detokenize import IncrementalDetokenizer
+
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    sched.step_once()
+    sched.submit(mixed["text-d"])  # admitted in the failing step
+
+    def bug(self: Any, token: int) -> Any:
+        raise ValueError("detokenizer bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(IncrementalDetokenizer, "push", bug)
+        sched.step_once()
+    for rid in ("text-a", "text-d"):
+        final = rec.final(rid)
+        assert final is not None and final.finish_reason == "error"
+        assert "detokenizer bug" in (final.error or "")
+    assert sched.stats().running == 0
+    sched.submit(mixed["text-f"])
+    drain(sched)
+    assert sched.tokens["text-f"] == references["text-f"]

@@ -75,6 +75,7 @@ class _Step:
     outputs: list[tuple[str, Output]] = field(default_factory=list)
     prefill_tokens: int = 0
     batch_size: int = 0  # rows sampled in this step
+    admitted: list[_Row] = field(default_factory=list)  # prefilled in this step
 
 
 def to_sampling_config(prepared: Prepared) -> SamplingConfig:
@@ -188,8 +189,8 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     self._step()
-            except Exception:  # the loop must survive anything; _step already failed the rows it could
-                log.exception("scheduler step failed outside row handling")
+            except Exception:  # the sink or the observer raised: the loop must live on regardless
+                log.exception("scheduler step reporting failed")
 
     def _wait_for_work(self) -> bool:
         with self._cond:
@@ -206,14 +207,20 @@ class Scheduler:
     def _step(self) -> None:
         started = time.perf_counter()
         step = _Step()
-        self._apply_cancels(step)
-        self._retire()
-        new_rows, new_logits, new_state = self._admit(step)
-        logits = self._forward(step, new_rows, new_logits, new_state)
-        if logits is not None:
-            step.batch_size = int(logits.shape[0])
-            self._sample_and_emit(step, logits)
-        self._retire()
+        try:
+            self._apply_cancels(step)
+            self._retire()
+            new_rows, new_logits, new_state = self._admit(step)
+            logits = self._forward(step, new_rows, new_logits, new_state)
+            if logits is not None:
+                step.batch_size = int(logits.shape[0])
+                self._sample_and_emit(step, logits)
+            self._retire()
+        except Exception as exc:  # a bug or a device failure outside the guarded model calls
+            log.exception("scheduler step failed")
+            self._fail_rows(step, [*self._rows, *step.admitted], f"internal error: {exc}")
+            self._rows, self._batch = [], None
+            self._sampler.set_rows([])
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
         if self._observer is not None and step.batch_size:
@@ -249,6 +256,7 @@ class Scheduler:
             try:
                 row_logits, state = kv.prefill(self._model, prepared.inputs, self._device)
                 rows.append(self._new_row(prepared, submitted))
+                step.admitted.append(rows[-1])
             except Exception as exc:
                 log.exception("prefill of %s failed", prepared.request_id)
                 self._finish_unstarted(step, prepared, "error", f"prefill failed: {exc}")

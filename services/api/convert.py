@@ -12,6 +12,11 @@ from services.api.openai_schemas import ChatCompletionRequest, ChatMessage, Cont
 from services.protocol.generate import ImagePart, Message, Part, SamplingParams, TextPart, VideoPart
 
 MediaFetcher = Callable[[str, MediaKind], Awaitable[bytes]]
+_OFFLOAD_BYTES = 1024 * 1024
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def to_sampling(req: ChatCompletionRequest) -> SamplingParams:
@@ -56,5 +61,8 @@ async def _part(part: ContentPart, index: int, j: int, fetch: MediaFetcher) -> P
         data = await fetch(url, part.kind)
     except MediaError as exc:
         raise BadRequest(exc.message, param=f"messages[{index}].content[{j}]", code="invalid_media") from None
-    encoded = base64.b64encode(data).decode("ascii")
+    if len(data) > _OFFLOAD_BYTES:  # large media: encode off the event loop
+        encoded = await asyncio.to_thread(_b64, data)
+    else:
+        encoded = _b64(data)
     return ImagePart(data=encoded) if part.kind == "image" else VideoPart(data=encoded)

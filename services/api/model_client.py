@@ -25,7 +25,7 @@ import httpx
 from services.api.settings import ApiSettings
 from services.protocol import paths
 from services.protocol.codec import decode_event
-from services.protocol.errors import ModelServiceError, NotFound, NotReady, error_from_body
+from services.protocol.errors import NotReady, error_from_body
 from services.protocol.events import Delta, Finished
 from services.protocol.generate import GenerateRequest
 
@@ -206,7 +206,11 @@ class ModelClient:
     # ---- generation -----------------------------------------------------------------------------------
 
     async def generate(self, url: str, request: GenerateRequest) -> ModelStream:
-        body = request.__pydantic_serializer__.to_json(request)
+        body = (
+            await asyncio.to_thread(request.__pydantic_serializer__.to_json, request)
+            if _has_media(request)
+            else request.__pydantic_serializer__.to_json(request)
+        )
         http_request = self._http.build_request(
             "POST", url + paths.GENERATE, content=body, headers={"Content-Type": "application/json"}
         )
@@ -242,8 +246,11 @@ class ModelClient:
         return ModelStream(response, url)
 
 
-def is_unknown_request(exc: ModelServiceError) -> bool:
-    return isinstance(exc, NotFound)
+def _has_media(request: GenerateRequest) -> bool:
+    """Media make the body megabytes of base64: serialize those off the event loop."""
+    return any(
+        not isinstance(m.content, str) and any(p.type != "text" for p in m.content) for m in request.messages
+    )
 
 
 def _json_or_none(content: bytes) -> object:

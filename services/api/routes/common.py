@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
@@ -15,9 +16,16 @@ from services.api.streaming.replay import LastEventIdError, parse_last_event_id
 M = TypeVar("M", bound=BaseModel)
 
 
+# Bodies above this are parsed in a worker thread: a request carrying a video as a data URL must not stall
+# the event loop (and every other stream this process serves) while its JSON is decoded.
+OFFLOAD_BYTES = 1024 * 1024
+
+
 async def read_json(request: Request) -> Any:
     body = await request.body()
     try:
+        if len(body) > OFFLOAD_BYTES:
+            return await asyncio.to_thread(json.loads, body)
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("malformed JSON in the request body", code="invalid_json") from None

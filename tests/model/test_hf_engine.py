@@ -102,3 +102,11 @@ def test_bad_media_is_rejected_in_prepare(engine: HFEngine) -> None:
     bad = GenerateRequest(request_id="bad", messages=[Message(role="user", content=parts)])
     with pytest.raises(InvalidMedia):
         asyncio.run(engine.prepare(bad))
+
+
+@pytest.mark.slow
+def test_in_process_throughput_helper(tiny_model_dir: Path) -> None:
+    from services.model.engine.throughput import measure
+
+    result = measure(tiny_engine(tiny_model_dir), streams=3, max_tokens=5)
+    assert result.streams == 3 and 3 <= result.tokens <= 15 and result.tokens_per_second > 0

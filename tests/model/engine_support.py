@@ -151,6 +151,11 @@ def tiny_engine(model_dir: Path) -> Any:
     from services.model.engine.hf import HFEngine
 
     if model_dir not in _ENGINES:
+        import torch
+
+        # One intra-op thread: the tiny model gains nothing from two, and on a shared 2-core machine
+        # OpenMP threads spinning against other processes make steps up to 20x slower.
+        torch.set_num_threads(1)
         loaded, settings = load_tiny(model_dir)
         _ENGINES[model_dir] = HFEngine(loaded, settings)
     return _ENGINES[model_dir]

@@ -367,3 +367,33 @@ def test_unexpected_step_error_fails_all_rows_and_recovers(
     sched.submit(mixed["text-f"])
     drain(sched)
     assert sched.tokens["text-f"] == references["text-f"]
+
+
+def test_eos_token_finishes_with_stop(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    ref = references["text-a"]
+    eos = ref[5]  # pretend the sixth greedy token is an end-of-sequence token
+    sched = scheduler_for(engine, eos_token_ids=frozenset({eos}))
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(mixed["text-a"])
+    drain(sched)
+    final = rec.final("text-a")
+    assert final is not None and final.finish_reason == "stop"
+    assert final.completion_tokens == ref.index(eos) + 1
+    assert sched.tokens["text-a"] == ref[: ref.index(eos) + 1]
+
+
+def test_batch_never_exceeds_max_batch_size(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    obs = _Observer()
+    sched = scheduler_for(engine, observer=obs, max_batch_size=2)
+    sched.bind(Recorder())
+    for prepared in mixed.values():
+        sched.submit(prepared)
+    drain(sched)
+    assert max(b for b, _, _ in obs.steps) == 2
+    for rid, ref in references.items():
+        assert sched.tokens[rid] == ref, rid

@@ -31,7 +31,7 @@ class HFEngine:
         self.model_id = loaded.model_id
         self.max_batch_size = settings.max_batch_size
         self.loaded = loaded
-        self._settings = settings
+        self.settings = settings
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         self.table = TokenTable.from_tokenizer(loaded.processor.tokenizer, vocab)
         config = SchedulerConfig(
@@ -53,10 +53,10 @@ class HFEngine:
         """The blocking part of :meth:`prepare` (media decoding, template, processor, limits)."""
         from services.model.multimodal.prompt import MediaLimits, build_inputs
 
-        limits = MediaLimits.from_settings(self._settings)
+        limits = MediaLimits.from_settings(self.settings)
         inputs = build_inputs(self.loaded.processor, request.messages, limits)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        sampling = resolve_sampling(request.sampling, self._settings, self.loaded, prompt_tokens)
+        sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
         return Prepared(
             request_id=request.request_id, sampling=sampling, prompt_tokens=prompt_tokens, inputs=inputs
         )

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from services.model.engine.vocab_ops import row_argmax, row_topk
+from services.model.engine.vocab_ops import row_argmax, row_inverse_cdf, row_topk
 
 # Widths tried, in order, for the head of a top-p-only row.
 _HEAD_TIERS = (256, 4096)
@@ -209,11 +209,10 @@ class BatchSampler:
 
     def _sample_full(self, x: torch.Tensor, g: _Group, u: torch.Tensor) -> torch.Tensor:
         """Inverse CDF over the whole row in vocabulary order."""
-        z = x / g.temperature
-        weights = torch.exp(z - z.amax(dim=-1, keepdim=True))
-        cum = weights.cumsum(dim=-1)
-        idx = torch.searchsorted(cum, u[:, None] * cum[:, -1:], right=True)
-        return idx.clamp_max(self.vocab_size - 1).reshape(-1)
+        inv_t = 1.0 / g.temperature
+        # exp((x - max) / t) with one fused pass before the exponential.
+        weights = torch.addcmul(-x.amax(dim=-1, keepdim=True) * inv_t, x, inv_t).exp_()
+        return row_inverse_cdf(weights, u)
 
     def _sample_head(self, x: torch.Tensor, g: _Group, u: torch.Tensor, tier: int = 0) -> torch.Tensor:
         """Inverse CDF over the kept part of the row's sorted head (descending probability)."""

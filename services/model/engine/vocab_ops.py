@@ -16,11 +16,12 @@ import torch.nn.functional as F
 CHUNK = 128
 
 
-def _chunked(x: torch.Tensor) -> torch.Tensor:
-    """(B, V) -> (B, ceil(V / CHUNK), CHUNK), padding the tail with -inf (a copy only when V is odd-sized)."""
+def _chunked(x: torch.Tensor, pad: float = float("-inf")) -> torch.Tensor:
+    """(B, V) -> (B, ceil(V / CHUNK), CHUNK), padding the tail with ``pad`` (a copy only when V is
+    not a multiple of the chunk)."""
     rest = x.shape[-1] % CHUNK
     if rest:
-        x = F.pad(x, (0, CHUNK - rest), value=float("-inf"))
+        x = F.pad(x, (0, CHUNK - rest), value=pad)
     return x.view(x.shape[0], -1, CHUNK)
 
 
@@ -50,3 +51,22 @@ def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.arange(CHUNK, device=x.device)
     ids = (best_chunks[:, :, None] * CHUNK + offsets).reshape(x.shape[0], -1).gather(1, pos)
     return vals, ids
+
+
+def row_inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of non-negative ``weights`` (B, V) and uniform ``u`` (B,), the first index whose
+    cumulative weight exceeds ``u`` times the row's total: a draw in vocabulary order.
+
+    Two levels (chunk sums, then one chunk's cumulative sum) instead of a cumulative sum over the whole
+    vocabulary, which is a slow sequential pass on CPU."""
+    vocab = weights.shape[-1]
+    chunks = _chunked(weights, pad=0.0)
+    sums = chunks.sum(dim=-1)
+    cum = sums.cumsum(dim=-1)
+    target = u.reshape(-1, 1).to(cum.dtype) * cum[:, -1:]
+    chunk = torch.searchsorted(cum, target, right=True).clamp_max(cum.shape[-1] - 1)
+    before = torch.where(chunk > 0, cum.gather(1, (chunk - 1).clamp_min(0)), torch.zeros_like(target))
+    rows = torch.arange(weights.shape[0], device=weights.device)
+    inner = chunks[rows, chunk[:, 0]].cumsum(dim=-1)
+    pos = torch.searchsorted(inner, target - before, right=True).clamp_max(CHUNK - 1)
+    return (chunk * CHUNK + pos).clamp_max(vocab - 1).reshape(-1)

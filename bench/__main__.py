@@ -2,38 +2,49 @@
 
 (a) the raw engine in-process at 1 and 16 streams; (b) the full stack (nginx -> api -> model) single stream,
 which is (c)'s first level; (c) the full stack at 1, 4, 16 and 64 streams; (d) ``transformers serve`` on the
-same checkpoint and workload. Prints the table and the target ratios, writes bench/results/.
+same checkpoint and workload. All targets are started first and stay up (idle ones cost nothing); then,
+level by level, each target runs its load back to back, so that drifting machine load skews the ratios as
+little as possible. Prints the table and the target ratios, writes bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import platform
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.engine_bench import run_raw_engine
+from bench.engine_bench import RawEngine
 from bench.http_client import ChatTarget, make_client
-from bench.loadgen import LevelResult, closed_loop, level_sizes, warm_up
-from bench.report import STACK, TFS, compute_ratios, level_table, ratio_table, write_outputs
+from bench.loadgen import LevelResult, Send, closed_loop, level_sizes, warm_up
+from bench.report import RAW, STACK, TFS, compute_ratios, level_table, ratio_table, write_outputs
 from bench.servers import BENCH_RATE_LIMIT, REPO, Stack, TransformersServe
 from bench.workload import Workload
 
 log = logging.getLogger("bench")
 
-STACK_LEVELS = (1, 4, 16, 64)
+LEVELS = (1, 4, 16, 64)
 RAW_LEVELS = (1, 16)
 QUICK_LEVELS = (1, 16)
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    send: Send
+    levels: tuple[int, ...]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="small counts and short outputs (smoke test)")
+    p.add_argument("--quick", action="store_true", help="levels 1 and 16, short outputs (smoke test)")
     p.add_argument("--skip-transformers-serve", action="store_true", help="leave out (d)")
     p.add_argument("--skip-stack", action="store_true", help="leave out (b) and (c)")
     p.add_argument("--skip-raw", action="store_true", help="leave out (a)")
@@ -41,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--max-tokens", type=int, default=None, help="per request (default 64, --quick 16)")
     p.add_argument("--cap", type=int, default=128, help="most requests in one level")
-    p.add_argument("--level-time-limit", type=float, default=None, help="seconds per level (120; quick 60)")
+    p.add_argument("--level-time-limit", type=float, default=None, help="seconds per level (240; quick 60)")
     p.add_argument(
         "--torch-threads",
         type=int,
@@ -61,101 +72,105 @@ def ensure_checkpoint(model_dir: Path) -> Path:
     return model_dir.resolve()
 
 
-async def run_http_levels(
-    target_name: str, target: ChatTarget, levels: Sequence[int], args: argparse.Namespace, limit: float
-) -> list[LevelResult]:
-    await warm_up(target.send, 2 if args.quick else 8, concurrency=4)
-    out = []
-    for c in levels:
-        records = await closed_loop(target.send, c, level_sizes(c, args.quick, args.cap), limit)
-        result = LevelResult.from_records(target_name, c, records)
-        log.info("%s @%d: %.1f tok/s, %d/%d ok", target_name, c, result.tok_s, result.ok, result.requests)
-        out.append(result)
-    return out
+async def start_targets(
+    exits: contextlib.AsyncExitStack,
+    args: argparse.Namespace,
+    workload: Workload,
+    model_dir: Path,
+    work: Path,
+    notes: list[str],
+) -> list[Target]:
+    levels = QUICK_LEVELS if args.quick else LEVELS
+    limit = args.level_time_limit or (60.0 if args.quick else 240.0)
+    targets: list[Target] = []
+    if not args.skip_raw:
+        raw = RawEngine(model_dir, workload, args.torch_threads)
+        exits.push_async_callback(raw.stop)
+        await raw.start()
+        targets.append(Target(RAW, raw.send, tuple(c for c in levels if c in RAW_LEVELS)))
+    client = await exits.enter_async_context(make_client(max(levels) * 2 + 8, timeout=limit))
+    servers: list[Stack | TransformersServe] = []
+    if not args.skip_stack:
+        servers.append(Stack(model_dir, work / "stack", torch_threads=args.torch_threads))
+    if not args.skip_transformers_serve:
+        servers.append(TransformersServe(model_dir, work / "tfs", torch_threads=args.torch_threads))
+    for server in servers:
+        exits.push_async_callback(asyncio.to_thread, server.stop)
+    await asyncio.gather(*(asyncio.to_thread(s.start) for s in servers))
+    for server in servers:
+        if isinstance(server, Stack):
+            ours = ChatTarget(client, server.edge_url, server.model_id, workload, include_usage=True)
+            targets.append(Target(STACK, ours.send, levels))
+        else:
+            targets.append(Target(TFS, (await tfs_target(client, server, workload, notes)).send, levels))
+    return targets
 
 
-async def bench_stack(args, workload, model_dir, work, levels, limit) -> list[LevelResult]:
-    stack = Stack(model_dir, work / "stack", torch_threads=args.torch_threads)
-    try:
-        await asyncio.to_thread(stack.start)
-        async with make_client(max(levels) + 8, timeout=limit) as client:
-            target = ChatTarget(client, stack.edge_url, stack.model_id, workload, include_usage=True)
-            return await run_http_levels(STACK, target, levels, args, limit)
-    finally:
-        await asyncio.to_thread(stack.stop)
+async def tfs_target(client, server: TransformersServe, workload: Workload, notes: list[str]) -> ChatTarget:
+    """``transformers serve``: no ``stream_options`` (on its list of unsupported fields); images only if
+    it can answer one."""
+    probe = ChatTarget(client, server.url, server.model_id, workload, include_usage=False)
+    result = await probe.send(workload.image_every - 1)  # the first image request of the workload
+    if not result.ok:
+        notes.append(f"transformers serve failed an image request ({result.error}): text only")
+        workload = Workload(max_tokens=workload.max_tokens, image_every=0, png=workload.png)
+    if server.log_has("does not support continuous batching"):
+        notes.append(
+            "transformers serve was started with --continuous-batching, logged that "
+            "Qwen3VLForConditionalGeneration does not support it and fell back to sequential generation"
+        )
+    return ChatTarget(client, server.url, server.model_id, workload, include_usage=False, leading_echo="\n")
 
 
-async def bench_transformers_serve(args, workload, model_dir, work, levels, limit, notes):
-    server = TransformersServe(model_dir, work / "tfs", torch_threads=args.torch_threads)
-    try:
-        await asyncio.to_thread(server.start)
-        async with make_client(max(levels) + 8, timeout=limit) as client:
-            tfs_workload = workload
-            probe = await ChatTarget(client, server.url, server.model_id, workload, include_usage=False).send(
-                workload.image_every - 1
-            )
-            if not probe.ok:
-                notes.append(f"transformers serve failed an image request ({probe.error}): text only")
-                tfs_workload = Workload(max_tokens=workload.max_tokens, image_every=0, png=workload.png)
-            # No stream_options: it is on transformers serve's list of unsupported fields.
-            target = ChatTarget(client, server.url, server.model_id, tfs_workload, include_usage=False)
-            results = await run_http_levels(TFS, target, levels, args, limit)
-        if server.log_has("does not support continuous batching"):
-            notes.append(
-                "transformers serve was started with --continuous-batching, logged that "
-                "Qwen3VLForConditionalGeneration does not support it and fell back to sequential generation"
-            )
-        return results
-    finally:
-        await asyncio.to_thread(server.stop)
+async def measure(targets: Sequence[Target], args: argparse.Namespace) -> list[LevelResult]:
+    limit = args.level_time_limit or (60.0 if args.quick else 240.0)
+    for target in targets:
+        await warm_up(target.send, 2 if args.quick else 8, concurrency=4)
+    results: list[LevelResult] = []
+    for concurrency in sorted({c for t in targets for c in t.levels}):
+        for target in targets:
+            if concurrency not in target.levels:
+                continue
+            n = level_sizes(concurrency, args.quick, args.cap)
+            records = await closed_loop(target.send, concurrency, n, limit)
+            result = LevelResult.from_records(target.name, concurrency, records)
+            log.info("%s @%d: %.1f tok/s, %d/%d ok", target.name, concurrency, result.tok_s, result.ok, n)
+            results.append(result)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(results, key=lambda r: (order[r.target], r.concurrency))
 
 
-async def run(args: argparse.Namespace) -> int:
-    quick = args.quick
-    workload = Workload.build(args.max_tokens or (16 if quick else 64))
-    limit = args.level_time_limit or (60.0 if quick else 120.0)
-    stack_levels = QUICK_LEVELS if quick else STACK_LEVELS
-    model_dir = ensure_checkpoint(args.model_dir)
-    notes: list[str] = [
+def run_notes(workload: Workload) -> list[str]:
+    return [
         f"workload: max_tokens={workload.max_tokens}, temperature 0, one request in {workload.image_every} "
         "with a 64x64 PNG (data URL), the same prompts in the same order for every target",
         "(b) full stack single stream = the full stack's concurrency-1 level of (c)",
+        "levels run back to back per concurrency (raw engine, full stack, transformers serve), "
+        "all servers up and the idle ones idle",
         f"the edge's per-client rate limit is raised to {BENCH_RATE_LIMIT} for the benchmark (one client, "
         "up to 64 streams); everything else is the production config",
     ]
-    results: list[LevelResult] = []
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    t0 = time.perf_counter()
+
+
+async def run(args: argparse.Namespace) -> int:
+    workload = Workload.build(args.max_tokens or (16 if args.quick else 64))
+    model_dir = ensure_checkpoint(args.model_dir)
+    notes = run_notes(workload)
+    started, load_before, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), os.getloadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        work = Path(tmp)
-        if not args.skip_raw:
-            log.info("(a) raw engine in-process")
-            results += await run_raw_engine(
-                model_dir,
-                workload,
-                RAW_LEVELS,
-                quick=quick,
-                cap=args.cap,
-                time_limit=limit,
-                warmup=2 if quick else 4,
-                torch_threads=args.torch_threads,
-            )
-        if not args.skip_stack:
-            log.info("(b)+(c) full stack")
-            results += await bench_stack(args, workload, model_dir, work, stack_levels, limit)
-        if not args.skip_transformers_serve:
-            log.info("(d) transformers serve")
-            results += await bench_transformers_serve(
-                args, workload, model_dir, work, stack_levels, limit, notes
-            )
+        async with contextlib.AsyncExitStack() as exits:
+            targets = await start_targets(exits, args, workload, model_dir, Path(tmp), notes)
+            results = await measure(targets, args)
     ratios = compute_ratios(results)
     meta = {
         "started": started,
         "duration_s": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        # Other work on the machine skews every number; the 1-minute load before and after tells.
+        "load_avg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "config": {
             "max_tokens": workload.max_tokens,
-            "quick": quick,
+            "quick": args.quick,
             "model": model_dir.name,
             "torch_threads": args.torch_threads or "default",
         },

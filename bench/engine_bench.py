@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import LevelResult, RequestRecord, closed_loop, level_sizes, next_id, warm_up
+from bench.loadgen import RequestRecord, next_id
 from bench.workload import Workload
 
 
@@ -78,40 +78,39 @@ class EngineClient:
 
 
 def load_engine(model_dir: Path) -> Any:
-    """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, default scheduler settings)."""
+    """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, the same settings defaults)."""
     from services.model.engine.hf import HFEngine
     from services.model.loading import load_model_and_processor
     from services.model.settings import ModelSettings
 
-    settings = ModelSettings(model_repo_id=str(model_dir), engine="hf")
+    settings = ModelSettings(model_repo_id=str(model_dir))
     return HFEngine(load_model_and_processor(settings), settings)
 
 
-async def run_raw_engine(
-    model_dir: Path,
-    workload: Workload,
-    levels: Sequence[int],
-    *,
-    quick: bool,
-    cap: int,
-    time_limit: float,
-    warmup: int,
-    torch_threads: int | None = None,
-) -> list[LevelResult]:
-    if torch_threads is not None:
-        import torch
+class RawEngine:
+    """The in-process engine as a benchmark target: ``start``, ``send`` (one request), ``stop``."""
 
-        torch.set_num_threads(torch_threads)
-    engine = await asyncio.to_thread(load_engine, model_dir)
-    client = EngineClient(engine, workload, asyncio.get_running_loop())
-    engine.start(client.sink)
-    results: list[LevelResult] = []
-    try:
-        await warm_up(client.send, warmup)
-        for concurrency in levels:
-            n = level_sizes(concurrency, quick, cap)
-            records = await closed_loop(client.send, concurrency, n, time_limit)
-            results.append(LevelResult.from_records("raw engine", concurrency, records))
-    finally:
-        await asyncio.to_thread(engine.shutdown, 5.0)
-    return results
+    def __init__(self, model_dir: Path, workload: Workload, torch_threads: int | None = None) -> None:
+        self._model_dir = model_dir
+        self._workload = workload
+        self._torch_threads = torch_threads
+        self._engine: Any = None
+        self._client: EngineClient | None = None
+
+    async def start(self) -> None:
+        if self._torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+        self._engine = await asyncio.to_thread(load_engine, self._model_dir)
+        self._client = EngineClient(self._engine, self._workload, asyncio.get_running_loop())
+        self._engine.start(self._client.sink)
+
+    async def send(self, index: int) -> RequestRecord:
+        assert self._client is not None, "start() first"
+        return await self._client.send(index)
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.shutdown, 5.0)
+            self._engine = None

@@ -1,8 +1,12 @@
 """Streaming chat completions over HTTP, measured the way a client sees them.
 
 Works for both servers: ours ends its stream with ``data: [DONE]``; ``transformers serve`` just closes it
-(it sends its usage on the last chunk and rejects nothing about ``stream_options`` but ignores it). The
-first token is the first chunk that carries text (content or reasoning); tokens come from ``usage``.
+(its usage rides on the last chunk; ``stream_options`` is on its list of unsupported fields). The first
+token is the first chunk that carries text (content or reasoning); tokens come from ``usage``.
+
+``transformers serve`` opens every stream with a reasoning chunk ``"\n"`` that no model step produced: its
+response parser replays the end of the prompt (the Thinking template's ``<think>\n``) before generation
+starts. ``leading_echo`` names such a chunk so that it does not count as the first token.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class ChatTarget:
         *,
         include_usage: bool,
         headers: dict[str, str] | None = None,
+        leading_echo: str | None = None,
     ) -> None:
         self._client = client
         self._url = base_url.rstrip("/") + "/v1/chat/completions"
@@ -43,6 +48,7 @@ class ChatTarget:
         self._workload = workload
         self._include_usage = include_usage
         self._headers = headers or {}
+        self._leading_echo = leading_echo
 
     async def send(self, index: int) -> RequestRecord:
         body = self._workload.openai_body(
@@ -55,7 +61,7 @@ class ChatTarget:
                     text = (await resp.aread()).decode(errors="replace")
                     rec.error = f"HTTP {resp.status_code}: {text[:200]}"
                 else:
-                    await _consume(resp, rec)
+                    await _consume(resp, rec, self._leading_echo)
         except (httpx.HTTPError, ValueError) as exc:
             rec.error = f"{type(exc).__name__}: {exc}"
         rec.end = time.perf_counter()
@@ -64,7 +70,8 @@ class ChatTarget:
         return rec
 
 
-async def _consume(resp: httpx.Response, rec: RequestRecord) -> None:
+async def _consume(resp: httpx.Response, rec: RequestRecord, leading_echo: str | None) -> None:
+    echo = leading_echo
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue  # ids, event names, ": ping" comments, blank separators
@@ -75,16 +82,25 @@ async def _consume(resp: httpx.Response, rec: RequestRecord) -> None:
         if "error" in chunk:
             rec.error = f"stream error: {json.dumps(chunk['error'])[:200]}"
             return
-        _note_chunk(chunk, rec)
-
-
-def _note_chunk(chunk: dict[str, Any], rec: RequestRecord) -> None:
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta") or {}
-        if any(delta.get(f) for f in _TEXT_FIELDS):
+        text = _text_of(chunk)
+        if text and echo is not None and rec.chunks == 0 and text == echo:
+            echo = None  # the server's replay of the prompt's end, not a generated token
+        elif text:
             rec.chunks += 1
             if rec.first_token is None:
                 rec.first_token = time.perf_counter()
+        _note_usage(chunk, rec)
+
+
+def _text_of(chunk: dict[str, Any]) -> str:
+    parts = []
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        parts += [delta[f] for f in _TEXT_FIELDS if delta.get(f)]
+    return "".join(parts)
+
+
+def _note_usage(chunk: dict[str, Any], rec: RequestRecord) -> None:
     usage = chunk.get("usage")
     if usage:
         rec.completion_tokens = int(usage.get("completion_tokens") or 0)

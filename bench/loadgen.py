@@ -141,10 +141,10 @@ async def warm_up(send: Send, count: int, concurrency: int = 2) -> None:
 
 
 def level_sizes(concurrency: int, quick: bool, cap: int) -> int:
-    """Requests per level: two per stream, at least 8, at most ``cap`` (``--quick``: one per stream, >= 2)."""
+    """Requests per level: two per stream, at least 16, at most ``cap``; ``--quick``: one per stream."""
     if quick:
         return max(2, concurrency)
-    return min(cap, max(8, 2 * concurrency))
+    return min(cap, max(16, 2 * concurrency))
 
 
 _ids = itertools.count()

@@ -56,6 +56,8 @@ class Stack:
     torch_threads: int | None = None
     procs: list[Proc] = field(default_factory=list)
     edge_url: str = ""
+    api_url: str = ""
+    model_url: str = ""
     model_id: str = ""
 
     def start(self, timeout: float = 180.0) -> None:
@@ -100,9 +102,11 @@ class Stack:
             rate_burst=BENCH_RATE_BURST,
         )
         edge = self._spawn("nginx", nginx_argv(conf, _binary("nginx")), {}, logs)
-        model.wait_http(f"http://127.0.0.1:{model_port}/ready", timeout=timeout)
-        api.wait_http(f"http://127.0.0.1:{api_port}/ready", timeout=timeout)
+        self.model_url = f"http://127.0.0.1:{model_port}"
+        self.api_url = f"http://127.0.0.1:{api_port}"
         self.edge_url = f"http://127.0.0.1:{edge_port}"
+        model.wait_http(f"{self.model_url}/ready", timeout=timeout)
+        api.wait_http(f"{self.api_url}/ready", timeout=timeout)
         edge.wait_http(f"{self.edge_url}/ready", timeout=timeout)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], logs: Path) -> Proc:

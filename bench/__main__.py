@@ -18,9 +18,10 @@ import platform
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.cpu import CpuMeter
 from bench.engine_bench import RawEngine
 from bench.http_client import ChatTarget, make_client
 from bench.loadgen import LevelResult, Send, closed_loop, level_sizes, warm_up
@@ -40,6 +41,7 @@ class Target:
     name: str
     send: Send
     levels: tuple[int, ...]
+    processes: dict[str, int] = field(default_factory=dict)  # name -> pid of each server process tree
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -100,9 +102,10 @@ async def start_targets(
     for server in servers:
         if isinstance(server, Stack):
             ours = ChatTarget(client, server.edge_url, server.model_id, workload, include_usage=True)
-            targets.append(Target(STACK, ours.send, levels))
+            targets.append(Target(STACK, ours.send, levels, server.pids()))
         else:
-            targets.append(Target(TFS, (await tfs_target(client, server, workload, notes)).send, levels))
+            theirs = await tfs_target(client, server, workload, notes)
+            targets.append(Target(TFS, theirs.send, levels, server.pids()))
     return targets
 
 
@@ -132,8 +135,11 @@ async def measure(targets: Sequence[Target], args: argparse.Namespace) -> list[L
             if concurrency not in target.levels:
                 continue
             n = level_sizes(concurrency, args.quick, args.cap)
+            meter = CpuMeter(target.processes)
+            meter.start()
             records = await closed_loop(target.send, concurrency, n, limit)
             result = LevelResult.from_records(target.name, concurrency, records)
+            result.cpu_s = meter.stop()
             log.info("%s @%d: %.1f tok/s, %d/%d ok", target.name, concurrency, result.tok_s, result.ok, n)
             results.append(result)
     order = {t.name: i for i, t in enumerate(targets)}

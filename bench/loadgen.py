@@ -74,6 +74,7 @@ class LevelResult:
     e2e_p50: float | None
     e2e_p99: float | None
     error_samples: list[str] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree in this level
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -110,6 +110,21 @@ def level_table(results: Sequence[LevelResult]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def cpu_table(results: Sequence[LevelResult]) -> str:
+    """CPU milliseconds per generated token, by process tree, and how busy the cores were."""
+    head = "| target | conc | wall ms/token | CPU ms/token by process | cores busy |\n"
+    head += "|---|---:|---:|---|---:|\n"
+    rows = []
+    for r in results:
+        if not r.cpu_s or not r.completion_tokens or not r.wall_s:
+            continue
+        per = ", ".join(f"{name} {sec * 1000 / r.completion_tokens:.2f}" for name, sec in r.cpu_s.items())
+        busy = sum(r.cpu_s.values()) / r.wall_s
+        wall = r.wall_s * 1000 / r.completion_tokens
+        rows.append(f"| {r.target} | {r.concurrency} | {wall:.2f} | {per} | {busy:.2f} |")
+    return head + "\n".join(rows) + "\n" if rows else ""
+
+
 def ratio_table(ratios: Sequence[Ratio]) -> str:
     head = "| ratio | value | target | result |\n|---|---:|---:|---|\n"
     rows = [
@@ -138,7 +153,8 @@ def render_markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratios
         "(end - first token) / (tokens - 1); TTFT is the first chunk with text. p99 over few requests is "
         "close to the maximum.",
         "",
-        f"Run: {meta.get('started', '?')} on {meta.get('machine', '?')} ({config}).",
+        f"Run: {meta.get('started', '?')} on {meta.get('machine', '?')} ({config}); "
+        f"1-minute load average before/after: {meta.get('load_avg_1m', '?')}.",
         "",
         "## Targets",
         "",
@@ -149,6 +165,16 @@ def render_markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratios
         "![tokens/s and TTFT vs concurrency](bench.png)",
         "",
     ]
+    cpu = cpu_table(results)
+    if cpu:
+        parts += [
+            "## Where the CPU goes",
+            "",
+            "CPU time of each process tree during the level, per generated token (the bench process is the "
+            "load client, and the raw engine too); `cores busy` = all of it / wall time (2 cores here).",
+            "",
+            cpu,
+        ]
     if notes:
         parts += ["## Notes", "", *notes, ""]
     errors = error_lines(results)

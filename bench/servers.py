@@ -109,6 +109,11 @@ class Stack:
         api.wait_http(f"{self.api_url}/ready", timeout=timeout)
         edge.wait_http(f"{self.edge_url}/ready", timeout=timeout)
 
+    def pids(self) -> dict[str, int]:
+        """Root pid of each process tree (gunicorn and nginx masters include their workers)."""
+        names = {"model": "model service", "api": "api (gunicorn)", "nginx": "nginx"}
+        return {names[p.name]: p.popen.pid for p in self.procs}
+
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], logs: Path) -> Proc:
         proc = Proc(name, cmd, env, logs, REPO)
         self.procs.append(proc)
@@ -141,6 +146,9 @@ class TransformersServe:
         self.proc = Proc("transformers-serve", cmd, _base_env(self.torch_threads), logs, REPO)
         self.url = f"http://127.0.0.1:{port}"
         self.proc.wait_http(f"{self.url}/health", timeout=timeout)
+
+    def pids(self) -> dict[str, int]:
+        return {self.proc.name: self.proc.popen.pid} if self.proc is not None else {}
 
     def log_has(self, text: str) -> bool:
         return self.proc is not None and text in self.proc.log_path.read_text(errors="replace")

@@ -75,6 +75,7 @@ class LevelResult:
     e2e_p99: float | None
     error_samples: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree in this level
+    tok_s_runs: list[float] = field(default_factory=list)  # every run of this level (see --repeats)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -128,7 +128,7 @@ def cpu_table(results: Sequence[LevelResult]) -> str:
 def ratio_table(ratios: Sequence[Ratio]) -> str:
     head = "| ratio | value | target | result |\n|---|---:|---:|---|\n"
     rows = [
-        f"| {r.name} | {'-' if r.value is None else f'{r.value:.2f}'} | {r.target} | **{r.status}** |"
+        f"| {r.name} | {'-' if r.value is None else f'{r.value:.3f}'} | {r.target} | **{r.status}** |"
         for r in ratios
     ]
     return head + "\n".join(rows) + "\n"

@@ -15,14 +15,21 @@ import httpx
 class Proc:
     """A child process in its own process group, with its output in a log file."""
 
-    def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, cwd: Path
+    ) -> None:
         self.name = name
         self.cmd = list(cmd)
         self.log_path = log_dir / f"{name}.log"
         full_env = {**os.environ, **env}
         self._log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
-            self.cmd, env=full_env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.cmd,
+            env=full_env,
+            cwd=cwd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def log_tail(self, n: int = 60) -> str:

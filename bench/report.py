@@ -96,13 +96,20 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
 
+def _runs(r: LevelResult) -> str:
+    """Every run's tok/s when the level was repeated (the row shows the best one)."""
+    if len(r.tok_s_runs) < 2:
+        return ""
+    return " (" + ", ".join(f"{x:.0f}" for x in r.tok_s_runs) + ")"
+
+
 def level_table(results: Sequence[LevelResult]) -> str:
     head = (
         "| target | conc | req | ok | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | e2e p50/p99 ms | wall s |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = [
-        f"| {r.target} | {r.concurrency} | {r.requests} | {r.ok} | {r.tok_s:.1f} | "
+        f"| {r.target} | {r.concurrency} | {r.requests} | {r.ok} | {r.tok_s:.1f}{_runs(r)} | "
         f"{_ms(r.ttft_p50)} / {_ms(r.ttft_p99)} | {_ms(r.itl_p50)} / {_ms(r.itl_p99)} | "
         f"{_ms(r.e2e_p50)} / {_ms(r.e2e_p99)} | {r.wall_s:.1f} |"
         for r in results
@@ -151,7 +158,7 @@ def render_markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratios
         "Written by `python -m bench` (`make bench`); the JSON and the plot beside it are git-ignored.",
         "Tokens are completion tokens reported by each server's usage; ITL is per request "
         "(end - first token) / (tokens - 1); TTFT is the first chunk with text. p99 over few requests is "
-        "close to the maximum.",
+        "close to the maximum. Repeated levels list every run's tok/s in brackets; the row is the best run.",
         "",
         f"Run: {meta.get('started', '?')} on {meta.get('machine', '?')} ({config}); "
         f"1-minute load average before/after: {meta.get('load_avg_1m', '?')}.",

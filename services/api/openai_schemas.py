@@ -100,6 +100,10 @@ class ChatCompletionRequest(_Lenient):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    web_search_options: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -139,6 +143,17 @@ def unsupported_params(req: ChatCompletionRequest) -> str | None:
         return "top_logprobs"
     if req.response_format and req.response_format.get("type", "text") != "text":
         return "response_format"
+    return _unsupported_outputs(req)
+
+
+def _unsupported_outputs(req: ChatCompletionRequest) -> str | None:
+    """Token biasing, audio output and web search change what the model returns: refused, not ignored."""
+    if req.logit_bias:
+        return "logit_bias"
+    if req.audio is not None or (req.modalities and set(req.modalities) != {"text"}):
+        return "audio" if req.audio is not None else "modalities"
+    if req.web_search_options is not None:
+        return "web_search_options"
     return None
 
 

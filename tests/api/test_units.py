@@ -73,6 +73,10 @@ def req(**body: object) -> ChatCompletionRequest:
         ({"tool_choice": "required"}, "tool_choice"),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"15": 5}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
     ],
 )
 def test_unsupported_parameters_are_named(body: dict[str, object], param: str) -> None:
@@ -81,7 +85,15 @@ def test_unsupported_parameters_are_named(body: dict[str, object], param: str) -
 
 def test_harmless_values_and_unknown_fields_pass() -> None:
     r = req(
-        n=1, logprobs=False, response_format={"type": "text"}, user="u", metadata={"a": 1}, tool_choice="none"
+        n=1,
+        logprobs=False,
+        response_format={"type": "text"},
+        user="u",
+        metadata={"a": 1},
+        tool_choice="none",
+        logit_bias={},
+        modalities=["text"],
+        store=False,
     )
     assert unsupported_params(r) is None
 

@@ -28,6 +28,10 @@ class ModelSettings(BaseSettings):
     max_video_frames: int = Field(default=32, ge=1, le=768)
     max_image_pixels: int = Field(default=16_777_216, ge=1024)  # decoded pixels per image (bomb guard)
     max_media_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)  # per decoded media item
+    max_images_per_request: int = Field(default=16, ge=0)
+    max_videos_per_request: int = Field(default=2, ge=0)
+    # decoded pixels of all images and video frames of one request together (memory guard)
+    max_request_pixels: int = Field(default=128 * 1024 * 1024, ge=1024)
 
     # scheduling and limits
     max_batch_size: int = Field(default=16, ge=1, le=512)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from services.model.multimodal.images import decode_image
 from services.model.multimodal.prompt import MediaLimits, build_inputs
 from services.model.multimodal.video import decode_video, frames_to_sample
 from services.model.settings import ModelSettings
-from services.protocol.errors import InvalidMedia
+from services.protocol.errors import InvalidMedia, InvalidRequest
 from services.protocol.generate import ImagePart, Message, TextPart, VideoPart
 from tests.model.media import b64, mp4_b64, mp4_bytes, png_b64, png_bytes, png_header_only
 
@@ -221,3 +222,42 @@ def test_torch_free_video_ops() -> None:
     assert out.shape == (1, 3, 3, 32, 64) and out.dtype == torch.uint8
     flat = torch.full((1, 3, 2, 2), 0.5)
     assert torch.allclose(vp.normalize(flat, [0.5] * 3, [0.25] * 3), torch.zeros_like(flat))
+
+
+def test_per_request_media_counts_are_capped_before_decoding(loaded: Loaded) -> None:
+    limits = MediaLimits(32, 16_777_216, 16 << 20, max_images=2, max_videos=1)
+    undecodable = b64(b"nope")  # never reached: the counts are checked first
+    with pytest.raises(InvalidMedia, match="3 images; at most 2"):
+        build_inputs(loaded.processor, [user(*[ImagePart(data=undecodable)] * 3)], limits)
+    two_messages = [user(VideoPart(data=undecodable)), user(VideoPart(data=undecodable))]
+    with pytest.raises(InvalidMedia, match="2 videos; at most 1"):
+        build_inputs(loaded.processor, two_messages, limits)
+    ok = build_inputs(loaded.processor, [user(*[ImagePart(data=png_b64(seed=i)) for i in range(2)])], limits)
+    assert (ok["input_ids"] == IMAGE_PAD).sum().item() == 2 * 64
+
+
+def test_total_decoded_pixels_of_a_request_are_capped(loaded: Loaded) -> None:
+    limits = MediaLimits(32, 16_777_216, 16 << 20, max_request_pixels=3 * 64 * 64)
+    three = [ImagePart(data=png_b64(seed=i)) for i in range(3)]
+    assert build_inputs(loaded.processor, [user(*three)], limits)["image_grid_thw"].shape[0] == 3
+    with pytest.raises(InvalidMedia, match="decoded pixels in all"):
+        build_inputs(loaded.processor, [user(*three, ImagePart(data=png_b64(seed=9)))], limits)
+    with pytest.raises(InvalidMedia, match="decoded pixels in all"):
+        build_inputs(loaded.processor, [user(VideoPart(data=mp4_b64()))], limits)
+
+
+def test_odd_conversations_render_or_fail_as_invalid_request(loaded: Loaded) -> None:
+    odd = [
+        [Message(role="user", content=[])],
+        [Message(role="system", content="only a system message")],
+        [Message(role="user", content="hi"), Message(role="assistant", content="assistant last")],
+    ]
+    for messages in odd:
+        ids = build_inputs(loaded.processor, messages, LIMITS)["input_ids"][0].tolist()
+        assert loaded.processor.tokenizer.decode(ids).endswith(GENERATION_PROMPT)
+    # A checkpoint template that refuses a conversation (Qwen's raises for one without a user message)
+    # is the caller's error, not a crash.
+    strict = copy.copy(loaded.processor)
+    strict.chat_template = "{{ raise_exception('No user query found in messages.') }}"
+    with pytest.raises(InvalidRequest, match="No user query"):
+        build_inputs(strict, odd[1], LIMITS)

@@ -136,6 +136,8 @@ def test_bad_requests_answer_400_with_error_body(client: httpx.Client) -> None:
         (body("x", max_tokens=0), "invalid_request"),
         (body("x", parts=[{"type": "image", "data": "not base64!"}]), "invalid_media"),
         (body("x", "word " * 5000), "prompt_too_long"),
+        (body("x", parts=[{"type": "image", "data": "aGk="}] * 17), "invalid_media"),  # MAX_IMAGES 16
+        (body("x", parts=[{"type": "video", "data": "aGk="}] * 3), "invalid_media"),  # MAX_VIDEOS 2
     ]
     for payload, code in cases:
         response = client.post(paths.GENERATE, json=payload)

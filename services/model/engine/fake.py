@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
+from services.model.multimodal.limits import MediaLimits, check_media_counts
 from services.model.settings import ModelSettings
 from services.protocol.errors import Conflict, InvalidMedia, NotReady, Overloaded, PromptTooLong
 from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
@@ -114,6 +115,7 @@ class FakeEngine:
 
     async def prepare(self, request: GenerateRequest) -> Prepared:
         await asyncio.sleep(0)  # a real engine does this in a worker thread; keep the await point
+        check_media_counts(request.messages, MediaLimits.from_settings(self._settings))
         text, media_tokens = _render(request.messages)
         prompt_tokens = len(text.split()) + media_tokens
         sampling = self._resolve_sampling(request.sampling, prompt_tokens)

@@ -8,31 +8,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from services.model.multimodal.images import decode_image
+from services.model.multimodal.limits import MediaLimits, check_media_counts
 from services.model.multimodal.video import DecodedVideo, decode_video
 from services.protocol.errors import InvalidMedia, InvalidRequest
 from services.protocol.generate import ImagePart, Message, TextPart, VideoPart
 
-
-@dataclass(frozen=True, slots=True)
-class MediaLimits:
-    max_video_frames: int
-    max_image_pixels: int  # per image, and per video frame
-    max_media_bytes: int  # per media item, decoded from base64
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> MediaLimits:
-        return cls(
-            max_video_frames=settings.max_video_frames,
-            max_image_pixels=settings.max_image_pixels,
-            max_media_bytes=settings.max_media_bytes,
-        )
+__all__ = ["MediaLimits", "build_inputs"]
 
 
 @dataclass(slots=True)
 class _Conversation:
     messages: list[dict[str, Any]]
     videos: list[DecodedVideo]
+    pixels: int = 0  # decoded so far, all media of the request
+
+    def count(self, pixels: int, limit: int) -> None:
+        self.pixels += pixels
+        if self.pixels > limit:
+            raise InvalidMedia(f"the request's media have more than {limit} decoded pixels in all")
 
 
 def build_inputs(processor: Any, messages: list[Message], limits: MediaLimits) -> Any:
@@ -64,31 +60,37 @@ def build_inputs(processor: Any, messages: list[Message], limits: MediaLimits) -
             sanitize_control_tokens=True,
             processor_kwargs=processor_kwargs,
         )
-    except ValueError as exc:  # the processor's way of rejecting an input it cannot handle
+    except (ValueError, TemplateError) as exc:
+        # ValueError: the processor rejects an input; TemplateError: the checkpoint's chat template calls
+        # raise_exception (Qwen's does for a conversation without a user message, for example).
         raise InvalidRequest(f"the prompt could not be processed: {str(exc)[:300]}") from None
 
 
 def _to_conversation(messages: list[Message], limits: MediaLimits) -> _Conversation:
+    check_media_counts(messages, limits)
     conv = _Conversation(messages=[], videos=[])
     for message in messages:
         if isinstance(message.content, str):
             conv.messages.append({"role": message.role, "content": message.content})
             continue
-        parts = [_part(p, limits, conv.videos) for p in message.content]
+        parts = [_part(p, limits, conv) for p in message.content]
         conv.messages.append({"role": message.role, "content": parts})
     return conv
 
 
-def _part(part: TextPart | ImagePart | VideoPart, limits: MediaLimits, videos: list[DecodedVideo]) -> dict:
+def _part(part: TextPart | ImagePart | VideoPart, limits: MediaLimits, conv: _Conversation) -> dict:
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
         image = decode_image(part.data, limits.max_image_pixels, limits.max_media_bytes)
+        conv.count(image.width * image.height, limits.max_request_pixels)
         return {"type": "image", "image": image}
     if isinstance(part, VideoPart):
         video = decode_video(
             part.data, limits.max_video_frames, limits.max_image_pixels, limits.max_media_bytes
         )
-        videos.append(video)
+        frames, height, width = video.frames.shape[:3]
+        conv.count(frames * height * width, limits.max_request_pixels)
+        conv.videos.append(video)
         return {"type": "video", "video": video.frames}
     raise InvalidMedia(f"unsupported content part {type(part).__name__}")

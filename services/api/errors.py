@@ -135,13 +135,12 @@ def to_api_error(exc: BaseException, retry_after: int) -> ApiError | None:
 
 
 def error_response(error: ApiError, request_id: str | None) -> JSONResponse:
-    headers = error.headers()
+    """The error's JSON response. The ``X-Request-Id`` header is the middleware's (set once there); a 5xx
+    body names the request id so a user can quote it."""
     body = error.body()
-    if request_id:
-        headers["X-Request-Id"] = request_id
-        if error.status >= 500 and request_id not in error.message:
-            body["error"]["message"] = f"{error.message} (request id {request_id})"
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    if request_id and error.status >= 500 and request_id not in error.message:
+        body["error"]["message"] = f"{error.message} (request id {request_id})"
+    return JSONResponse(body, status_code=error.status, headers=error.headers())
 
 
 def internal_error(request_id: str | None) -> ApiError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -186,7 +187,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(_http_error(exc), request_id_of(request))
+        error = _http_error(exc)
+        if error.status in (404, 405) and request.url.path.startswith("/v1/"):
+            try:
+                authenticate(request)
+            except Unauthorized as denied:
+                error = denied
+        return error_response(error, request_id_of(request))
 
     async def on_known(request: Request, exc: Exception) -> JSONResponse:
         error = to_api_error(exc, retry_after) or internal_error(request_id_of(request))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from services.api.auth import owner_of
 from services.api.errors import install_error_handlers
 from services.api.instrumented_store import InstrumentedStore
 from services.api.logs import configure_logging
@@ -45,7 +46,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.state.key_hashes = settings.key_hashes()
     app.state.metrics = ApiMetrics()
     app.state.started_at = time.time()
-    install_error_handlers(app)
+    install_error_handlers(app, owner_of)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=app.state.metrics,

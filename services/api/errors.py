@@ -174,11 +174,30 @@ def _http_error(exc: StarletteHTTPException) -> ApiError:
     return InternalError(str(exc.detail))
 
 
+def from_payload(error: dict[str, Any], retry_after: int) -> ApiError:
+    """An error event's payload back into its typed error (a non-streaming reader answers its status)."""
+    kind = {
+        BadRequest.type: BadRequest,
+        RateLimited.type: RateLimited,
+        ServiceUnavailable.type: ServiceUnavailable,
+    }
+    cls = kind.get(str(error.get("type")), InternalError)
+    code, param = error.get("code"), error.get("param")
+    return cls(
+        str(error.get("message", "generation failed")),
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str) else None,
+        retry_after=retry_after if cls in (RateLimited, ServiceUnavailable) else None,
+    )
+
+
 def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, authenticate: Callable[[Request], object]) -> None:
+    """``authenticate`` raises Unauthorized for a caller without a valid key: an unmatched ``/v1`` route
+    answers 401 to such a caller before 404/405, as every ``/v1`` call needs the key."""
     retry_after = app.state.settings.retry_after_seconds
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from services.api.errors import ApiError, InternalError, ServiceUnavailable
+from services.api.errors import ApiError, ServiceUnavailable, from_payload
 from services.api.streaming.hub import SessionHub
 from services.api.streaming.replay import follow
 from services.api.streaming.translate import DONE
@@ -81,4 +81,4 @@ def _error(error: dict[str, Any], retry_after: int) -> ApiError:
     code = error.get("code")
     if code in _RETRYABLE:
         return ServiceUnavailable(message, code=code, retry_after=retry_after)
-    return InternalError(message, code=code if isinstance(code, str) else None)
+    return from_payload(error, retry_after)

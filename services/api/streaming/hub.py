@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from services.api.errors import session_not_found
+from services.api.errors import InternalError, error_json, session_not_found, to_api_error
 from services.api.metrics import ApiMetrics
 from services.api.model_client import EventStream, ModelClient
 from services.api.settings import ApiSettings
@@ -22,10 +22,12 @@ from services.api.store.base import (
     SessionExists,
     SessionRecord,
     SessionStore,
+    StoredEvent,
     StoreUnavailable,
 )
 from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.runner import RunnerDeps, SessionRunner
+from services.api.streaming.translate import DONE
 from services.protocol.errors import ModelServiceError
 from services.protocol.generate import GenerateRequest, Message, SamplingParams
 
@@ -115,27 +117,50 @@ class SessionHub:
     # ---- creation and takeover ------------------------------------------------------------------------
 
     async def create(self, new: NewSession) -> SessionRecord | None:
-        """Start the generation on the least busy replica, then record the session; None when the id was
-        taken meanwhile (the generation just started is cancelled; the caller attaches instead).
-        Model errors (400/429/503) surface before any session exists."""
+        """Reserve the session id, then start the generation on the least busy replica. None when the id is
+        taken (by a concurrent request in any process): the caller attaches to that session and no second
+        generation starts. Model errors (400/429/503) end the reservation at once and leave the id free."""
         url, model_name = await self.model.pick()
         request_id = f"{new.session_id}.{uuid.uuid4().hex[:12]}"
-        request = GenerateRequest(request_id=request_id, messages=new.messages, sampling=new.sampling)
-        try:
-            stream = await self.model.generate(url, request)
-        except ModelServiceError as exc:
-            self.metrics.model_errors.labels(exc.code).inc()
-            raise
         record = _new_record(new, url, request_id, model_name, self.runner_id, self.settings)
         try:
             await self._insert(record)
+        except SessionExists:
+            return None
+        request = GenerateRequest(request_id=request_id, messages=new.messages, sampling=new.sampling)
+        try:
+            stream = await self._open_holding_lease(url, request, record.id)
         except BaseException as exc:
-            await self._abandon(stream, url, request_id)
-            if isinstance(exc, SessionExists):
-                return None
+            if isinstance(exc, ModelServiceError):
+                self.metrics.model_errors.labels(exc.code).inc()
+            await self._drop_reservation(record.id, exc)
             raise
         self._start(record, stream, new.started_at)
         return record
+
+    async def _open_holding_lease(self, url: str, request: GenerateRequest, session_id: str) -> EventStream:
+        """Open the model stream, renewing the reservation's lease meanwhile (a request with big media takes
+        a while to be accepted): no reader may take over a session whose generation is still opening."""
+        opening = asyncio.ensure_future(self.model.generate(url, request))
+        lease = self.settings.runner_lease_seconds
+        try:
+            while not (await asyncio.wait({opening}, timeout=lease / 3))[0]:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.claim(session_id, self.runner_id, lease, time.time())
+            return opening.result()
+        finally:
+            opening.cancel()  # a no-op once done; stops the request when we are cancelled
+
+    async def _drop_reservation(self, session_id: str, exc: BaseException) -> None:
+        """The generation could not start: readers that attached meanwhile get the error and ``[DONE]``, and
+        the session is stored as long expired, so a retry with the same id starts afresh at once."""
+        error = to_api_error(exc, self.settings.retry_after_seconds)
+        payload = error_json(error or InternalError("the generation could not be started"))
+        events = [StoredEvent(0, payload), StoredEvent(1, DONE)]
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                self.store.append(session_id, events, model_seq=-1, status="failed", now=0.0)
+            )
 
     async def _insert(self, record: SessionRecord) -> None:
         """Create the session; an id whose previous session expired (but was not swept yet) is reusable."""
@@ -147,11 +172,6 @@ class SessionHub:
                 raise
             await self.store.delete_expired(time.time(), self.settings.sessions_ttl_seconds)
             await self.store.create(record)
-
-    async def _abandon(self, stream: EventStream, url: str, request_id: str) -> None:
-        with contextlib.suppress(Exception):
-            await stream.aclose()
-            await self.model.cancel(url, request_id)
 
     def _start(self, record: SessionRecord, stream: EventStream | None, started_at: float | None) -> None:
         live = LiveLog(record.id, record.last_index + 1)
@@ -191,6 +211,7 @@ class SessionHub:
     async def cancel(self, record: SessionRecord, kind: str, *, wait: bool = True) -> str:
         """Cancel on the owning replica and (unless ``wait`` is false) wait, bounded, for the session's
         final status."""
+        record = await self._opened(record)
         if record.status in FINAL_STATUSES:
             return record.status
         await self.ensure_runner(record)  # someone must be there to write the cancelled chunk
@@ -204,6 +225,18 @@ class SessionHub:
                 self.metrics.model_errors.labels(exc.code).inc()
         self.metrics.cancels.labels(kind).inc()
         return await self._await_final(record.id) if wait else record.status
+
+    async def _opened(self, record: SessionRecord) -> SessionRecord:
+        """A reserved session whose generation is still opening has no event yet: wait (bounded) until its
+        runner stored the first one, so that the cancel reaches a generation the model service knows."""
+        deadline = time.monotonic() + self.settings.cancel_wait_seconds
+        while record.last_index < 0 and record.status not in FINAL_STATUSES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await self.store.wait(record.id, -1, min(remaining, 0.5))
+            record = await self.store.get(record.id) or record
+        return record
 
     async def _await_final(self, session_id: str) -> str:
         deadline = time.monotonic() + self.settings.cancel_wait_seconds

@@ -198,3 +198,17 @@ async def test_auto_cancel_fires_when_nobody_is_attached() -> None:
     assert model.cancelled == ["rid"] and runner.auto_cancelled
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("after", "cancels"), [(0.0, False), (5.0, True)])
+async def test_cancel_after_disconnect_zero_disables_auto_cancel(after: float, cancels: bool) -> None:
+    store = MemoryStore()
+    record = new_record()
+    record.reader_seen_at = time.time() - 100
+    await store.create(record)
+    model = FakeModel([])
+    deps = make_deps(store, model, cancel_after_disconnect_seconds=after)
+    runner = SessionRunner(deps, record, LiveLog("s1", 0), None)
+    runner._since = time.monotonic() - 100  # nobody attached anywhere for 100 s
+    await runner._maybe_auto_cancel()
+    assert runner.auto_cancelled is cancels and (model.cancelled == ["rid"]) is cancels

@@ -10,16 +10,26 @@ from typing import Any
 import pytest
 
 from services.model.engine import batch as kv
-from services.model.engine.base import FinalOutput, Prepared
+from services.model.engine.base import EngineStats, FinalOutput, Prepared
 from services.protocol.errors import Conflict, NotReady, Overloaded
+from services.protocol.generate import (
+    GenerateRequest,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TextPart,
+    VideoPart,
+)
 from tests.model.engine_support import (
     Recorder,
     drain,
+    png_b64,
     prepare,
     reference_tokens,
     request,
     scheduler_for,
     tiny_engine,
+    video_b64,
 )
 
 # Loading the tiny model and its processor takes several seconds; each test then takes well under one.
@@ -116,14 +126,81 @@ def test_one_step_reports_all_rows_in_one_sink_call(engine: Any, mixed: dict[str
 
 
 def test_prefill_budget_spreads_admissions(engine: Any, mixed: dict[str, Prepared]) -> None:
-    sched = scheduler_for(engine, max_step_tokens=64)
-    sched.bind(Recorder())
-    for rid in ("image-b", "text-a", "text-d"):  # 82 tokens (over budget, goes alone), then 16 + 11
+    obs = _Observer()
+    sched = scheduler_for(engine, observer=obs, max_step_tokens=32)
+    rec = Recorder()
+    sched.bind(rec)
+    for rid in ("text-a", "text-d", "text-f"):  # 16 + 11 fit one step's budget; text-f waits a step
         sched.submit(mixed[rid])
     sched.step_once()
-    assert sched.stats().running == 1
+    assert sched.stats() == EngineStats(running=2, queued=1)
     sched.step_once()
-    assert sched.stats().running == 3
+    assert sched.stats() == EngineStats(running=3, queued=0)
+    assert [p for _, _, p in obs.steps[:2]] == [27, mixed["text-f"].prompt_tokens]
+
+
+def _long_prompt(engine: Any) -> Prepared:
+    """Text, two images and a video: 171 prompt tokens, the images and video 64 + 64 + 16 of them."""
+    parts = [
+        ImagePart(data=png_b64(1)),
+        TextPart(text="and then"),
+        VideoPart(data=video_b64(2)),
+        ImagePart(data=png_b64(3)),
+        TextPart(text="what do these have in common? " * 2),
+    ]
+    req = GenerateRequest(
+        request_id="long-mm",
+        messages=[Message(role="user", content=parts)],
+        sampling=SamplingParams(max_tokens=12, temperature=0),
+    )
+    return prepare(engine, req)
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    long = _long_prompt(engine)
+    assert long.prompt_tokens > 3 * 48
+    obs = _Observer()
+    sched = scheduler_for(engine, observer=obs, max_step_tokens=48)
+    sched.bind(Recorder())
+    sched.submit(mixed["text-d"])
+    sched.step_once()
+    sched.submit(long)
+    sched.submit(mixed["text-a"])  # arrives behind the long prompt: keeps arrival order
+    chunk_steps = 0
+    while "long-mm" not in sched.tokens:
+        before = len(sched.tokens["text-d"])
+        sched.step_once()
+        chunk_steps += 1
+        assert len(sched.tokens["text-d"]) == before + 1  # the running row decodes in every step
+        assert "text-a" not in sched.tokens or "long-mm" in sched.tokens
+    # Each image (64 visual tokens, more than the budget) is encoded alone in its step; otherwise no step
+    # prefills more than the budget.
+    assert chunk_steps >= 5
+    assert [p for _, _, p in obs.steps[1 : 1 + chunk_steps] if p > 48] == [64, 64]
+    drain(sched)
+    assert sched.tokens["long-mm"] == reference_tokens(engine, long)
+    for rid in ("text-d", "text-a"):
+        assert sched.tokens[rid] == references[rid], rid
+
+
+def test_cancel_during_a_chunked_prefill_frees_its_slot(engine: Any, mixed: dict[str, Prepared]) -> None:
+    long = _long_prompt(engine)
+    sched = scheduler_for(engine, max_step_tokens=48, max_batch_size=2)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(long)
+    sched.step_once()
+    assert sched.stats() == EngineStats(running=1, queued=0)  # prefilling: holds a batch slot
+    assert sched.cancel("long-mm")
+    sched.step_once()
+    assert rec.final("long-mm") == FinalOutput("cancelled", long.prompt_tokens, 0)
+    assert sched.stats() == EngineStats(running=0, queued=0)
+    assert sched.cancel("long-mm") is False
+    sched.submit(mixed["text-a"])
+    drain(sched)
+    assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
 
 
 def _sampled(engine: Any, rid: str, seed: int, **extra: Any) -> Prepared:
@@ -257,6 +334,13 @@ def test_failed_prefill_fails_only_that_request(engine: Any, mixed: dict[str, Pr
     final = rec.final("broken")
     assert final is not None and final.finish_reason == "error" and final.error
     assert rec.final("text-a").finish_reason == "length"  # type: ignore[union-attr]
+    # A prompt over the budget (prefilled in chunks) that fails fails alone too.
+    broken_long = Prepared(request_id="broken-long", sampling=broken.sampling, prompt_tokens=10**6, inputs={})
+    sched.submit(broken_long)
+    sched.submit(mixed["text-d"])
+    drain(sched)
+    assert rec.final("broken-long").finish_reason == "error"  # type: ignore[union-attr]
+    assert rec.final("text-d").finish_reason == "length"  # type: ignore[union-attr]
 
 
 def test_failed_decode_fails_the_batch_and_the_loop_lives_on(

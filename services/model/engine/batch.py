@@ -44,34 +44,53 @@ def prefill(model: Any, inputs: Mapping[str, Any], device: torch.device) -> tupl
     """Run one request's prompt (with its pixels) alone; returns its last logits (1, V) and its batch state
     (``tokens`` is a placeholder until its first token is sampled)."""
     input_ids = inputs["input_ids"].to(device)
-    length = int(input_ids.shape[1])
     mask = torch.ones_like(input_ids)
-    media = {k: inputs[k].to(device) for k in _MEDIA_KEYS if inputs.get(k) is not None}
-    for key in _FLOAT_KEYS:
-        if key in media:
-            media[key] = media[key].to(model.dtype)
-    mrope, delta = _prompt_positions(model, input_ids, mask, media)
-    text = torch.arange(length, device=device).view(1, 1, length)
+    media = media_tensors(model, inputs, device)
+    positions, delta = prompt_positions(model, input_ids, media)
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
-        position_ids=torch.cat([text, mrope], dim=0),
+        position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
         **media,
     )
-    state = BatchTensors(
-        cache=out.cache,
-        mask=mask,
+    return out.logits[:, -1], prefilled_state(out.cache, int(input_ids.shape[1]), delta)
+
+
+def media_tensors(model: Any, inputs: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The processor's media tensors on the model's device, pixels in the model's dtype."""
+    media = {k: inputs[k].to(device) for k in _MEDIA_KEYS if inputs.get(k) is not None}
+    for key in _FLOAT_KEYS:
+        if key in media:
+            media[key] = media[key].to(model.dtype)
+    return media
+
+
+def prefilled_state(cache: DynamicCache, length: int, delta: torch.Tensor) -> BatchTensors:
+    """The batch state of one fully prefilled prompt of ``length`` tokens."""
+    device = delta.device
+    return BatchTensors(
+        cache=cache,
+        mask=torch.ones((1, length), dtype=torch.long, device=device),
         next_pos=torch.full((1,), length, dtype=torch.long, device=device),
-        delta=delta.reshape(1).to(device=device, dtype=torch.long),
+        delta=delta.reshape(1).to(dtype=torch.long),
         tokens=torch.zeros((1, 1), dtype=torch.long, device=device),
     )
-    return out.logits[:, -1], state
 
 
-def _prompt_positions(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, media: dict[str, torch.Tensor]
+def prompt_positions(
+    model: Any, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit positions (4, 1, L) of the prompt (text index, then 3-D mrope) and its delta (1,)."""
+    length = int(input_ids.shape[1])
+    text = torch.arange(length, device=input_ids.device).view(1, 1, length)
+    mrope, delta = _mrope_positions(model, input_ids, media)
+    return torch.cat([text, mrope], dim=0), delta
+
+
+def _mrope_positions(
+    model: Any, input_ids: torch.Tensor, media: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D mrope positions (3, 1, L) of the prompt and its delta (1,)."""
     has_media = media.get("image_grid_thw") is not None or media.get("video_grid_thw") is not None
@@ -84,7 +103,7 @@ def _prompt_positions(
         media["mm_token_type_ids"],
         image_grid_thw=media.get("image_grid_thw"),
         video_grid_thw=media.get("video_grid_thw"),
-        attention_mask=mask,
+        attention_mask=torch.ones_like(input_ids),
     )
     return positions, delta.reshape(-1)
 

@@ -1,10 +1,16 @@
 """Iteration-level batching: one thread owns the model and runs the step loop.
 
-One step: apply cancellations; admit queued requests while the batch has room, prefilling each alone with
-its pixels, at most ``max_step_tokens`` prompt tokens per step (so a long prompt cannot starve the running
-rows; a single prompt over the budget still goes, alone); one decode step for every running row; sample all
-rows at once (running and just-prefilled) on the whole logits tensor; detokenize per row; report every
-row's output in ONE sink call; retire finished and cancelled rows at once.
+One step: apply cancellations; prefill, at most ``max_step_tokens`` prompt tokens of it per step; one
+decode step for every running row; sample all rows at once (running and just-prefilled) on the whole logits
+tensor; detokenize per row; report every row's output in ONE sink call; retire finished and cancelled rows.
+
+Prefill never delays the running rows by more than one budget per step: queued prompts that fit the budget
+left are prefilled whole, each alone with its pixels, and join the batch in the same step; a prompt longer
+than the budget is prefilled in budget-sized chunks over several steps (``ChunkedPrefill``: its images and
+videos, as many per step as fit, then slices of the text), one such prompt at a time, in arrival order,
+with a decode step of the running rows in every step. The one exception to the bound is a single image or
+video whose own visual tokens exceed the budget: its vision encoder pass cannot be split and runs alone in
+its step (the media limits bound it).
 
 Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
 or shutdown), ``error`` (the step failed: the affected requests fail, the loop lives on).
@@ -24,6 +30,7 @@ import torch
 
 from services.model.engine import batch as kv
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
+from services.model.engine.chunked import ChunkedPrefill
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.sampling import BatchSampler, RowSampler, SamplingConfig, sampling_config
 from services.protocol.errors import Conflict, NotReady, Overloaded
@@ -112,6 +119,7 @@ class Scheduler:
         self._known: set[str] = set()  # queued or running request ids
         self._cancels: set[str] = set()
         self._rows: list[_Row] = []
+        self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
         self._batch: kv.BatchTensors | None = None
         self._sink: OutputSink | None = None
         self._thread: threading.Thread | None = None
@@ -135,7 +143,7 @@ class Scheduler:
         """Run one step in the calling thread; False when there was nothing to do. Never while the
         loop thread runs."""
         assert self._thread is None, "the scheduler thread owns the loop"
-        if not (self._queue or self._rows or self._cancels):
+        if not (self._queue or self._rows or self._cancels or self._chunked):
             return False
         with torch.inference_mode():
             self._step()
@@ -148,7 +156,7 @@ class Scheduler:
             if prepared.request_id in self._known:
                 raise Conflict(f"request {prepared.request_id!r} is already running")
             # Queue capacity counts only requests that cannot join the batch at its next step.
-            free_slots = max(0, self._config.max_batch_size - len(self._rows))
+            free_slots = max(0, self._config.max_batch_size - self._occupied())
             if len(self._queue) >= self._config.max_queue + free_slots:
                 raise Overloaded("the generation queue is full")
             self._queue.append((prepared, time.perf_counter()))
@@ -164,7 +172,11 @@ class Scheduler:
             return True
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._rows), queued=len(self._queue))
+        return EngineStats(running=self._occupied(), queued=len(self._queue))
+
+    def _occupied(self) -> int:
+        """Batch slots in use: running rows and the prompt being prefilled in chunks."""
+        return len(self._rows) + (self._chunked is not None)
 
     def shutdown(self, grace_seconds: float) -> None:
         with self._cond:
@@ -195,7 +207,7 @@ class Scheduler:
     def _wait_for_work(self) -> bool:
         with self._cond:
             while True:
-                idle = not self._queue and not self._rows
+                idle = not self._queue and not self._rows and self._chunked is None
                 if idle and self._closing:
                     self._drained.set()
                 if idle and self._stopping:
@@ -218,8 +230,9 @@ class Scheduler:
             self._retire()
         except Exception as exc:  # a bug or a device failure outside the guarded model calls
             log.exception("scheduler step failed")
-            self._fail_rows(step, [*self._rows, *step.admitted], f"internal error: {exc}")
-            self._rows, self._batch = [], None
+            chunked = [self._chunked[0]] if self._chunked is not None else []
+            self._fail_rows(step, [*self._rows, *step.admitted, *chunked], f"internal error: {exc}")
+            self._rows, self._batch, self._chunked = [], None, None
             self._sampler.set_rows([])
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
@@ -238,20 +251,29 @@ class Scheduler:
                 else:
                     kept.append((prepared, submitted))
             self._queue = kept
-        for row in self._rows:
+        chunked = [self._chunked[0]] if self._chunked is not None else []
+        for row in [*self._rows, *chunked]:
             if row.request_id in cancels and row.finish_reason is None:
                 row.finish_reason = "cancelled"
                 self._final(step, row)
+        if chunked and chunked[0].finish_reason is not None:
+            self._chunked = None  # its partial cache is dropped with it
 
     def _admit(self, step: _Step) -> tuple[list[_Row], list[torch.Tensor], list[kv.BatchTensors]]:
         rows: list[_Row] = []
         logits: list[torch.Tensor] = []
         states: list[kv.BatchTensors] = []
-        while len(self._rows) + len(rows) < self._config.max_batch_size:
-            nxt = self._pop_admissible(step, first=not rows)
+        if self._chunked is not None:
+            self._prefill_chunk(step, rows, logits, states)
+        while self._occupied() + len(rows) < self._config.max_batch_size and self._chunked is None:
+            nxt = self._pop_admissible(step)
             if nxt is None:
                 break
             prepared, submitted = nxt
+            if step.prefill_tokens + prepared.prompt_tokens > self._config.max_step_tokens:
+                self._start_chunked(step, prepared, submitted)
+                self._prefill_chunk(step, rows, logits, states)
+                break
             step.prefill_tokens += prepared.prompt_tokens
             try:
                 row_logits, state = kv.prefill(self._model, prepared.inputs, self._device)
@@ -265,15 +287,49 @@ class Scheduler:
             states.append(state)
         return rows, logits, states
 
-    def _pop_admissible(self, step: _Step, first: bool) -> tuple[Prepared, float] | None:
+    def _pop_admissible(self, step: _Step) -> tuple[Prepared, float] | None:
+        """The next queued request when it can start in this step: a prompt within the budget left, or
+        a long one (to be chunked) at the start of a step's budget; in arrival order."""
         with self._cond:
             if not self._queue:
                 return None
             prepared = self._queue[0][0]
             over = step.prefill_tokens + prepared.prompt_tokens > self._config.max_step_tokens
-            if over and not first:
+            if over and step.prefill_tokens > 0:
                 return None
             return self._queue.popleft()
+
+    def _start_chunked(self, step: _Step, prepared: Prepared, submitted: float) -> None:
+        try:
+            job = ChunkedPrefill(self._model, prepared.inputs, self._device)
+        except Exception as exc:
+            log.exception("prefill of %s failed", prepared.request_id)
+            self._finish_unstarted(step, prepared, "error", f"prefill failed: {exc}")
+            return
+        self._chunked = (self._new_row(prepared, submitted), job)
+
+    def _prefill_chunk(
+        self, step: _Step, rows: list[_Row], logits: list[torch.Tensor], states: list[kv.BatchTensors]
+    ) -> None:
+        """The next piece of the long prompt in progress; it joins the batch after its last piece."""
+        if self._chunked is None:
+            return
+        row, job = self._chunked
+        try:
+            spent, row_logits = job.advance(self._config.max_step_tokens - step.prefill_tokens)
+        except Exception as exc:
+            log.exception("prefill of %s failed", row.request_id)
+            self._chunked = None
+            self._fail_rows(step, [row], f"prefill failed: {exc}")
+            return
+        step.prefill_tokens += spent
+        if row_logits is None:
+            return
+        self._chunked = None
+        rows.append(row)
+        step.admitted.append(row)
+        logits.append(row_logits)
+        states.append(job.state())
 
     def _new_row(self, prepared: Prepared, submitted: float) -> _Row:
         cfg = to_sampling_config(prepared)

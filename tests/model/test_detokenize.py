@@ -125,3 +125,42 @@ def test_stop_strings_do_not_apply_to_reasoning(tokenizer: Any, table: TokenTabl
     pieces = _feed(table, [*ids, END_THINK, *answer], stop=["\n"])
     assert pieces[-1].stopped
     assert _joined(pieces) == ("line one\nline two", "yes")
+
+
+# A hand-made table for byte sequences a random model can produce: pieces that never complete a character.
+LEAD3, CONT, ASCII_A, LEAD2_CONT, STRAY, END = 0, 1, 2, 3, 4, 5
+BYTES = TokenTable(pieces=(b"\xe4", b"\xbd", b"a", b"\xe4\xbd", b"\x80", b""), think_end_id=END)
+
+
+def _run(ids: list[int], in_reasoning: bool = False, stop: tuple[str, ...] = ()) -> tuple[list[str], str]:
+    detok = IncrementalDetokenizer(BYTES, stop, in_reasoning=in_reasoning)
+    texts = []
+    for token in ids:
+        piece = detok.push(token)
+        texts.append(piece.reasoning + piece.content)
+    tail = detok.finish()
+    return texts, tail.reasoning + tail.content
+
+
+@pytest.mark.parametrize("in_reasoning", [True, False])
+@pytest.mark.parametrize("stop", [(), ("zz",)])
+def test_broken_utf8_is_released_as_replacement_once_proven_broken(
+    in_reasoning: bool, stop: tuple[str, ...]
+) -> None:
+    # A lead byte followed by ASCII can never complete: U+FFFD comes out with the 'a', not later.
+    assert _run([LEAD3, ASCII_A], in_reasoning, stop) == (["", "\ufffda"], "")
+    # A stray continuation byte is invalid at once.
+    assert _run([STRAY, ASCII_A], in_reasoning, stop) == (["\ufffd", "a"], "")
+    # Two of three bytes, then the request ends: one replacement at finish, nothing lost or doubled.
+    assert _run([LEAD2_CONT], in_reasoning, stop) == ([""], "\ufffd")
+    assert _run([LEAD3, CONT], in_reasoning, stop) == (["", ""], "\ufffd")
+    # A held partial character followed by a new lead byte: the old one is released, the new one held.
+    assert _run([LEAD3, LEAD3, ASCII_A], in_reasoning, stop) == (["", "\ufffd", "\ufffda"], "")
+
+
+def test_partial_character_before_end_think_stays_reasoning() -> None:
+    detok = IncrementalDetokenizer(BYTES, in_reasoning=True)
+    assert detok.push(LEAD3) == Piece()
+    assert detok.push(END) == Piece(reasoning="\ufffd")  # flushed into the reasoning, not the answer
+    assert detok.push(ASCII_A) == Piece(content="a")
+    assert detok.finish() == Piece()

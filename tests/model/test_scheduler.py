@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.model.engine import batch as kv
-from services.model.engine.base import EngineStats, FinalOutput, Prepared
+from services.model.engine.base import EngineStats, FinalOutput, Prepared, TokenOutput
 from services.protocol.errors import Conflict, NotReady, Overloaded
 from services.protocol.generate import (
     GenerateRequest,
@@ -60,6 +60,11 @@ def references(engine: Any, mixed: dict[str, Prepared]) -> dict[str, list[int]]:
     return {rid: reference_tokens(engine, p) for rid, p in mixed.items()}
 
 
+def _reported_tokens(rec: Recorder, request_id: str) -> int:
+    """Tokens covered by the request's TokenOutputs (what the token metrics count)."""
+    return sum(o.tokens for o in rec.outputs(request_id) if isinstance(o, TokenOutput))
+
+
 def test_references_are_diverse(references: dict[str, list[int]]) -> None:
     # A model that repeats one token would make every equality below pass vacuously.
     for rid, tokens in references.items():
@@ -94,6 +99,7 @@ def test_batched_equals_alone_with_joins_and_leaves(
         assert final is not None
         assert final.completion_tokens == len(ref)
         assert final.finish_reason == ("length" if len(ref) == mixed[rid].sampling.max_tokens else "stop")
+        assert _reported_tokens(rec, rid) == len(ref), rid
     assert sched.stats().running == 0
 
 
@@ -466,6 +472,7 @@ def test_eos_token_finishes_with_stop(
     final = rec.final("text-a")
     assert final is not None and final.finish_reason == "stop"
     assert final.completion_tokens == ref.index(eos) + 1
+    assert _reported_tokens(rec, "text-a") == final.completion_tokens  # the eos token too
     assert sched.tokens["text-a"] == ref[: ref.index(eos) + 1]
 
 

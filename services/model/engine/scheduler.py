@@ -405,6 +405,11 @@ class Scheduler:
             self._final(step, row)
 
     def _final(self, step: _Step, row: _Row) -> None:
+        if row.unreported:
+            # Tokens that released no text (eos, a held-back stop prefix, a cancelled partial character)
+            # still count in the token metrics.
+            step.outputs.append((row.request_id, TokenOutput("", "", row.unreported)))
+            row.unreported = 0
         reason = row.finish_reason or "error"
         final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error)
         step.outputs.append((row.request_id, final))

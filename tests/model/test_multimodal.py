@@ -261,3 +261,13 @@ def test_odd_conversations_render_or_fail_as_invalid_request(loaded: Loaded) -> 
     strict.chat_template = "{{ raise_exception('No user query found in messages.') }}"
     with pytest.raises(InvalidRequest, match="No user query"):
         build_inputs(strict, odd[1], LIMITS)
+
+
+def test_large_video_frames_are_scaled_down_while_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.model.multimodal import video
+
+    monkeypatch.setattr(video, "MAX_DECODED_FRAME_PIXELS", 32 * 24)
+    decoded = decode_video(mp4_b64(width=128, height=96), max_frames=4, max_pixels=1 << 20, max_bytes=1 << 20)
+    frames, height, width = decoded.frames.shape[:3]
+    assert frames == 4 and (width, height) == (32, 24)  # the aspect ratio is kept, even sides
+    assert (decoded.metadata.width, decoded.metadata.height) == (32, 24)

@@ -144,23 +144,26 @@ class GenerationRegistry:
 
     def _apply(self, batch: list[tuple[str, Output]], now: float) -> None:
         touched: dict[str, Generation] = {}
+        tokens = 0
         for request_id, out in batch:
             generation = self._generations.get(request_id)
             if generation is None or generation.finished is not None:
                 log.warning("output for unknown or finished request %s dropped", request_id)
                 continue
             if isinstance(out, TokenOutput):
+                tokens += out.tokens
                 self._on_tokens(generation, out, now)
             else:
                 self._on_final(generation, out, now)
             touched[request_id] = generation
+        if tokens:
+            self._metrics.generated_tokens.inc(tokens)  # once per step, not per row
         for generation in touched.values():
             generation.wake()
 
     def _on_tokens(self, generation: Generation, out: TokenOutput, now: float) -> None:
         if out.tokens > 0:
             m = self._metrics
-            m.generated_tokens.inc(out.tokens)
             if generation.first_token_at is None:
                 generation.first_token_at = now
                 m.ttft.observe(now - generation.created)

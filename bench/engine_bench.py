@@ -77,13 +77,13 @@ class EngineClient:
         return rec
 
 
-def load_engine(model_dir: Path) -> Any:
+def load_engine(model_dir: Path, torch_threads: int | None = None) -> Any:
     """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, the same settings defaults)."""
     from services.model.engine.hf import HFEngine
     from services.model.loading import load_model_and_processor
     from services.model.settings import ModelSettings
 
-    settings = ModelSettings(model_repo_id=str(model_dir))
+    settings = ModelSettings(model_repo_id=str(model_dir), torch_threads=torch_threads or 0)
     return HFEngine(load_model_and_processor(settings), settings)
 
 
@@ -98,11 +98,7 @@ class RawEngine:
         self._client: EngineClient | None = None
 
     async def start(self) -> None:
-        if self._torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
-        self._engine = await asyncio.to_thread(load_engine, self._model_dir)
+        self._engine = await asyncio.to_thread(load_engine, self._model_dir, self._torch_threads)
         self._client = EngineClient(self._engine, self._workload, asyncio.get_running_loop())
         self._engine.start(self._client.sink)
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.model.loading import auto_cpu_threads
 from tests.helpers.procs import Proc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,9 @@ class TransformersServe:
         cmd = [_python(), "-m", "bench.tf_serve", self.model_id, "--host", "127.0.0.1", "--port", str(port)]
         if self.continuous_batching:
             cmd.append("--continuous-batching")
-        self.proc = Proc("transformers-serve", cmd, _base_env(self.torch_threads), logs, REPO)
+        # Same CPU threads as our model service picks by itself, so both run the model under equal terms.
+        threads = self.torch_threads if self.torch_threads is not None else auto_cpu_threads()
+        self.proc = Proc("transformers-serve", cmd, _base_env(threads), logs, REPO)
         self.url = f"http://127.0.0.1:{port}"
         self.proc.wait_http(f"{self.url}/health", timeout=timeout)
 

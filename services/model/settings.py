@@ -19,6 +19,9 @@ class ModelSettings(BaseSettings):
     engine: Literal["hf", "fake"] = Field(default="hf", validation_alias="ENGINE")
     device_map: str = "auto"
     torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # CPU threads for torch; 0 = auto: on a CPU device one fewer than the usable cores (the api, the edge and
+    # the event loop need the rest), unless OMP_NUM_THREADS says otherwise; on CUDA torch's own default.
+    torch_threads: int = Field(default=0, ge=0, le=1024)
 
     # generation defaults (None: the checkpoint's generation_config.json decides)
     max_tokens: int = Field(default=1024, ge=1)

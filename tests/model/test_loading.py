@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -10,7 +11,12 @@ import torch
 from transformers import GenerationConfig
 
 from services.model import loading
-from services.model.loading import ModelLoadError, load_model_and_processor
+from services.model.loading import (
+    ModelLoadError,
+    auto_cpu_threads,
+    configure_torch_threads,
+    load_model_and_processor,
+)
 from services.model.multimodal import processor_cpu
 from services.model.settings import ModelSettings
 
@@ -122,3 +128,21 @@ def test_load_errors_are_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "gated" in explain("a/b", _wrapped(GatedRepoError("x", response=response)), None)
     message = explain("a/b", RuntimeError("boom with hf_secret inside"), "hf_secret")
     assert message.startswith("failed to load model 'a/b'") and "hf_secret" not in message
+
+
+def test_torch_threads_explicit_auto_and_omp(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch_threads(2, "cpu") == 2
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert (
+            configure_torch_threads(0, "cpu")
+            == auto_cpu_threads()
+            == max(1, len(os.sched_getaffinity(0)) - 1)
+        )
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert configure_torch_threads(0, "cpu") == 2  # the operator's OMP_NUM_THREADS wins over auto
+        assert configure_torch_threads(0, "cuda") == 2  # on a GPU torch keeps its own default
+    finally:
+        torch.set_num_threads(before)

@@ -122,6 +122,29 @@ async def test_a_paced_stream_is_written_in_batches_and_published_only_when_stor
     assert [e.data for e in live.since(0)] == [e.data for e in events]
 
 
+async def test_the_first_text_is_not_held_back_by_the_batching_interval() -> None:
+    store = CountingStore()
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    record = new_record()
+    await store.create(record)
+    live = LiveLog(record.id, 0)
+    deps = make_deps(store, FakeModel([]), event_flush_ms=1000)  # the longest interval the settings allow
+    runner = SessionRunner(deps, record, live, FakeStream(script(REASONING[:2], []), gate=gate))
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(live.wait(0, 5), 5)  # the role chunk goes out at once
+    assert live.next_index == 1
+    started = time.monotonic()
+    gate.put_nowait(None)  # the first token
+    while live.next_index < 2:
+        await live.wait(live.next_index, 5)
+    assert time.monotonic() - started < 0.5, "the first text waited for the flush interval"
+    assert texts(live.since(0))[0] == REASONING[0]
+    gate.put_nowait(None)
+    gate.put_nowait(None)  # the second token and Finished: the final events go out at once too
+    await asyncio.wait_for(task, 0.9)
+    assert texts(await store.read(record.id, -1))[0] == "".join(REASONING[:2])
+
+
 async def test_takeover_continues_after_the_stored_model_seq_without_gap_or_duplicate() -> None:
     events = script(REASONING, CONTENT)
     store = MemoryStore()

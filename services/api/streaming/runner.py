@@ -94,7 +94,9 @@ class SessionRunner:
         self._final: _Final | None = None
         self._mark_running = record.status == "queued"
         self._saw_text = record.last_index > 0
+        self._text_flushed = self._saw_text
         self._flush_wanted = asyncio.Event()
+        self._hurry = asyncio.Event()  # ends a batching wait early: the first text or the final events
         self._last_flush = 0.0
         self._since = time.monotonic()
         self.auto_cancelled = False
@@ -201,9 +203,12 @@ class SessionRunner:
         self._flush_wanted.set()
 
     def _mark_text_started(self) -> None:
-        if not self._saw_text and self._started_at is not None:
+        if self._saw_text:
+            return
+        if self._started_at is not None:
             self._d.metrics.ttft.observe(time.monotonic() - self._started_at)
         self._saw_text = True
+        self._hurry.set()
 
     def _finish(self, finished: Finished) -> None:
         self._model_seq = max(self._model_seq, finished.seq)
@@ -212,11 +217,13 @@ class SessionRunner:
         chunks, status, reason = final_chunks(self._enc, finished, self._include_usage)
         self._pending.extend(chunks)
         self._final = _Final(status, reason, usage_dict(finished))
+        self._hurry.set()
         self._flush_wanted.set()
 
     def _fail(self, message: str, code: str) -> None:
         self._pending.extend([error_payload(message, type_="server_error", code=code), DONE])
         self._final = _Final("failed", None, None)
+        self._hurry.set()
         self._flush_wanted.set()
 
     # ---- batching writes ------------------------------------------------------------------------------
@@ -227,8 +234,10 @@ class SessionRunner:
         while True:
             await self._flush_wanted.wait()
             delay = self._last_flush + interval - time.monotonic()
-            if delay > 0 and self._final is None:
-                await asyncio.sleep(delay)
+            if delay > 0 and not self._urgent():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), delay)
+            self._hurry.clear()
             self._flush_wanted.clear()
             self._last_flush = time.monotonic()
             if await self._flush():
@@ -241,6 +250,11 @@ class SessionRunner:
                 return
             await asyncio.sleep(0.5)
             self._flush_wanted.set()
+
+    def _urgent(self) -> bool:
+        """The first text (time to first token) and the final events go out at once; everything else waits
+        for the batching interval."""
+        return self._final is not None or (self._saw_text and not self._text_flushed)
 
     async def _flush(self) -> bool:
         """Write the pending chunks as one batch; False when the store is unavailable (kept for retry)."""
@@ -273,6 +287,7 @@ class SessionRunner:
             return None
         datas = [self._encode(p) for p in self._pending]
         self._pending = []
+        self._text_flushed = self._text_flushed or self._saw_text
         events = [StoredEvent(self._next_index + i, d) for i, d in enumerate(datas)]
         self._next_index += len(events)
         final = self._final if datas[-1] == DONE else None

@@ -359,7 +359,7 @@ def test_failed_decode_fails_the_batch_and_the_loop_lives_on(
     sched.submit(mixed["text-d"])
     sched.step_once()
 
-    def boom(model: Any, batch: kv.BatchTensors) -> Any:
+    def boom(model: Any, batch: kv.BatchTensors, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("device lost")
 
     with monkeypatch.context() as m:

@@ -108,24 +108,50 @@ def _mrope_positions(
     return positions, delta.reshape(-1)
 
 
-def decode(model: Any, batch: BatchTensors) -> torch.Tensor:
-    """One decode step for every row; appends to the cache and returns the logits (B, V)."""
+def decode(model: Any, batch: BatchTensors, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step for every row; appends to the cache and returns the logits (B, V).
+
+    With ``out`` (a (B, V) tensor of the output head's dtype and device) the logits are written there: the
+    base model runs, then the output head as one matrix product into ``out`` (what the model's own head
+    computes). On CPU a fresh (B, V) tensor per step is costly once it is large (B=64: 39 MB, beyond
+    glibc's mmap threshold, so every step page-faults it in anew); a reused buffer is not."""
     ones = torch.ones((batch.size, 1), dtype=batch.mask.dtype, device=batch.mask.device)
     mask = torch.cat([batch.mask, ones], dim=1)
     pos = batch.next_pos[:, None]
     mrope = pos + batch.delta[:, None]
-    out = model(
-        input_ids=batch.tokens,
-        attention_mask=mask,
-        position_ids=torch.stack([pos, mrope, mrope, mrope]),
-        cache=batch.cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    batch.cache = out.cache
+    kwargs = {
+        "input_ids": batch.tokens,
+        "attention_mask": mask,
+        "position_ids": torch.stack([pos, mrope, mrope, mrope]),
+        "cache": batch.cache,
+        "use_cache": True,
+    }
+    if out is None:
+        result = model(**kwargs, logits_to_keep=1)
+        logits = result.logits[:, -1]
+    else:
+        result = model.model(**kwargs)
+        head = model.get_output_embeddings()
+        logits = torch.mm(result.last_hidden_state[:, -1], head.weight.t(), out=out)
+    batch.cache = result.cache
     batch.mask = mask
     batch.next_pos = batch.next_pos + 1
-    return out.logits[:, -1]
+    return logits
+
+
+class LogitsBuffer:
+    """One reused (rows, V) logits tensor for the steps of a scheduler: grown when a step needs more rows,
+    never shrunk; each step's logits are a view of its first rows, valid until the next step."""
+
+    def __init__(self, model: Any) -> None:
+        weight = model.get_output_embeddings().weight
+        self._vocab, self._dtype, self._device = int(weight.shape[0]), weight.dtype, weight.device
+        self._buf = torch.empty((0, self._vocab), dtype=self._dtype, device=self._device)
+
+    def rows(self, n: int) -> torch.Tensor:
+        if n > self._buf.shape[0]:
+            self._buf = torch.empty((n, self._vocab), dtype=self._dtype, device=self._device)
+        return self._buf[:n]
 
 
 def merge(parts: list[BatchTensors]) -> BatchTensors:

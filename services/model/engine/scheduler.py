@@ -114,6 +114,7 @@ class Scheduler:
         self._observer = observer
         self._device = next(model.parameters()).device
         self._sampler = BatchSampler(model.get_output_embeddings().weight.shape[0], self._device)
+        self._logits = kv.LogitsBuffer(model)  # every step's (B, V) logits, written in place
         self._cond = threading.Condition()
         self._queue: deque[tuple[Prepared, float]] = deque()
         self._known: set[str] = set()  # queued or running request ids
@@ -353,19 +354,23 @@ class Scheduler:
         new_state: list[kv.BatchTensors],
     ) -> torch.Tensor | None:
         """Decode the running rows, then merge the new ones in; the logits of all rows in the new order."""
-        parts = list(new_logits)
-        if self._batch is not None and self._rows:
+        running = len(self._rows) if self._batch is not None else 0
+        logits = self._logits.rows(running + len(new_logits))
+        if running:
             try:
-                parts.insert(0, kv.decode(self._model, self._batch))
+                kv.decode(self._model, self._batch, out=logits[:running])
             except Exception as exc:
                 log.exception("decode step failed")
                 self._fail_rows(step, self._rows, f"decode step failed: {exc}")
                 self._rows, self._batch = [], None
+                logits, running = logits[running:], 0
+        for i, row_logits in enumerate(new_logits):
+            logits[running + i].copy_(row_logits.reshape(-1))
         if new_rows:
             self._batch = kv.merge(([self._batch] if self._batch is not None else []) + new_state)
             self._rows = self._rows + new_rows
             self._sampler.set_rows([r.sampler for r in self._rows])
-        return torch.cat(parts) if parts else None
+        return logits if logits.shape[0] else None
 
     def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
         try:

@@ -3,7 +3,8 @@
 ``python -m services.model.engine.throughput --model .cache/tiny-qwen3-vl --streams 1 16`` prints one JSON
 line per stream count: ``{"streams", "tokens", "seconds", "tokens_per_second"}``. Each stream is one greedy
 text request of ``--max-tokens`` tokens, all submitted at once to a fresh scheduler running in its own
-thread, exactly as the model service runs it (minus HTTP, JSON and the event loop).
+thread, exactly as the model service runs it (minus HTTP, JSON and the event loop). All streams share one
+batch unless ``--max-batch-size N`` caps it (the rest queue, as in the service with ``MAX_BATCH_SIZE``).
 """
 
 from __future__ import annotations
@@ -46,11 +47,15 @@ class _Counter:
             self.cond.notify_all()
 
 
-def measure(engine: Any, streams: int, max_tokens: int = 128, timeout: float = 600.0) -> Throughput:
-    """Run ``streams`` concurrent greedy requests through a fresh scheduler over ``engine``'s model."""
-    config = replace(
-        engine.scheduler_config, max_batch_size=max(streams, engine.scheduler_config.max_batch_size)
-    )
+def measure(
+    engine: Any, streams: int, max_tokens: int = 128, timeout: float = 600.0, max_batch_size: int = 0
+) -> Throughput:
+    """Run ``streams`` concurrent greedy requests through a fresh scheduler over ``engine``'s model.
+
+    ``max_batch_size`` 0: all streams run in one batch (at least the engine's own size); otherwise the
+    batch holds at most that many and the rest queue, as in the service (MAX_BATCH_SIZE)."""
+    batch = max_batch_size or max(streams, engine.scheduler_config.max_batch_size)
+    config = replace(engine.scheduler_config, max_batch_size=batch)
     config = replace(config, max_queue=max(config.max_queue, streams))
     prepared = [
         engine.prepare_sync(
@@ -84,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=0,
+        help="most rows in the batch, the rest queue (0: every stream in one batch)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -98,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = HFEngine(load_model_and_processor(settings), settings)
     measure(engine, 2, 8)  # warm-up
     for streams in args.streams:
-        print(json.dumps(asdict(measure(engine, streams, args.max_tokens))), flush=True)
+        result = measure(engine, streams, args.max_tokens, max_batch_size=args.max_batch_size)
+        print(json.dumps(asdict(result)), flush=True)
     return 0
 
 

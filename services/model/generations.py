@@ -9,6 +9,7 @@ the generation never depends on a reader being there. Finished logs are kept for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -35,7 +36,8 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.pending_tokens = 0  # tokens of outputs that carried no text yet, folded into the next delta
-        self._wakeup = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []  # woken by every append
+        self._final_waiters: list[asyncio.Future[None]] = []  # woken by Finished only
 
     @property
     def finished(self) -> Finished | None:
@@ -67,33 +69,72 @@ class Generation:
         return event
 
     def wake(self) -> None:
-        waiter, self._wakeup = self._wakeup, asyncio.Event()
-        waiter.set()
+        """After appending: wake the readers waiting for events (and for Finished, when it came)."""
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            _resolve_all(waiters)
+        if self._final_waiters and self.finished is not None:
+            waiters, self._final_waiters = self._final_waiters, []
+            _resolve_all(waiters)
 
-    async def follow(self, after: int) -> AsyncIterator[list[Event]]:
-        """Batches of the events with seq > ``after`` (all that are there at each wake-up), up to Finished."""
+    async def follow(self, after: int, interval: float = 0.0) -> AsyncIterator[list[Event]]:
+        """Batches of the events with seq > ``after`` (all that are there at each wake-up), up to Finished.
+
+        ``interval`` > 0: at least that many seconds between two batches, so that a fast engine costs one
+        write per interval rather than one per step. The first batch and the one with Finished are never
+        held back."""
+        loop = asyncio.get_running_loop()
         index = after + 1  # seq is the index in the log
+        next_batch = 0.0
         while True:
             if index < len(self.events):
+                delay = next_batch - loop.time()
+                if delay > 0 and self.finished is None:
+                    await self._wait(self._final_waiters, delay)
+                    continue
                 batch = self.events[index:]
                 index = len(self.events)
                 yield batch
                 if isinstance(batch[-1], Finished):
                     return
+                next_batch = loop.time() + interval if interval > 0 else 0.0
                 continue
             if self.finished is not None:
                 return  # the reader already had everything
-            await self._wakeup.wait()
+            await self._wait(self._waiters)
 
     async def wait_finished(self, limit_seconds: float) -> Finished | None:
         """The Finished event, waiting up to ``limit_seconds`` for it; None when it did not come."""
-        try:
-            async with asyncio.timeout(limit_seconds):
-                while self.finished is None:
-                    await self._wakeup.wait()
-        except TimeoutError:
-            pass
+        if self.finished is None:
+            await self._wait(self._final_waiters, max(limit_seconds, 0.0))
         return self.finished
+
+    async def _wait(self, waiters: list[asyncio.Future[None]], seconds: float | None = None) -> None:
+        """Until the next wake-up of ``waiters`` or ``seconds`` (None: no limit); one timer handle, cheaper
+        than ``asyncio.timeout`` on a path taken per write."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters.append(waiter)
+        timer = loop.call_later(seconds, _resolve, waiter) if seconds is not None else None
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)  # timed out or cancelled: not woken, still listed
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _resolve_all(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        _resolve(waiter)
 
 
 class GenerationRegistry:
@@ -103,8 +144,11 @@ class GenerationRegistry:
         metrics: ModelMetrics,
         retention_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        stream_interval_seconds: float = 0.0,
     ) -> None:
         self._loop = loop
+        # Least time between two writes of one stream (the first and the last go out at once).
+        self.stream_interval = stream_interval_seconds
         self._metrics = metrics
         self._retention = retention_seconds
         self._clock = clock

@@ -29,7 +29,10 @@ def create_app(settings: ModelSettings | None = None, engine_factory: EngineFact
         resolved = settings if settings is not None else ModelSettings()
         metrics = ModelMetrics()
         registry = GenerationRegistry(
-            asyncio.get_running_loop(), metrics, resolved.finished_retention_seconds
+            asyncio.get_running_loop(),
+            metrics,
+            resolved.finished_retention_seconds,
+            stream_interval_seconds=resolved.stream_interval_ms / 1000,
         )
         service = ModelService(resolved, metrics, registry, engine_factory or build_engine)
         app.state.settings = resolved

@@ -33,14 +33,14 @@ router = APIRouter()
 @router.post(paths.GENERATE)
 async def generate(body: GenerateRequest, service: ServiceDep) -> StreamingResponse:
     generation = await _admit(service, body)
-    return _stream(generation, after=-1)
+    return _stream(generation, after=-1, interval=service.registry.stream_interval)
 
 
 @router.get(paths.EVENTS)
 async def events(
     request_id: str, registry: RegistryDep, after: Annotated[int, Query(ge=-1)] = -1
 ) -> StreamingResponse:
-    return _stream(registry.get(request_id), after=after)
+    return _stream(registry.get(request_id), after=after, interval=registry.stream_interval)
 
 
 @router.post(paths.CANCEL)
@@ -109,10 +109,11 @@ async def _admit(service: ModelService, body: GenerateRequest) -> Generation:
     return generation
 
 
-def _stream(generation: Generation, after: int) -> StreamingResponse:
+def _stream(generation: Generation, after: int, interval: float) -> StreamingResponse:
     async def frames() -> AsyncIterator[bytes]:
-        # Everything already there goes out in one write; then one write per engine step.
-        async for batch in generation.follow(after):
+        # Everything already there goes out in one write; then one write per engine step, or per
+        # STREAM_INTERVAL_MS when steps come faster (the first and the last event are never held back).
+        async for batch in generation.follow(after, interval):
             yield b"".join(encode_event(event) for event in batch)
 
     return StreamingResponse(frames(), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -153,6 +154,10 @@ class GenerationRegistry:
         self._retention = retention_seconds
         self._clock = clock
         self._generations: dict[str, Generation] = {}
+        # Steps handed over by the engine thread and not yet applied on the loop: while one hop is on its
+        # way, later steps join it instead of scheduling (and waking the loop for) hops of their own.
+        self._handover = threading.Lock()
+        self._pending: list[tuple[list[tuple[str, Output]], float]] = []
 
     def __len__(self) -> int:
         return len(self._generations)
@@ -179,12 +184,23 @@ class GenerationRegistry:
 
     # --- fed by the engine thread -------------------------------------------------------------------
     def sink(self, batch: Sequence[tuple[str, Output]]) -> None:
-        """The engine's OutputSink: one hop to the event loop per step, whatever the batch size."""
+        """The engine's OutputSink: at most one hop to the event loop per step, whatever the batch size
+        (none when a hop is still pending: the loop then applies several steps at once, in order)."""
         now = self._clock()
+        with self._handover:
+            self._pending.append((list(batch), now))
+            if len(self._pending) > 1:
+                return
         try:
-            self._loop.call_soon_threadsafe(self._apply, list(batch), now)
+            self._loop.call_soon_threadsafe(self._apply_pending)
         except RuntimeError:  # the loop is closed: the process is exiting, nobody can read these anyway
             log.debug("dropped %d outputs after the event loop closed", len(batch))
+
+    def _apply_pending(self) -> None:
+        with self._handover:
+            pending, self._pending = self._pending, []
+        for batch, now in pending:
+            self._apply(batch, now)
 
     def _apply(self, batch: list[tuple[str, Output]], now: float) -> None:
         touched: dict[str, Generation] = {}

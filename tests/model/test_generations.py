@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from services.model.engine.base import FinalOutput, TokenOutput
 from services.model.generations import GenerationRegistry
@@ -71,5 +72,37 @@ def test_wait_finished_times_out_and_leaves_no_waiter_behind() -> None:
         registry._apply([("r", FinalOutput("cancelled", 3, 0))], 0.0)
         finished = await asyncio.wait_for(waiting, 1.0)
         assert finished is not None and finished.finish_reason == "cancelled"
+
+    asyncio.run(main())
+
+
+def test_engine_steps_queued_behind_a_pending_hop_are_applied_together_in_order() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        registry = GenerationRegistry(loop, ModelMetrics(), 60.0)
+        registry.create("r", 3)
+        scheduled = 0
+        original = loop.call_soon_threadsafe
+
+        def counting(*args: object) -> object:
+            nonlocal scheduled
+            scheduled += args[0] == registry._apply_pending
+            return original(*args)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        def engine_thread() -> None:  # three steps before the loop gets to run the first hop
+            for text in "abc":
+                registry.sink([("r", TokenOutput(text, "", 1))])
+            registry.sink([("r", FinalOutput("stop", 3, 3))])
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        thread.join()  # blocks the loop: no hop can run before the engine's last step
+        finished = await registry.get("r").wait_finished(5.0)
+        assert finished is not None and finished.seq == 3
+        assert scheduled == 1
+        events = registry.get("r").events
+        assert [getattr(e, "reasoning", None) for e in events[:3]] == ["a", "b", "c"]
 
     asyncio.run(main())

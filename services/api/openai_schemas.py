@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from services.api.settings import SESSION_ID_PATTERN
 
@@ -88,7 +96,7 @@ class ChatCompletionRequest(_Lenient):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     n: int | None = None
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is a client bug worth a 400, not a guess
     stream_options: StreamOptions | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
 
@@ -104,6 +112,21 @@ class ChatCompletionRequest(_Lenient):
     audio: Any = None
     modalities: list[str] | None = None
     web_search_options: Any = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream(cls, value: object) -> object:
+        return False if value is None else value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        # as the OpenAI API answers; `stream` is declared first, so it is validated already
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("`stream_options` is only allowed when `stream` is true")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -108,12 +108,21 @@ def test_harmless_values_and_unknown_fields_pass() -> None:
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": False, "stream_options": {}}, "stream_options"),
     ],
 )
 def test_validation_errors_name_the_parameter(body: dict[str, object], param: str) -> None:
     with pytest.raises(BadRequest) as info:
         req(**body)
     assert info.value.param is not None and info.value.param.startswith(param)
+
+
+def test_stream_null_is_false_and_stream_options_go_with_stream() -> None:
+    assert req(stream=None).stream is False
+    assert req(stream=True, stream_options={"include_usage": True}).include_usage
 
 
 def test_token_limits_and_parts() -> None:

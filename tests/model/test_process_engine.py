@@ -12,6 +12,7 @@ import pytest
 from services.model.engine.base import Engine, FinalOutput, Prepared, TokenOutput
 from services.model.engine.hf import HFEngine
 from services.model.engine.process import ProcessEngine
+from services.model.metrics import ModelMetrics
 from services.model.settings import ModelSettings
 from services.protocol.errors import Conflict, InvalidMedia, NotReady, Overloaded, PromptTooLong
 from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
@@ -28,7 +29,7 @@ def _settings(model_dir: Path, **overrides: object) -> ModelSettings:
 
 @pytest.fixture(scope="module")
 def started(tiny_model_dir: Path) -> Iterator[tuple[ProcessEngine, Recorder]]:
-    engine = ProcessEngine(_settings(tiny_model_dir, max_batch_size=2, max_queue=1))
+    engine = ProcessEngine(_settings(tiny_model_dir, max_batch_size=2, max_queue=1), observer=ModelMetrics())
     rec = Recorder()
     engine.start(rec)
     yield engine, rec
@@ -73,6 +74,12 @@ def test_tokens_equal_the_in_thread_engine(
     # one parent sink call per child step, with the same outputs as the in-thread engine's sink calls
     assert [c for c in rec.calls if c[0][0].startswith("g-")] == local_rec.calls
     assert engine.stats().running == 0 and engine.stats().queued == 0
+    # the child's memory reaches the parent's metrics (this process's torch is not the child's)
+    metrics = engine._observer
+    assert isinstance(metrics, ModelMetrics)
+    assert metrics.engine_process_memory["cpu", "rss"] > 50_000_000
+    steps = [x.value for x in metrics.step_duration.collect()[0].samples if x.name.endswith("_count")]
+    assert steps[0] > 0  # on_step forwarded
 
 
 def test_prepare_errors_are_typed(started: tuple[ProcessEngine, Recorder]) -> None:

@@ -12,7 +12,9 @@ Wire (one duplex ``multiprocessing`` Pipe, tuples of plain values):
   ``("prepared", key, sampling, prompt_tokens)`` / ``("prepare_error", key, type_name, message)``;
   ``("out", outputs, first_tokens)`` once per scheduler step (the step's sink call: one parent sink call,
   so the one-hop-per-step property holds end to end); ``("step", batch, seconds, prefill, running,
-  queued)`` after it (the observer's ``on_step`` plus the child's batch occupancy); ``("drained",)``.
+  queued)`` after it (the observer's ``on_step`` plus the child's batch occupancy); ``("memory", rows)``
+  at most once a second (the child's RSS and device memory, for ``model_device_memory_bytes``);
+  ``("drained",)``.
 
 The child runs ``prepare`` in a worker thread and keeps the ``Prepared`` (with its tensors) under a key;
 the parent's ``Prepared`` carries the key as ``inputs``. ``submit`` refuses synchronously with the
@@ -29,6 +31,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 1800.0  # weights from the hub on a slow link
 EXIT_MARGIN_SECONDS = 30.0  # past the grace: the child's drain, then join, then terminate
+MEMORY_REPORT_SECONDS = 1.0  # the child's RSS and device memory, at most this often (with a step)
 UNSUBMITTED_TTL_SECONDS = 300.0  # a prepared request nobody submitted (a refused admit) is dropped then
 
 
@@ -201,11 +205,8 @@ class ProcessEngine:
             self._conn.send(msg)
 
     def _kill(self) -> None:
-        self._process.terminate()
-        self._process.join(5.0)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(5.0)
+        self._process.kill()  # the child ignores SIGTERM (see child_main)
+        self._process.join(10.0)
 
     def _read(self) -> None:
         """The parent's reader thread: one sink call per child step; replies to prepare; observer calls."""
@@ -245,6 +246,10 @@ class ProcessEngine:
         elif kind == "prepare_error":
             _, key, type_name, message = msg
             self._resolve(key, None, _error(type_name, message))
+        elif kind == "memory":
+            memory = getattr(self._observer, "engine_process_memory", None)
+            if isinstance(memory, dict):
+                memory.update(msg[1])
         elif kind == "drained":
             self._drained.set()
 
@@ -320,6 +325,7 @@ class _ChildBridge:
         self._conn = conn
         self._send_lock = send_lock
         self._first_tokens: list[tuple[str, float]] = []
+        self._memory_at = 0.0
         self.engine: Any = None
 
     def send(self, msg: tuple[Any, ...]) -> None:
@@ -343,6 +349,15 @@ class _ChildBridge:
     def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
         stats = self.engine.stats() if self.engine is not None else EngineStats(0, 0)
         self.send(("step", batch_size, seconds, prefill_tokens, stats.running, stats.queued))
+        now = time.monotonic()
+        if now - self._memory_at >= MEMORY_REPORT_SECONDS:
+            self._memory_at = now
+            self.report_memory()
+
+    def report_memory(self) -> None:
+        from services.model.metrics import process_memory
+
+        self.send(("memory", process_memory()))
 
     def on_first_token(self, request_id: str, seconds: float) -> None:
         self._first_tokens.append((request_id, seconds))
@@ -352,7 +367,13 @@ class _ChildBridge:
 
 
 def child_main(conn: Any, settings: ModelSettings) -> None:
-    """The child process: load, report ready, then serve the parent's messages until shutdown."""
+    """The child process: load, report ready, then serve the parent's messages until shutdown.
+
+    SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a group kill) are ignored: the parent drains
+    the child through the pipe, and the child ends on its own when the parent's end closes (even if the
+    parent was killed)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [engine process]: %(message)s",
@@ -371,6 +392,7 @@ def child_main(conn: Any, settings: ModelSettings) -> None:
     bridge.engine = engine
     engine.start(bridge)
     bridge.send(("ready", engine.model_id))
+    bridge.report_memory()  # the weights' footprint, before any request
 
     prepared: dict[int, tuple[Prepared, float]] = {}
     prepared_lock = threading.Lock()

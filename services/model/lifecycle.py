@@ -78,17 +78,21 @@ class ModelService:
 
     @property
     def reason(self) -> str:
-        return self._reason
+        return self._engine_failure() or self._reason
 
     @property
     def ready(self) -> bool:
-        return self._state == "ready"
+        return self._state == "ready" and self._engine_failure() is None
+
+    def _engine_failure(self) -> str | None:
+        # An engine that can die on its own (ProcessEngine's child) says why; in-thread engines never do.
+        return getattr(self._engine, "failure", None)
 
     def admitting_engine(self) -> Engine:
         """The engine, when new requests are admitted; else ``NotReady`` with the reason."""
         with self._lock:
-            if self._state != "ready" or self._engine is None:
-                raise NotReady(f"model not ready: {self._reason}")
+            if not self.ready or self._engine is None:
+                raise NotReady(f"model not ready: {self.reason}")
             return self._engine
 
     def engine(self) -> Engine | None:

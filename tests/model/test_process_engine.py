@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +136,20 @@ def test_shutdown_ends_every_request_and_the_child(tiny_model_dir: Path) -> None
         engine.submit(Prepared("late", SamplingParams(), 1, inputs=0))
     with pytest.raises(NotReady):
         asyncio.run(engine.prepare(request("late", "hi")))
+
+
+def test_a_dead_engine_process_fails_its_requests_and_reports_why(tiny_model_dir: Path) -> None:
+    engine = ProcessEngine(_settings(tiny_model_dir))
+    rec = Recorder()
+    engine.start(rec)
+    engine.submit(asyncio.run(engine.prepare(request("d-0", "Tell a long story", max_tokens=2000))))
+    rec.wait_tokens("d-0", 1)
+    assert engine.failure is None
+    os.kill(engine._process.pid, signal.SIGKILL)  # an OOM kill, say
+    rec.wait(["d-0"])
+    final = rec.final("d-0")
+    assert isinstance(final, FinalOutput) and final.finish_reason == "error"
+    assert engine.failure is not None and "exited" in engine.failure  # the service's /ready turns 503 on it
+    with pytest.raises(NotReady):
+        engine.submit(Prepared("late", SamplingParams(), 1, inputs=0))
+    engine.shutdown(0.2)

@@ -77,6 +77,7 @@ class ProcessEngine:
         self._running = 0  # as last reported by the child
         self._closing = False
         self._dead = False
+        self.failure: str | None = None  # set when the child died on its own: the service is then not ready
         self._drained = threading.Event()
         self._keys = itertools.count()
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Prepared], str]] = {}
@@ -226,6 +227,7 @@ class ProcessEngine:
                 break
         if not self._closing:
             log.error("the engine process exited (exit code %s)", self._process.exitcode)
+            self.failure = f"the engine process exited (exit code {self._process.exitcode})"
         self._dead = True
         self._fail_active("error", "the engine process exited")
         self._fail_waiting()

@@ -29,13 +29,18 @@ EngineFactory = Callable[[ModelSettings, ModelMetrics], Engine]
 
 
 def build_engine(settings: ModelSettings, metrics: ModelMetrics) -> Engine:
-    """ENGINE=fake: the deterministic engine; ENGINE=hf: the weights, the processor and the scheduler."""
+    """ENGINE=fake: the deterministic engine; ENGINE=hf: the weights, the processor and the scheduler
+    (in a child process when ENGINE_PROCESS is on)."""
     if settings.engine == "fake":
         from services.model.engine.fake import FakeEngine
 
         if settings.fake_load_seconds:
             time.sleep(settings.fake_load_seconds)  # simulated weight loading, in the loader thread
         return FakeEngine(settings, observer=metrics)
+    if settings.engine_process:
+        from services.model.engine.process import ProcessEngine
+
+        return ProcessEngine(settings, observer=metrics)  # the child loads the weights; no torch here
     # Imported here: torch and transformers load only when the real engine is asked for; loading first,
     # so that a missing model directory is reported before the engine's imports are paid for.
     from services.model.loading import load_model_and_processor
@@ -73,17 +78,21 @@ class ModelService:
 
     @property
     def reason(self) -> str:
-        return self._reason
+        return self._engine_failure() or self._reason
 
     @property
     def ready(self) -> bool:
-        return self._state == "ready"
+        return self._state == "ready" and self._engine_failure() is None
+
+    def _engine_failure(self) -> str | None:
+        # An engine that can die on its own (ProcessEngine's child) says why; in-thread engines never do.
+        return getattr(self._engine, "failure", None)
 
     def admitting_engine(self) -> Engine:
         """The engine, when new requests are admitted; else ``NotReady`` with the reason."""
         with self._lock:
-            if self._state != "ready" or self._engine is None:
-                raise NotReady(f"model not ready: {self._reason}")
+            if not self.ready or self._engine is None:
+                raise NotReady(f"model not ready: {self.reason}")
             return self._engine
 
     def engine(self) -> Engine | None:

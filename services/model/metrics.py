@@ -66,6 +66,9 @@ class ModelMetrics:
         self.device_memory = Gauge(
             "model_device_memory_bytes", "Memory in use by device and kind", ["device", "kind"], registry=r
         )
+        # Reported by an engine in a child process (ENGINE_PROCESS): its RSS adds to ours, its devices' rows
+        # are set as they are (this process never imports torch then).
+        self.engine_process_memory: dict[tuple[str, str], float] = {}
 
     # --- the scheduler observer -------------------------------------------------------------------
     def on_step(self, batch_size: int, seconds: float, prefill_tokens: int = 0) -> None:
@@ -89,8 +92,11 @@ class ModelMetrics:
 
     def _refresh_memory(self) -> None:
         rss = _process_rss_bytes()
+        child = dict(self.engine_process_memory)
         if rss is not None:
-            self.device_memory.labels("cpu", "rss").set(rss)
+            self.device_memory.labels("cpu", "rss").set(rss + child.pop(("cpu", "rss"), 0))
+        for (device, kind), value in child.items():
+            self.device_memory.labels(device, kind).set(value)
         # Only when the engine already imported torch: a scrape must never pull torch in (fake engine).
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_available():
@@ -99,6 +105,20 @@ class ModelMetrics:
             device = f"cuda:{index}"
             self.device_memory.labels(device, "allocated").set(torch.cuda.memory_allocated(index))
             self.device_memory.labels(device, "reserved").set(torch.cuda.memory_reserved(index))
+
+
+def process_memory() -> dict[tuple[str, str], float]:
+    """This process's RSS and, when torch is imported, its CUDA devices' memory (an engine child's report)."""
+    rows: dict[tuple[str, str], float] = {}
+    rss = _process_rss_bytes()
+    if rss is not None:
+        rows["cpu", "rss"] = rss
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            rows[f"cuda:{index}", "allocated"] = torch.cuda.memory_allocated(index)
+            rows[f"cuda:{index}", "reserved"] = torch.cuda.memory_reserved(index)
+    return rows
 
 
 def _process_rss_bytes() -> int | None:

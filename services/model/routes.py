@@ -87,6 +87,7 @@ async def metrics(service: ServiceDep) -> Response:
         stats = service.stats()
         return stats.queued, stats.running
 
+    service.metrics.ready.set(1 if service.ready else 0)  # mirrors the state (an engine process may die)
     return Response(service.metrics.render(queue_and_running), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -22,6 +22,9 @@ class ModelSettings(BaseSettings):
     # CPU threads for torch; 0 = auto: on a CPU device one fewer than the usable cores (the api, the edge and
     # the event loop need the rest), unless OMP_NUM_THREADS says otherwise; on CUDA torch's own default.
     torch_threads: int = Field(default=0, ge=0, le=1024)
+    # ENGINE=hf: run the model and its scheduler thread in a child process (services/model/engine/process.py),
+    # so the HTTP event loop never holds the GIL the decode steps need
+    engine_process: bool = Field(default=True, validation_alias="ENGINE_PROCESS")
 
     # generation defaults (None: the checkpoint's generation_config.json decides)
     max_tokens: int = Field(default=1024, ge=1)

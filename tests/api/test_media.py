@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import shutil
 import socket
 import ssl
 import subprocess
@@ -36,6 +35,7 @@ from services.api.media import (
     resolve_media,
     sniff_media_type,
 )
+from tests.helpers.env import require_binary
 
 pytestmark = pytest.mark.anyio
 
@@ -582,10 +582,9 @@ async def test_redirect_targets_are_checked(
 
 
 def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+    openssl = require_binary("openssl")  # fails in CI when absent, like every real component
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    command = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    command = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
     command += ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"]
     command += ["-addext", f"subjectAltName=DNS:{name}"]
     subprocess.run(

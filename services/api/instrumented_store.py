@@ -45,6 +45,7 @@ class InstrumentedStore:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
         now: float,
+        runner_id: str | None = None,
     ) -> None:
         async with self._m.store_op("append"):
             await self._inner.append(
@@ -55,6 +56,7 @@ class InstrumentedStore:
                 finish_reason=finish_reason,
                 usage=usage,
                 now=now,
+                runner_id=runner_id,
             )
         self._m.events_written.inc(len(events))
 
@@ -69,9 +71,19 @@ class InstrumentedStore:
     async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109 (protocol)
         await self._inner.wait(session_id, after, timeout)
 
-    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+    async def claim(
+        self,
+        session_id: str,
+        runner_id: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        takeover_from: str | None = None,
+    ) -> bool:
         async with self._m.store_op("claim"):
-            return await self._inner.claim(session_id, runner_id, lease_seconds, now)
+            return await self._inner.claim(
+                session_id, runner_id, lease_seconds, now, takeover_from=takeover_from
+            )
 
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         async with self._m.store_op("delete_expired"):

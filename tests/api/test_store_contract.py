@@ -444,6 +444,33 @@ async def test_claim_lease(store: SessionStore) -> None:
     assert not await store.claim("missing", "a", lease_seconds=10, now=1.0)
 
 
+async def test_claim_takes_over_from_a_named_dead_runner_only(store: SessionStore) -> None:
+    record = new_record(status="running")
+    await store.create(record)
+    assert await store.claim(record.id, "a", lease_seconds=10, now=100.0)
+    # the lease is still valid: naming some other runner as dead does not take it
+    assert not await store.claim(record.id, "b", lease_seconds=10, now=101.0, takeover_from="z")
+    # naming the holder as dead swaps it atomically, once
+    assert await store.claim(record.id, "b", lease_seconds=10, now=101.0, takeover_from="a")
+    assert not await store.claim(record.id, "c", lease_seconds=10, now=102.0, takeover_from="a")
+    got = await store.get(record.id)
+    assert got is not None and (got.runner_id, got.lease_until) == ("b", 111.0)
+
+
+async def test_append_naming_its_runner_is_fenced(store: SessionStore) -> None:
+    record = new_record(status="running", runner_id="a", lease_until=50.0)
+    await store.create(record)
+    await store.append(record.id, events(0, 2), model_seq=1, now=2.0, runner_id="a")
+    assert await store.claim(record.id, "b", lease_seconds=10, now=60.0)  # a's lease lapsed
+    with pytest.raises(AppendConflict):
+        await store.append(record.id, events(2, 3), model_seq=2, now=61.0, runner_id="a")
+    got = await store.get(record.id)
+    assert got is not None and got.last_index == 1 and len(await store.read(record.id, -1)) == 2
+    await store.append(record.id, events(2, 3), model_seq=2, now=62.0, runner_id="b")
+    await store.append(record.id, events(3, 4), model_seq=3, now=63.0)  # unfenced (a reservation's end)
+    assert [e.index for e in await store.read(record.id, -1)] == [0, 1, 2, 3]
+
+
 async def test_concurrent_claims_exactly_one_wins(make_store: StoreMaker) -> None:
     first, second = await make_store(), await make_store()
     for _ in range(15):

@@ -79,11 +79,13 @@ class SessionStore(Protocol):
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
         now: float,
+        runner_id: str | None = None,
     ) -> None:
         """Atomically store ``events`` (consecutive, starting at last_index + 1) and advance the session:
         last_index, model_seq, updated, and optionally status/finish_reason/usage. Then wake waiters.
         An empty batch only updates the session. Raises AppendConflict (storing nothing) when the session is
-        missing or the batch does not continue it exactly."""
+        missing or the batch does not continue it exactly, or (fencing) when ``runner_id`` is given and the
+        session's runner is another one: a runner that lost its lease can never write after its successor."""
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...).
@@ -98,9 +100,19 @@ class SessionStore(Protocol):
         """Return when an event with index > after may exist or the session changed, or at timeout.
         Cross-process: Postgres uses LISTEN/NOTIFY; SQLite polls its file at a short interval."""
 
-    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
-        """Take or renew the runner lease: succeeds when the session is not final and the lease is held by
-        ``runner_id`` already or has lapsed. Atomic across processes."""
+    async def claim(
+        self,
+        session_id: str,
+        runner_id: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        takeover_from: str | None = None,
+    ) -> bool:
+        """Take or renew the runner lease (until ``now + lease_seconds``, seconds since the epoch): succeeds
+        when the session is not final and the lease is held by ``runner_id`` already, has lapsed, or is held
+        by ``takeover_from`` (a runner the caller knows is dead: compare-and-swap on the holder). Atomic
+        across processes."""
 
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         """Delete final sessions (and their events) whose ``updated`` is older than ttl. Returns count."""

@@ -53,6 +53,12 @@ def check_batch(session_id: str, events: Sequence[StoredEvent], last_index: int 
             )
 
 
+def check_runner(session_id: str, expected: str | None, actual: str | None) -> None:
+    """Fencing: an append that names its runner fails when another runner holds the session."""
+    if expected is not None and actual != expected:
+        raise AppendConflict(f"session {session_id} is run by another runner now")
+
+
 def record_from_row(row: Mapping[str, Any], decode_json: bool) -> SessionRecord:
     """Build a record from a row mapping; SQLite keeps JSON as text, Postgres decodes jsonb itself."""
     values = {name: row[name] for name in COLUMNS}

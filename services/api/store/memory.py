@@ -14,6 +14,7 @@ from services.api.store.base import FINAL_STATUSES, SessionExists, SessionRecord
 from services.api.store.common import (
     Waiters,
     check_batch,
+    check_runner,
     check_status,
     check_update_fields,
     wait_event,
@@ -59,11 +60,13 @@ class MemoryStore:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
         now: float,
+        runner_id: str | None = None,
     ) -> None:
         check_status(status)
         record = self._sessions.get(session_id)
         check_batch(session_id, events, record.last_index if record else None)
         assert record is not None
+        check_runner(session_id, runner_id, record.runner_id)
         self._events[session_id].extend(event.data for event in events)
         record.last_index += len(events)
         record.model_seq = model_seq
@@ -98,11 +101,20 @@ class MemoryStore:
         with self._waiters.register(session_id, after) as waiter:
             await wait_event(waiter.event, timeout)
 
-    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+    async def claim(
+        self,
+        session_id: str,
+        runner_id: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        takeover_from: str | None = None,
+    ) -> bool:
         record = self._sessions.get(session_id)
         if record is None or record.status in FINAL_STATUSES:
             return False
-        if record.runner_id not in (None, runner_id) and record.lease_until >= now:
+        held_by_other = record.runner_id not in (None, runner_id) and record.runner_id != takeover_from
+        if held_by_other and record.lease_until >= now:
             return False
         record.runner_id = runner_id
         record.lease_until = now + lease_seconds

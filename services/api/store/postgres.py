@@ -98,6 +98,7 @@ WITH s AS (
         status = coalesce(%(status)s, status), finish_reason = coalesce(%(finish_reason)s, finish_reason),
         usage = coalesce(%(usage)s, usage)
     WHERE id = %(id)s AND (%(n)s = 0 OR last_index = %(prev)s)
+      AND (%(runner)s::text IS NULL OR runner_id = %(runner)s::text)
     RETURNING id
 ), ins AS (
     INSERT INTO events (session_id, idx, data)
@@ -114,7 +115,7 @@ _SELECT_SQL = f"SELECT {', '.join(COLUMNS)} FROM sessions WHERE id = %s"
 _CLAIM_SQL = """
 UPDATE sessions SET runner_id = %(runner)s, lease_until = %(until)s
 WHERE id = %(id)s AND status <> ALL(%(final)s)
-  AND (runner_id IS NULL OR runner_id = %(runner)s OR lease_until < %(now)s)
+  AND (runner_id IS NULL OR runner_id = %(runner)s OR lease_until < %(now)s OR runner_id = %(dead)s::text)
 """
 
 _DELETE_EXPIRED_SQL = """
@@ -205,6 +206,7 @@ class PostgresStore:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
         now: float,
+        runner_id: str | None = None,
     ) -> None:
         check_status(status)
         prev = events[0].index - 1 if events else -1
@@ -221,12 +223,15 @@ class PostgresStore:
             "finish_reason": finish_reason,
             "usage": None if usage is None else Jsonb(usage),
             "channel": CHANNEL,
+            "runner": runner_id,
         }
         async with self._connection() as conn:
             cursor = await conn.execute(_APPEND_SQL, params)
             matched = await cursor.fetchone()
         if matched is None:
-            raise AppendConflict(f"session {session_id} is missing or its last_index is not {prev}")
+            raise AppendConflict(
+                f"session {session_id} is missing, its last_index is not {prev}, or another runner holds it"
+            )
         self._waiters.notify(session_id)
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
@@ -265,13 +270,22 @@ class PostgresStore:
                 return
             await wait_event(waiter.event, timeout)
 
-    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
+    async def claim(
+        self,
+        session_id: str,
+        runner_id: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        takeover_from: str | None = None,
+    ) -> bool:
         params = {
             "id": session_id,
             "runner": runner_id,
             "until": now + lease_seconds,
             "now": now,
             "final": _FINAL,
+            "dead": takeover_from,
         }
         async with self._connection() as conn:
             cursor = await conn.execute(_CLAIM_SQL, params)

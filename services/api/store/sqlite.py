@@ -37,6 +37,7 @@ from services.api.store.common import (
     Waiter,
     Waiters,
     check_batch,
+    check_runner,
     check_status,
     check_update_fields,
     record_from_row,
@@ -144,11 +145,12 @@ class SqliteStore:
         finish_reason: str | None = None,
         usage: dict[str, Any] | None = None,
         now: float,
+        runner_id: str | None = None,
     ) -> None:
         check_status(status)
         changes = {"model_seq": model_seq, "status": status, "finish_reason": finish_reason}
         changes["usage"] = None if usage is None else json.dumps(usage)
-        await self._run(_append_sync, session_id, list(events), changes, now)
+        await self._run(_append_sync, session_id, list(events), changes, now, runner_id)
         self._waiters.notify(session_id)
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
@@ -170,8 +172,17 @@ class SqliteStore:
             waiter.status = state[1]
             await wait_event(waiter.event, timeout)
 
-    async def claim(self, session_id: str, runner_id: str, lease_seconds: float, now: float) -> bool:
-        return await self._run(_claim_sync, session_id, runner_id, now + lease_seconds, now)
+    async def claim(
+        self,
+        session_id: str,
+        runner_id: str,
+        lease_seconds: float,
+        now: float,
+        *,
+        takeover_from: str | None = None,
+    ) -> bool:
+        until = now + lease_seconds
+        return await self._run(_claim_sync, session_id, runner_id, until, now, takeover_from)
 
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         count = await self._run(_delete_expired_sync, now - ttl_seconds)
@@ -286,13 +297,20 @@ def _get_sync(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None
 
 
 def _append_sync(
-    conn: sqlite3.Connection, session_id: str, events: list[StoredEvent], changes: dict[str, Any], now: float
+    conn: sqlite3.Connection,
+    session_id: str,
+    events: list[StoredEvent],
+    changes: dict[str, Any],
+    now: float,
+    runner_id: str | None,
 ) -> None:
     with _immediate(conn):
-        row = conn.execute("SELECT last_index FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        query = "SELECT last_index, runner_id FROM sessions WHERE id = ?"
+        row = conn.execute(query, (session_id,)).fetchone()
         last_index = None if row is None else row[0]
         check_batch(session_id, events, last_index)
         assert last_index is not None
+        check_runner(session_id, runner_id, row[1])
         conn.executemany(
             "INSERT INTO events (session_id, idx, data) VALUES (?, ?, ?)",
             [(session_id, e.index, e.data) for e in events],
@@ -341,12 +359,14 @@ def _states_sync(conn: sqlite3.Connection, ids: list[str]) -> dict[str, tuple[in
     return states
 
 
-def _claim_sync(conn: sqlite3.Connection, session_id: str, runner_id: str, until: float, now: float) -> bool:
+def _claim_sync(
+    conn: sqlite3.Connection, session_id: str, runner_id: str, until: float, now: float, dead: str | None
+) -> bool:
     cursor = conn.execute(
         f"""UPDATE sessions SET runner_id = ?, lease_until = ?
             WHERE id = ? AND status NOT IN {_FINAL_SQL}
-              AND (runner_id IS NULL OR runner_id = ? OR lease_until < ?)""",
-        (runner_id, until, session_id, runner_id, now),
+              AND (runner_id IS NULL OR runner_id = ? OR lease_until < ? OR runner_id = ?)""",
+        (runner_id, until, session_id, runner_id, now, dead),
     )
     return cursor.rowcount == 1
 

@@ -3,7 +3,12 @@
 The engine thread hands over each step's outputs through ``sink``; they hop to the event loop once per step
 and become protocol events with consecutive ``seq`` (0, 1, 2, ...; the index in the log). Readers replay
 "events with seq > n, then the live ones until Finished", so a stream can be dropped and re-attached, and
-the generation never depends on a reader being there. Finished logs are kept for the retention period.
+the generation never depends on a reader being there.
+
+Finished logs are kept only for re-attach and takeover (the api stores every event itself): each is
+compacted when its Finished arrives (``CompactLog``: the deltas' texts joined, 12 bytes per delta for where
+each ends and its tokens; re-attach at seq s still gets exactly the events after s, rebuilt) and kept for
+``FINISHED_RETENTION_SECONDS`` but at most ``FINISHED_RETENTION_BYTES`` in all, the oldest evicted first.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
+from array import array
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from services.model.engine.base import FinalOutput, Output, TokenOutput
@@ -25,14 +33,70 @@ log = logging.getLogger(__name__)
 Event = Delta | Finished
 
 
+# What a retained finished log costs beyond its buffers: the Generation object and its attributes, the
+# Finished event, the registry's dict entries (measured with tracemalloc: ~1.6 KiB; rounded up).
+LOG_OVERHEAD_BYTES = 2048
+
+
+class CompactLog:
+    """A finished generation's events in three flat buffers, rebuilt into the same events on demand.
+
+    ``reasoning``/``content``: every delta's text of that kind joined; ``_marks``: per delta (seq 0..n-1)
+    the end offset of its reasoning and of its content (in characters) and its token count, as unsigned
+    32-bit ints. ``finished`` is the last event (seq n). A re-attach rebuilds only the events it asks for.
+    """
+
+    __slots__ = ("_marks", "content", "finished", "reasoning")
+
+    def __init__(self, deltas: Sequence[Delta], finished: Finished) -> None:
+        self.reasoning = "".join(d.reasoning for d in deltas)
+        self.content = "".join(d.content for d in deltas)
+        marks = array("I")
+        r_end = c_end = 0
+        for d in deltas:
+            r_end += len(d.reasoning)
+            c_end += len(d.content)
+            marks.extend((r_end, c_end, d.tokens))
+        self._marks = marks
+        self.finished = finished
+
+    def __len__(self) -> int:
+        """Events in the log, Finished included."""
+        return len(self._marks) // 3 + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate bytes held by this log (texts, marks and the fixed per-log overhead)."""
+        marks = self._marks.buffer_info()[1] * self._marks.itemsize
+        return sys.getsizeof(self.reasoning) + sys.getsizeof(self.content) + marks + LOG_OVERHEAD_BYTES
+
+    def events_from(self, index: int) -> list[Event]:
+        """The events with seq >= ``index`` (``[]`` past the end), identical to the ones first streamed."""
+        marks, count = self._marks, len(self._marks) // 3
+        out: list[Event] = []
+        for i in range(max(index, 0), count):
+            r_start, c_start = (marks[3 * i - 3], marks[3 * i - 2]) if i else (0, 0)
+            r_end, c_end, tokens = marks[3 * i], marks[3 * i + 1], marks[3 * i + 2]
+            reasoning, content = self.reasoning[r_start:r_end], self.content[c_start:c_end]
+            out.append(Delta(seq=i, reasoning=reasoning, content=content, tokens=tokens))
+        if index <= count:
+            out.append(self.finished)
+        return out
+
+
 class Generation:
-    """One request's events. Touched only on the event loop."""
+    """One request's events. Touched only on the event loop.
+
+    Running: a list of events; finished and compacted (``compact``): a ``CompactLog``. Readers use
+    ``count`` and ``events_from``, which work the same in both forms."""
 
     def __init__(self, request_id: str, prompt_tokens: int, created: float) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.created = created
-        self.events: list[Event] = []
+        self._live: list[Event] = []
+        self._compact: CompactLog | None = None
+        self.finished: Finished | None = None  # the last event, once it came
         self.finished_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -41,9 +105,28 @@ class Generation:
         self._final_waiters: list[asyncio.Future[None]] = []  # woken by Finished only
 
     @property
-    def finished(self) -> Finished | None:
-        last = self.events[-1] if self.events else None
-        return last if isinstance(last, Finished) else None
+    def count(self) -> int:
+        """Events so far (the next seq)."""
+        return len(self._compact) if self._compact is not None else len(self._live)
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event so far (a copy; rebuilt when compacted)."""
+        return self.events_from(0)
+
+    def events_from(self, index: int) -> list[Event]:
+        """The events with seq >= ``index``."""
+        if self._compact is not None:
+            return self._compact.events_from(index)
+        return self._live[max(index, 0) :]
+
+    def compact(self) -> int:
+        """Turn a finished log into a ``CompactLog``; returns the bytes it now holds (idempotent)."""
+        if self._compact is None:
+            assert self.finished is not None, "only a finished log can be compacted"
+            deltas = [e for e in self._live if isinstance(e, Delta)]
+            self._compact, self._live = CompactLog(deltas, self.finished), []
+        return self._compact.nbytes
 
     def append_delta(self, out: TokenOutput) -> bool:
         """False when the output carried no text (its tokens then travel with the next delta)."""
@@ -51,8 +134,8 @@ class Generation:
         if not out.reasoning and not out.content:
             return False
         tokens, self.pending_tokens = self.pending_tokens, 0
-        seq = len(self.events)
-        self.events.append(Delta(seq=seq, reasoning=out.reasoning, content=out.content, tokens=tokens))
+        seq = len(self._live)
+        self._live.append(Delta(seq=seq, reasoning=out.reasoning, content=out.content, tokens=tokens))
         return True
 
     def append_finished(self, out: FinalOutput, now: float) -> Finished:
@@ -60,12 +143,13 @@ class Generation:
         if out.error or out.finish_reason == "error":
             error = ErrorInfo(code="internal", message=out.error or "generation failed")
         event = Finished(
-            seq=len(self.events),
+            seq=len(self._live),
             finish_reason=out.finish_reason,  # type: ignore[arg-type]  # the engine uses the same literals
             usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
             error=error,
         )
-        self.events.append(event)
+        self._live.append(event)
+        self.finished = event
         self.finished_at = now
         return event
 
@@ -88,13 +172,13 @@ class Generation:
         index = after + 1  # seq is the index in the log
         next_batch = 0.0
         while True:
-            if index < len(self.events):
+            if index < self.count:
                 delay = next_batch - loop.time()
                 if delay > 0 and self.finished is None:
                     await self._wait(self._final_waiters, delay)
                     continue
-                batch = self.events[index:]
-                index = len(self.events)
+                batch = self.events_from(index)
+                index += len(batch)
                 yield batch
                 if isinstance(batch[-1], Finished):
                     return
@@ -146,7 +230,10 @@ class GenerationRegistry:
         retention_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         stream_interval_seconds: float = 0.0,
+        retention_bytes: int | None = None,
     ) -> None:
+        """``retention_seconds``/``retention_bytes``: how long, and how many bytes of compacted logs in all
+        (None: no byte bound), finished generations are kept for re-attach; the oldest go first."""
         self._loop = loop
         # Least time between two writes of one stream (the first and the last go out at once).
         self.stream_interval = stream_interval_seconds
@@ -154,6 +241,9 @@ class GenerationRegistry:
         self._retention = retention_seconds
         self._clock = clock
         self._generations: dict[str, Generation] = {}
+        self._retention_bytes = retention_bytes
+        self._retained: OrderedDict[str, int] = OrderedDict()  # finished ids, oldest first -> bytes
+        self.retained_bytes = 0
         # Steps handed over by the engine thread and not yet applied on the loop: while one hop is on its
         # way, later steps join it instead of scheduling (and waking the loop for) hops of their own.
         self._handover = threading.Lock()
@@ -234,6 +324,7 @@ class GenerationRegistry:
 
     def _on_final(self, generation: Generation, out: FinalOutput, now: float) -> None:
         event = generation.append_finished(out, now)
+        self._retain(generation)
         self._metrics.requests.labels(event.finish_reason).inc()
         self._metrics.duration.observe(now - generation.created)
         if event.error is not None:
@@ -248,16 +339,32 @@ class GenerationRegistry:
         )
 
     # --- retention ----------------------------------------------------------------------------------
+    def _retain(self, generation: Generation) -> None:
+        """Compact a just-finished log and keep it within the byte bound (evicting the oldest first)."""
+        size = generation.compact()
+        self._retained[generation.request_id] = size
+        self.retained_bytes += size
+        bound = self._retention_bytes
+        while bound is not None and self.retained_bytes > bound and self._retained:
+            self._forget(next(iter(self._retained)))
+        self._metrics.retained_bytes.set(self.retained_bytes)
+
+    def _forget(self, request_id: str) -> None:
+        self.retained_bytes -= self._retained.pop(request_id, 0)
+        self._generations.pop(request_id, None)
+
     def sweep(self) -> int:
         """Forget generations finished longer than the retention ago; returns how many."""
         cutoff = self._clock() - self._retention
-        expired = [
-            rid
-            for rid, gen in self._generations.items()
-            if gen.finished_at is not None and gen.finished_at <= cutoff
-        ]
+        expired = []
+        for rid in self._retained:  # oldest first: stop at the first one still within the retention
+            finished_at = self._generations[rid].finished_at
+            if finished_at is not None and finished_at > cutoff:
+                break
+            expired.append(rid)
         for rid in expired:
-            del self._generations[rid]
+            self._forget(rid)
+        self._metrics.retained_bytes.set(self.retained_bytes)
         return len(expired)
 
     async def run_sweeper(self) -> None:

@@ -33,6 +33,7 @@ def create_app(settings: ModelSettings | None = None, engine_factory: EngineFact
             metrics,
             resolved.finished_retention_seconds,
             stream_interval_seconds=resolved.stream_interval_ms / 1000,
+            retention_bytes=resolved.finished_retention_bytes,
         )
         service = ModelService(resolved, metrics, registry, engine_factory or build_engine)
         app.state.settings = resolved

@@ -63,6 +63,11 @@ class ModelMetrics:
         self.step_duration = Histogram(
             "model_step_duration_seconds", "Wall time of one scheduler step", buckets=STEP_BUCKETS, registry=r
         )
+        self.retained_bytes = Gauge(
+            "model_finished_logs_bytes",
+            "Bytes of finished generations' logs kept for re-attach (bounded by FINISHED_RETENTION_BYTES)",
+            registry=r,
+        )
         self.device_memory = Gauge(
             "model_device_memory_bytes", "Memory in use by device and kind", ["device", "kind"], registry=r
         )

@@ -44,6 +44,8 @@ class ModelSettings(BaseSettings):
     max_queue: int = Field(default=64, ge=0)
     max_step_tokens: int = Field(default=2048, ge=16)  # prefill token budget per scheduler step
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
+    # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
+    finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # least time between two writes of one generation's stream (0: one write per engine step); the first
     # and the last event are never held back
     stream_interval_ms: float = Field(default=10.0, ge=0.0, le=1000.0)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import tracemalloc
+
+import pytest
 
 from services.model.engine.base import FinalOutput, TokenOutput
 from services.model.generations import GenerationRegistry
 from services.model.metrics import ModelMetrics
+from services.protocol.errors import NotFound
 from services.protocol.events import Delta, Finished
 
 
@@ -104,5 +108,88 @@ def test_engine_steps_queued_behind_a_pending_hop_are_applied_together_in_order(
         assert scheduled == 1
         events = registry.get("r").events
         assert [getattr(e, "reasoning", None) for e in events[:3]] == ["a", "b", "c"]
+
+    asyncio.run(main())
+
+
+# --- finished logs: compact, exact on re-attach, bounded by bytes ------------------------------------------
+def _run(registry: GenerationRegistry, rid: str, outputs: list[object]) -> None:
+    registry.create(rid, 3)
+    for out in outputs:
+        registry._apply([(rid, out)], 0.0)  # type: ignore[list-item]
+
+
+def test_a_compacted_log_gives_exactly_the_events_after_any_seq() -> None:
+    async def main() -> None:
+        registry = GenerationRegistry(asyncio.get_running_loop(), ModelMetrics(), 60.0)
+        outputs: list[object] = [
+            TokenOutput("think ", "", 1),
+            TokenOutput("", "", 2),  # no text: its tokens travel with the next delta
+            TokenOutput("h\u00e9", "", 1),
+            TokenOutput("\U0001f600", "an", 1),  # the end of the reasoning and the start of the answer
+            TokenOutput("", "swer", 1),
+            TokenOutput("", "", 1),
+            FinalOutput("length", 3, 7),
+        ]
+        registry.create("r", 3)
+        reader = asyncio.create_task(_collect(registry, "r", 0.0))
+        await asyncio.sleep(0)
+        for out in outputs[:-1]:
+            registry._apply([("r", out)], 0.0)  # type: ignore[list-item]
+        live = list(registry.get("r").events)  # before Finished: the running list itself
+        registry._apply([("r", outputs[-1])], 0.0)  # type: ignore[list-item]
+        streamed = [e for batch in await asyncio.wait_for(reader, 5.0) for e in batch]
+        generation = registry.get("r")
+        assert generation._compact is not None and not generation._live  # compacted on Finished
+        assert streamed[:-1] == live and streamed[-1] == generation.finished
+        assert generation.count == len(streamed) == 5
+        for after in range(-1, len(streamed)):  # a re-attach at every seq, the Finished one included
+            assert generation.events_from(after + 1) == streamed[after + 1 :]
+            replayed = [e async for batch in generation.follow(after, 10.0) for e in batch]
+            assert replayed == streamed[after + 1 :]
+
+    asyncio.run(main())
+
+
+def test_finished_logs_stay_under_the_byte_bound_oldest_evicted_first() -> None:
+    async def main() -> None:
+        metrics = ModelMetrics()
+        bound = 128 * 1024
+        registry = GenerationRegistry(asyncio.get_running_loop(), metrics, 600.0, retention_bytes=bound)
+        tokens = [TokenOutput(" word", "", 1)] * 150 + [TokenOutput("", " answer", 1)] * 150
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            highest = 0
+            for i in range(200):  # ~200 x 10 KiB compacted (~200 x 230 KiB as events): 16x the bound
+                _run(registry, f"g{i}", [*tokens, FinalOutput("length", 3, 300)])
+                highest = max(highest, registry.retained_bytes)
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert 0.9 * bound < highest <= bound
+        assert held < bound * 1.25, held  # what is really allocated, not only what is accounted
+        kept = len(registry)
+        assert 5 < kept < 200
+        assert all(f"g{i}" in registry._generations for i in range(200 - kept, 200))  # the newest kept
+        with pytest.raises(NotFound):
+            registry.get("g0")
+        assert metrics.retained_bytes._value.get() == registry.retained_bytes
+
+    asyncio.run(main())
+
+
+def test_the_sweep_forgets_by_age_and_keeps_the_byte_count() -> None:
+    async def main() -> None:
+        now = [0.0]
+        registry = GenerationRegistry(asyncio.get_running_loop(), ModelMetrics(), 10.0, clock=lambda: now[0])
+        for i, at in enumerate((1.0, 2.0, 30.0)):
+            registry.create(f"s{i}", 3)
+            registry._apply([(f"s{i}", TokenOutput("x", "", 1)), (f"s{i}", FinalOutput("stop", 3, 1))], at)
+        registry.create("running", 3)
+        now[0] = 15.0
+        assert registry.sweep() == 2
+        assert sorted(registry._generations) == ["running", "s2"]
+        assert registry.retained_bytes == registry.get("s2").compact()
 
     asyncio.run(main())

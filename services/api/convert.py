@@ -24,7 +24,7 @@ def to_sampling(req: ChatCompletionRequest) -> SamplingParams:
         max_tokens=req.effective_max_tokens(),
         temperature=req.temperature,
         top_p=req.top_p,
-        top_k=req.top_k,
+        top_k=req.effective_top_k(),
         seed=req.seed,
         stop=req.stop_list(),
         presence_penalty=req.presence_penalty or 0.0,
@@ -55,12 +55,14 @@ async def _message(message: ChatMessage, index: int, fetch: MediaFetcher) -> Mes
 async def _part(part: ContentPart, index: int, j: int, fetch: MediaFetcher) -> Part:
     if part.kind == "text":
         return TextPart(text=part.text or "")
-    url = part.media_url()
-    assert url is not None  # ContentPart validation guarantees it
+    source = part.media_source()
+    assert source is not None  # ContentPart validation guarantees it
+    where, url = source
     try:
         data = await fetch(url, part.kind)
     except MediaError as exc:
-        raise BadRequest(exc.message, param=f"messages[{index}].content[{j}]", code="invalid_media") from None
+        param = f"messages[{index}].content[{j}].{where}"
+        raise BadRequest(exc.message, param=param, code="invalid_media") from None
     if len(data) > _OFFLOAD_BYTES:  # large media: encode off the event loop
         encoded = await asyncio.to_thread(_b64, data)
     else:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -104,19 +105,44 @@ def session_not_found(session_id: str) -> NotFound:
     return NotFound(f"session {session_id!r} not found", param="session_id", code="session_not_found")
 
 
+def param_path(loc: Sequence[str | int]) -> str:
+    """The one style of ``param`` in every error: ``("messages", 0, "content", 1, "type")`` ->
+    ``"messages[0].content[1].type"`` (list indexes in brackets, field names joined by dots)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+# Python object reprs (``<_io.BytesIO object at 0x7f...>``) and absolute file paths say nothing to a client
+# and describe our internals: they never reach an error message.
+_INTERNAL_TEXT = re.compile(r"<[^<>]{0,200} at 0x[0-9a-fA-F]+>|(?<![\w.])/(?:[\w.-]+/)+[\w.-]*")
+
+
+def public_text(message: str, limit: int = 300) -> str:
+    """A message from another component made fit for a client: object reprs and file paths removed,
+    at most ``limit`` characters."""
+    text = _INTERNAL_TEXT.sub("…", message).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def from_model_error(exc: model_errors.ModelServiceError, retry_after: int) -> ApiError:
-    """Map a typed model-service error onto the public contract."""
+    """Map a typed model-service error onto the public contract (its text scrubbed by ``public_text``)."""
+    message = public_text(exc.message)
     if isinstance(exc, model_errors.PromptTooLong):
-        return BadRequest(exc.message, param="messages", code="context_length_exceeded")
+        return BadRequest(message, param="messages", code="context_length_exceeded")
     if isinstance(exc, model_errors.InvalidMedia):
-        return BadRequest(exc.message, param="messages", code="invalid_media")
+        return BadRequest(message, param="messages", code="invalid_media")
     if isinstance(exc, model_errors.InvalidRequest):
-        return BadRequest(exc.message, code="invalid_request")
+        return BadRequest(message, param="messages", code="invalid_request")
     if isinstance(exc, model_errors.Overloaded):
-        return RateLimited(f"the model service is at capacity: {exc.message}", retry_after=retry_after)
+        return RateLimited(f"the model service is at capacity: {message}", retry_after=retry_after)
     if isinstance(exc, model_errors.NotReady):
         return ServiceUnavailable(
-            f"the model service is not ready: {exc.message}", code="model_not_ready", retry_after=retry_after
+            f"the model service is not ready: {message}", code="model_not_ready", retry_after=retry_after
         )
     # unauthorized (INTERNAL_TOKEN mismatch), conflict, internal: our fault, not the client's
     return InternalError("the model service failed to handle the request")
@@ -153,11 +179,26 @@ def error_json(error: ApiError) -> str:
     return json.dumps(error.body(), separators=(",", ":"))
 
 
+def validation_error(errors: Sequence[Any], fields: frozenset[str] = frozenset()) -> BadRequest:
+    """The 400 for pydantic errors: the most specific one (the deepest location: inside a union that is
+    the member the input was meant for), its ``param`` in the one path style. ``fields`` are the field
+    names of the validated models; other string segments of a location are union tags and are dropped."""
+    if not errors:
+        return BadRequest("invalid request")
+    best = max(errors, key=lambda e: len(e.get("loc", ())))  # max keeps the first of equals
+    loc = [
+        p
+        for p in best.get("loc", ())
+        if isinstance(p, int)
+        or (p not in ("body", "query", "path", "header") and (not fields or p in fields))
+    ]
+    param = param_path(loc) or None
+    msg = str(best.get("msg", "invalid value")).removeprefix("Value error, ")
+    return BadRequest(f"{param or 'request'}: {msg}", param=param)
+
+
 def _validation_error(exc: RequestValidationError) -> BadRequest:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    param = ".".join(loc) or None
-    return BadRequest(f"{param or 'request'}: {first.get('msg', 'invalid value')}", param=param)
+    return validation_error(exc.errors())
 
 
 def _http_error(exc: StarletteHTTPException) -> ApiError:

@@ -1,24 +1,38 @@
 """Public OpenAI Chat Completions request models (what clients send) and the response/status shapes.
 
 Unknown extra fields are ignored (clients send many); parameters we cannot honour are rejected by
-``unsupported_params`` with a message naming them, never silently dropped.
+``unsupported_params`` with a message naming them, never silently dropped. Every number has a range and every
+string and list a bound (the OpenAI API reference's where it states one), so a value can never reach a
+place where it overflows: ``seed`` is a signed 64-bit integer as in the OpenAI reference, ``top_k`` at most
+2^31 - 1 (the engine clamps it to the vocabulary), ``max_tokens`` at most 2^31 - 1 (the model service checks
+it against the context).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from services.api.settings import SESSION_ID_PATTERN
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_STOP_CHARS = 1000  # per stop string
+MAX_MODEL_CHARS = 256
+MAX_URL_CHARS = 64 * 1024 * 1024  # a data URL is bounded by MAX_REQUEST_BYTES anyway
+PART_TYPES = ("text", "input_text", "image_url", "input_image", "video_url", "input_video")
 
 
 class _Lenient(BaseModel):
@@ -26,8 +40,13 @@ class _Lenient(BaseModel):
 
 
 class MediaUrl(_Lenient):
-    url: str = Field(min_length=1)
-    detail: str | None = None
+    url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
+    detail: str | None = Field(default=None, max_length=32)
+
+
+def _url_object(value: object) -> object:
+    """A media field given as a bare URL string is the same as ``{"url": ...}``."""
+    return {"url": value} if isinstance(value, str) else value
 
 
 class ContentPart(_Lenient):
@@ -38,11 +57,28 @@ class ContentPart(_Lenient):
 
     type: Literal["text", "input_text", "image_url", "input_image", "video_url", "input_video"]
     text: str | None = None
-    image_url: MediaUrl | str | None = None
-    video_url: MediaUrl | str | None = None
-    input_image: MediaUrl | str | None = None
-    input_video: MediaUrl | str | None = None
-    url: str | None = None
+    image_url: MediaUrl | None = None
+    video_url: MediaUrl | None = None
+    input_image: MediaUrl | None = None
+    input_video: MediaUrl | None = None
+    url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _known_type(cls, value: object) -> object:
+        if value not in PART_TYPES:
+            shown = repr(value)[:64] if isinstance(value, str) else type(value).__name__
+            raise PydanticCustomError(
+                "unsupported_content_part",
+                "unsupported content part type {shown}; this server accepts {supported}",
+                {"shown": shown, "supported": ", ".join(PART_TYPES)},
+            )
+        return value
+
+    @field_validator("image_url", "video_url", "input_image", "input_video", mode="before")
+    @classmethod
+    def _bare_url(cls, value: object) -> object:
+        return _url_object(value)
 
     @property
     def kind(self) -> Literal["text", "image", "video"]:
@@ -51,12 +87,16 @@ class ContentPart(_Lenient):
         return "image" if self.type in ("image_url", "input_image") else "video"
 
     def media_url(self) -> str | None:
-        for value in (self.image_url, self.video_url, self.input_image, self.input_video, self.url):
-            if isinstance(value, MediaUrl):
-                return value.url
-            if isinstance(value, str) and value:
-                return value
-        return None
+        found = self.media_source()
+        return found[1] if found else None
+
+    def media_source(self) -> tuple[str, str] | None:
+        """(the URL's place within the part, e.g. ``image_url.url``; the URL), or None."""
+        for name in ("image_url", "video_url", "input_image", "input_video"):
+            value = getattr(self, name)
+            if value is not None:
+                return f"{name}.url", value.url
+        return ("url", self.url) if self.url else None
 
     @model_validator(mode="after")
     def _has_payload(self) -> ContentPart:
@@ -67,9 +107,29 @@ class ContentPart(_Lenient):
         return self
 
 
+def _content_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "parts"
+    return None
+
+
+# A message's content is a string or a list of parts; the discriminator picks the one the input is, so a
+# bad part is reported as that part's error, not as "not a string".
+Content = Annotated[
+    Annotated[str, Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(
+        _content_kind,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Content | None = None
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -83,19 +143,20 @@ class StreamOptions(_Lenient):
 
 
 class ChatCompletionRequest(_Lenient):
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    # extension; -1 (vLLM's spelling) and 0 mean "no top-k"
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(default=None, max_length=4)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    n: int | None = None
+    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
     stream: StrictBool = False  # "yes" or 1 is a client bug worth a 400, not a guess
     stream_options: StreamOptions | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
@@ -106,7 +167,7 @@ class ChatCompletionRequest(_Lenient):
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
     audio: Any = None
@@ -128,12 +189,10 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("`stream_options` is only allowed when `stream` is true")
         return value
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop_limit(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop strings")
-        return value
+    def _one_stop(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     @property
     def include_usage(self) -> bool:
@@ -143,9 +202,21 @@ class ChatCompletionRequest(_Lenient):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or [])
+
+    def effective_top_k(self) -> int | None:
+        return 0 if self.top_k == -1 else self.top_k
+
+
+def count_error(req: ChatCompletionRequest, max_messages: int, max_parts: int) -> tuple[str, str] | None:
+    """(message, param) when the request has more messages, or a message more content parts, than this
+    server takes (MAX_MESSAGES, MAX_CONTENT_PARTS); None when within the bounds."""
+    if len(req.messages) > max_messages:
+        return f"at most {max_messages} messages per request (got {len(req.messages)})", "messages"
+    for i, message in enumerate(req.messages):
+        if isinstance(message.content, list) and len(message.content) > max_parts:
+            return f"at most {max_parts} content parts per message", f"messages[{i}].content"
+    return None
 
 
 def unsupported_params(req: ChatCompletionRequest) -> str | None:

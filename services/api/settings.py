@@ -49,11 +49,20 @@ class ApiSettings(BaseSettings):
     # store writes are batched per interval; text arriving meanwhile merges into one chunk (the coalescing)
     event_flush_ms: float = Field(default=25.0, ge=0, le=1000)
     runner_lease_seconds: float = Field(default=10.0, ge=0.5)  # a dead runner is taken over after this
+    # a failing store write (flush, final events, lease) is retried with back-off this long; then the runner
+    # hands the session over (stops renewing its lease) and this process retries the takeover later
+    store_retry_seconds: float = Field(default=30.0, gt=0)
+    # while the database is failing, a call waits at most this long for a connection (503 within ~1 s)
+    store_fail_fast_seconds: float = Field(default=1.0, gt=0)
     cancel_wait_seconds: float = Field(default=10.0, gt=0)
 
     # limits and auth
     api_keys: SecretStr | None = None
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # cheap bounds checked before any media is fetched or the model service is asked (a 10k-message body
+    # would otherwise cost a minute of template rendering and tokenizing before "too long")
+    max_messages: int = Field(default=2048, ge=1)
+    max_content_parts: int = Field(default=512, ge=1)  # per message
     retry_after_seconds: int = Field(default=5, ge=1)
 
     # media (services/api/media.py): remote fetches go through its SSRF guard

@@ -108,4 +108,4 @@ async def test_a_media_error_is_a_400_naming_the_part() -> None:
     content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "/etc/passwd"}}]
     with pytest.raises(BadRequest) as info:
         await to_messages(req(messages=[{"role": "user", "content": content}]).messages, refuse)
-    assert info.value.param == "messages[0].content[1]" and info.value.code == "invalid_media"
+    assert info.value.param == "messages[0].content[1].image_url.url" and info.value.code == "invalid_media"

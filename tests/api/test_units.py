@@ -29,8 +29,18 @@ def test_chunks_share_id_and_created_and_are_valid_json() -> None:
     assert parsed[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert parsed[1]["choices"][0]["delta"] == {"reasoning_content": 'th"ink\n'}
     assert parsed[2]["choices"][0]["delta"] == {"content": "ünï"}
-    assert parsed[3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert parsed[3]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert parsed[4]["choices"] == [] and parsed[4]["usage"]["total_tokens"] == 3
+    assert all("usage" not in p for p in parsed[:4])
+
+
+def test_with_include_usage_every_chunk_before_the_last_has_null_usage() -> None:
+    # the OpenAI reference: with stream_options.include_usage, all chunks but the last carry "usage": null
+    enc = ChunkEncoder("c", 1, "m", include_usage=True)
+    chunks = [enc.role(), enc.reasoning("a"), enc.content("b"), enc.finish("length")]
+    assert all(json.loads(c)["usage"] is None for c in chunks)
+    last = json.loads(enc.usage({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}))
+    assert last["choices"] == [] and last["usage"]["total_tokens"] == 2
     assert all("\n" not in c for c in chunks)  # one SSE data line each
 
 
@@ -44,18 +54,46 @@ def test_final_chunks_per_finish_reason() -> None:
     err = Finished(seq=5, finish_reason="error", usage=usage, error=ErrorInfo(code="boom", message="bad"))
     chunks, status, reason = final_chunks(enc, err, True)
     assert status == "failed" and reason is None
-    assert json.loads(chunks[0])["error"]["code"] == "boom" and chunks[1] == DONE
+    error = json.loads(chunks[0])["error"]
+    assert error["code"] == "boom" and chunks[1] == DONE
+    assert "bad" not in error["message"]  # the model's own text names internals: logged, not sent
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(None, (None, -1)), ("", (None, -1)), ("7", (None, 7)), ("abc:3", ("abc", 3)), ("a:b:-1", ("a:b", -1))],
+    [
+        (None, (None, -1)),
+        ("", (None, -1)),
+        ("7", (None, 7)),
+        ("abc:3", ("abc", 3)),
+        ("a-b_c:-1", ("a-b_c", -1)),
+        (" abc:9223372036854775807 ", ("abc", 2**63 - 1)),
+    ],
 )
 def test_last_event_id_forms(value: str | None, expected: tuple[str | None, int]) -> None:
     assert parse_last_event_id(value, None) == expected
 
 
-@pytest.mark.parametrize("value", ["x", "abc:", "abc:x", "-2", "other:3"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x",
+        "abc:",
+        "abc:x",
+        "-2",
+        "other:3",
+        "a:b:-1",  # ":" is not a session-id character
+        "1" * 4301,  # past Python's int-parsing digit limit
+        "²",  # a Unicode digit: str.isdigit() accepts it, int() does not
+        "abc:²",
+        "abc:٣",
+        "9223372036854775808",  # 2^63: beyond int64
+        "abc:" + "9" * 20,
+        "x" * 8192 + ":1",
+        "abc:+3",
+        "abc:3 4",
+    ],
+)
 def test_bad_last_event_ids(value: str) -> None:
     with pytest.raises(LastEventIdError):
         parse_last_event_id(value, "abc")
@@ -106,8 +144,8 @@ def test_harmless_values_and_unknown_fields_pass() -> None:
         ({"session_id": "x" * 129}, "session_id"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.0.content"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]"),
         ({"stream": "yes"}, "stream"),
         ({"stream": 1}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -14,7 +14,7 @@ from services.api.convert import to_messages, to_sampling
 from services.api.deps import Hub, Owner
 from services.api.errors import BadRequest, request_id_of, session_not_found
 from services.api.media import MediaKind, resolve_media
-from services.api.openai_schemas import ChatCompletionRequest, unsupported_params
+from services.api.openai_schemas import ChatCompletionRequest, count_error, unsupported_params
 from services.api.routes.common import bind_session, read_json, resume_point, validate, wait_disconnect
 from services.api.store.base import SessionRecord
 from services.api.streaming.collect import collect
@@ -28,6 +28,9 @@ router = APIRouter()
 async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response:
     started = time.monotonic()
     req = validate(ChatCompletionRequest, await read_json(request))
+    too_many = count_error(req, hub.settings.max_messages, hub.settings.max_content_parts)
+    if too_many is not None:
+        raise BadRequest(too_many[0], param=too_many[1], code="too_many_items")
     param = unsupported_params(req)
     if param is not None:
         raise BadRequest(

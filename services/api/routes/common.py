@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
+import typing
 from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from services.api.errors import BadRequest
+from services.api.errors import BadRequest, validation_error
+from services.api.json_body import parse_json_body
 from services.api.logs import session_id_var
 from services.api.streaming.replay import LastEventIdError, parse_last_event_id
 
@@ -22,25 +24,41 @@ OFFLOAD_BYTES = 1024 * 1024
 
 
 async def read_json(request: Request) -> Any:
+    """The request's JSON body, decoded and checked by ``parse_json_body`` (raises its ``BadRequest``)."""
     body = await request.body()
-    try:
-        if len(body) > OFFLOAD_BYTES:
-            return await asyncio.to_thread(json.loads, body)
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("malformed JSON in the request body", code="invalid_json") from None
+    if len(body) > OFFLOAD_BYTES:
+        return await asyncio.to_thread(parse_json_body, body)
+    return parse_json_body(body)
 
 
 def validate(model: type[M], data: Any) -> M:
-    """Validate a body; the 400 names the first offending parameter."""
+    """Validate a body; the 400 names the offending parameter in the ``messages[0].content[1].type`` style."""
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise BadRequest(f"{param or 'body'}: {first['msg']}", param=param) from None
+        raise validation_error(exc.errors(), _field_names(model)) from None
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """Field names (and aliases) of ``model`` and every model nested in its fields' types."""
+    names: set[str] = set()
+    seen: set[type[BaseModel]] = set()
+    todo: list[Any] = [model]
+    while todo:
+        tp = todo.pop()
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp in seen:
+                continue
+            seen.add(tp)
+            for name, info in tp.model_fields.items():
+                names.update(n for n in (name, info.alias) if n)
+                todo.append(info.annotation)
+        else:
+            todo.extend(typing.get_args(tp))
+    return frozenset(names)
 
 
 def resume_point(request: Request, session_id: str | None) -> tuple[str | None, int, bool]:

@@ -62,6 +62,7 @@ async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[st
                 "message": {
                     "role": "assistant",
                     "content": "".join(folded.content),
+                    "refusal": None,  # required by the OpenAI reference; this server never refuses
                     "reasoning_content": "".join(folded.reasoning) or None,
                 },
                 "logprobs": None,

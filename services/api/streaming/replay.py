@@ -7,6 +7,7 @@ re-attaches to the model replica), so a resume after a crash continues with the 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -19,16 +20,29 @@ class LastEventIdError(ValueError):
     pass
 
 
+# ``<session_id>:<index>`` or ``<index>``; ASCII digits only (``str.isdigit`` takes "²", ``int`` does not),
+# at most 19 of them, and the value itself is checked against int64 below. -1 means "before the first event".
+_LAST_EVENT_ID = re.compile(r"(?:([A-Za-z0-9_-]{1,128}):)?(-1|[0-9]{1,19})", re.ASCII)
+MAX_INDEX = 2**63 - 1
+
+
 def parse_last_event_id(value: str | None, session_id: str | None) -> tuple[str | None, int]:
-    """``<sid>:<n>`` or a bare ``<n>`` -> (sid or None, n). None/empty -> (None, -1): from the first event."""
+    """``<sid>:<n>`` or a bare ``<n>`` -> (sid or None, n). None/empty -> (None, -1): from the first event.
+
+    Raises ``LastEventIdError`` for anything else: a malformed value, a session id outside the id rules, an
+    index beyond int64, or an id that names another session than ``session_id``."""
     if value is None or not value.strip():
         return None, -1
-    sid, sep, index = value.strip().rpartition(":")
-    if not index.lstrip("-").isdigit() or int(index) < -1:
-        raise LastEventIdError("Last-Event-ID must be `<session_id>:<index>` or `<index>`")
-    if sep and session_id is not None and sid != session_id:
+    match = _LAST_EVENT_ID.fullmatch(value.strip())
+    if match is None or int(match.group(2)) > MAX_INDEX:
+        raise LastEventIdError(
+            "Last-Event-ID must be `<session_id>:<index>` or `<index>`, "
+            "the index an integer from -1 to 2^63-1"
+        )
+    sid, index = match.group(1), int(match.group(2))
+    if sid is not None and session_id is not None and sid != session_id:
         raise LastEventIdError("Last-Event-ID belongs to another session")
-    return (sid if sep else None), int(index)
+    return sid, index
 
 
 async def follow(hub: SessionHub, session_id: str, after: int) -> AsyncIterator[StoredEvent | None]:

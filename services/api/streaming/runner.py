@@ -80,8 +80,8 @@ class SessionRunner:
         self._d = deps
         self.session_id = record.id
         meta = record.meta
-        self._enc = ChunkEncoder(meta["chunk_id"], int(meta["created"]), meta["model"])
         self._include_usage = bool(meta.get("include_usage"))
+        self._enc = ChunkEncoder(meta["chunk_id"], int(meta["created"]), meta["model"], self._include_usage)
         self.model_url = record.model_url or ""
         self.request_id = record.model_request_id or ""
         self._live = live

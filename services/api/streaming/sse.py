@@ -2,7 +2,9 @@
 
 Stored chunk strings are sent as they are (no parse, no re-encode). An error that interrupts the sending
 (say the database went away) becomes one ``data: {"error":...}`` event and ``[DONE]``; these two carry no
-id because they are not part of the session, so the client's Last-Event-ID stays resumable.
+id because they are not part of the session, so the client's Last-Event-ID stays resumable. A reader that
+resumes at or past the end of a finished session gets a bare ``data: [DONE]`` (no id), so that every stream
+ends with ``[DONE]`` and a client that reconnects after the end stops instead of reconnecting forever.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from services.api.streaming.translate import DONE
 log = logging.getLogger("api.sse")
 
 PING = b": ping\n\n"
+DONE_ONLY = f"data: {DONE}\n\n".encode()
 
 
 def frame(session_id: str, event: StoredEvent) -> bytes:
@@ -39,9 +42,13 @@ async def event_stream(
     hub: SessionHub, session_id: str, after: int, request_id: str | None
 ) -> AsyncIterator[bytes]:
     hub.metrics.active_streams.inc()
+    done = False
     try:
         async for event in follow(hub, session_id, after):
             yield PING if event is None else frame(session_id, event)
+            done = event is not None and event.data == DONE
+        if not done:
+            yield DONE_ONLY
     except Exception as exc:
         error = to_api_error(exc, hub.settings.retry_after_seconds) or internal_error(request_id)
         if error.status >= 500 and not isinstance(exc, ApiError):

@@ -7,11 +7,17 @@ Each chunk is encoded once here, stored as-is and sent as-is. The fixed part of 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from services.protocol.events import Finished
 
+log = logging.getLogger("api.translate")
+
 DONE = "[DONE]"
+# What a client reads when the model service failed a generation; the model's own text (which may name
+# internals, e.g. a tensor error) goes to the log with the session id, never to the client.
+GENERATION_FAILED = "the generation failed on the model service"
 
 
 def _dumps(value: Any) -> str:
@@ -19,15 +25,20 @@ def _dumps(value: Any) -> str:
 
 
 class ChunkEncoder:
-    """Builds the chunk strings of one session (all share one ``id``, ``created`` and ``model``)."""
+    """Builds the chunk strings of one session (all share one ``id``, ``created`` and ``model``).
 
-    def __init__(self, chunk_id: str, created: int, model: str) -> None:
+    With ``include_usage`` every chunk but the last carries ``"usage": null``, as the OpenAI reference says
+    for ``stream_options.include_usage``; the last one has empty ``choices`` and the usage."""
+
+    def __init__(self, chunk_id: str, created: int, model: str, include_usage: bool = False) -> None:
         head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
         self._prefix = _dumps(head)[:-1] + ',"choices":'
+        self._suffix = ',"usage":null}' if include_usage else "}"
 
     def _chunk(self, delta: str, finish_reason: str | None) -> str:
         finish = "null" if finish_reason is None else _dumps(finish_reason)
-        return f'{self._prefix}[{{"index":0,"delta":{delta},"finish_reason":{finish}}}]}}'
+        choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}'
+        return f"{self._prefix}[{choice}]{self._suffix}"
 
     def role(self) -> str:
         return self._chunk('{"role":"assistant"}', None)
@@ -61,9 +72,10 @@ def final_chunks(
     ends the stream with one error event (no finish chunk), as the contract asks for errors mid-stream."""
     usage = usage_dict(finished)
     if finished.finish_reason == "error":
-        message = finished.error.message if finished.error else "generation failed"
         code = finished.error.code if finished.error else None
-        return [error_payload(message, type_="server_error", code=code), DONE], "failed", None
+        if finished.error is not None:
+            log.warning("the model service failed the generation: %s (%s)", finished.error.message, code)
+        return [error_payload(GENERATION_FAILED, type_="server_error", code=code), DONE], "failed", None
     status = "cancelled" if finished.finish_reason == "cancelled" else "completed"
     chunks = [enc.finish(finished.finish_reason)]
     if include_usage:

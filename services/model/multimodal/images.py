@@ -78,5 +78,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+    """What a client may read about a decoder failure: Pillow's messages name internal objects
+    (``<_io.BytesIO object at 0x...>``), so only the kind of failure is told."""
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "unknown or unsupported image format"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too many pixels"
+    return "corrupt or truncated image data"

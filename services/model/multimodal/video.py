@@ -63,8 +63,11 @@ def decode_video(
         return _decode(raw, max_frames, max_pixels, seek)
     except InvalidMedia:
         raise
-    except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError) as exc:
-        raise InvalidMedia(f"video could not be decoded ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError):
+        # PyAV's messages name internal objects and paths: the kind of failure only
+        raise InvalidMedia(
+            "video could not be decoded (corrupt data or unsupported container/codec)"
+        ) from None
 
 
 def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool) -> DecodedVideo:

@@ -7,6 +7,10 @@ Concurrency design:
   writes (append, delete_expired, migration) runs in ``BEGIN IMMEDIATE``, which takes the database write lock
   up front, so check-then-write is atomic across processes; claim and create are single statements.
 - ``busy_timeout`` lets a writer wait for another process's short transaction instead of failing.
+- Set-up (open, WAL mode, pragmas) runs under an exclusive ``flock`` on a sidecar file ``<path>.setup-lock``:
+  switching a fresh file to WAL is not covered by ``busy_timeout``, and several workers starting at once on a
+  new file raced there (``database is locked``). The switch is also retried with back-off, for processes that
+  do not take the lock (the sqlite3 shell). The schema migration is idempotent (``BEGIN IMMEDIATE``).
 - wait(): appends made through this store wake its waiters at once. Appends from other processes are seen by
   one poller task per store, which reads (last_index, status) of every waited session in one query each
   ``poll_interval`` while anyone waits.
@@ -16,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -193,22 +200,30 @@ class SqliteStore:
     # ---- plumbing --------------------------------------------------------------------------------------
 
     def _connect_sync(self) -> sqlite3.Connection:
-        try:
-            # isolation_level=None: no implicit transactions; writes that need one say BEGIN IMMEDIATE.
-            conn = sqlite3.connect(
-                self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        deadline = time.monotonic() + max(self._busy_timeout, 1.0)
+        with _setup_lock(self._path, deadline):
+            try:
+                # isolation_level=None: no implicit transactions; writes that need one say BEGIN IMMEDIATE.
+                conn = sqlite3.connect(
+                    self._path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: cannot open ({exc})") from exc
+            conn.row_factory = sqlite3.Row
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+                mode = _enable_wal(conn, deadline)
+                # NORMAL in WAL mode survives a process crash (a power loss may drop the last commits).
+                conn.execute("PRAGMA synchronous = NORMAL")
+            except sqlite3.DatabaseError as exc:  # e.g. the path is some other kind of file
+                conn.close()
+                raise StoreUnavailable(
+                    f"SESSIONS_DB_PATH={self._path}: not a usable database ({exc})"
+                ) from exc
+        if mode not in {"wal", "memory"}:
+            log.warning(
+                "SESSIONS_DB_PATH=%s: journal mode %s (WAL unavailable on this filesystem)", self._path, mode
             )
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: cannot open ({exc})") from exc
-        conn.row_factory = sqlite3.Row
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode survives a process crash (a power loss may drop the last commits).
-            conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.DatabaseError as exc:  # e.g. the path is some other kind of file
-            conn.close()
-            raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: not a usable database ({exc})") from exc
         return conn
 
     @staticmethod
@@ -257,6 +272,53 @@ class SqliteStore:
                 for waiter in self._waiters.of(session_id):
                     if _changed(waiter, state):
                         waiter.event.set()
+
+
+@contextlib.contextmanager
+def _setup_lock(path: str, deadline: float) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.setup-lock`` (created when missing; kept: removing a lock file
+    is racy) until the block ends. Waits until ``deadline`` (time.monotonic()), then raises StoreUnavailable.
+    No lock for ``:memory:``."""
+    if path == ":memory:":
+        yield
+        return
+    lock_path = f"{path}.setup-lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreUnavailable(
+            f"SESSIONS_DB_PATH={path}: cannot create {lock_path} ({exc.strerror})"
+        ) from exc
+    try:
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"SESSIONS_DB_PATH={path}: set-up lock {lock_path} is held"
+                    ) from None
+                time.sleep(delay)  # another process is setting up (milliseconds); poll the lock
+                delay = min(delay * 2, 0.1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _enable_wal(conn: sqlite3.Connection, deadline: float) -> str:
+    """Switch to WAL (a no-op when already on); return the resulting journal mode. ``busy_timeout`` does not
+    cover this statement, so "database is locked" is retried with back-off until ``deadline``."""
+    delay = 0.005
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)  # another connection holds a lock for a moment
+        delay = min(delay * 2, 0.1)
 
 
 def _changed(waiter: Waiter, state: tuple[int, str] | None) -> bool:

@@ -23,6 +23,7 @@ from services.api.media import build_media_client
 from services.api.metrics import ApiMetrics
 from services.api.middleware import RequestContextMiddleware
 from services.api.model_client import ModelClient
+from services.api.openapi import install_openapi
 from services.api.routes import chat, health, models, sessions
 from services.api.settings import ApiSettings, load_settings
 from services.api.store.base import SessionStore, StoreUnavailable
@@ -40,7 +41,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=_lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",  # the public routes, for clients and fuzzers (not routed by the edge)
     )
     app.state.settings = settings
     app.state.key_hashes = settings.key_hashes()
@@ -55,6 +56,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     for module in (chat, sessions, models, health):
         app.include_router(module.router)
+    install_openapi(app)
     return app
 
 

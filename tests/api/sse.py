@@ -9,6 +9,8 @@ from typing import Any
 
 import httpx
 
+from tests.api.openai_shapes import check_event_data
+
 
 @dataclass
 class SseEvent:
@@ -25,7 +27,8 @@ class SseEvent:
 
 
 def iter_sse(response: httpx.Response) -> Iterator[SseEvent | None]:
-    """Events as they arrive; None for each comment line (``: ping``)."""
+    """Events as they arrive; None for each comment line (``: ping``). Every event's data is checked
+    against the OpenAI shapes (``openai_shapes.check_event_data``) on the way."""
     event_id: str | None = None
     data: list[str] = []
     for line in response.iter_lines():
@@ -36,6 +39,7 @@ def iter_sse(response: httpx.Response) -> Iterator[SseEvent | None]:
         elif line.startswith("data:"):
             data.append(line[5:].strip())
         elif line == "" and data:
+            check_event_data("\n".join(data))
             yield SseEvent(event_id, "\n".join(data))
             event_id, data = None, []
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.openai_shapes import check_chunk, check_completion
 from tests.api.sse import check_stream, finish_reason, iter_sse, read_sse, text_of
 from tests.helpers.stack import Service, start_api, start_model
 from tests.model.media import png_b64
@@ -101,6 +102,8 @@ def test_stream_follows_the_contract(client: httpx.Client) -> None:
         assert r.headers["x-session-id"] == s
         events = read_sse(r)
     check_stream(events, s)
+    for event in events[:-1]:
+        check_chunk(event.json(), include_usage=True)  # "usage": null on every chunk but the last
     assert events[0].json()["choices"][0]["delta"] == {"role": "assistant"}
     assert finish_reason(events) == "stop"
     usage = events[-2].json()
@@ -119,6 +122,7 @@ def test_non_stream_completion_matches_its_session_replay(client: httpx.Client) 
     r = client.post("/v1/chat/completions", json={**body(tokens=25), "session_id": s})
     assert r.status_code == 200 and r.headers["x-session-id"] == s
     out = r.json()
+    check_completion(out)  # the SDK's types and the reference's required keys (message.refusal included)
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
     choice = out["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["message"]["role"] == "assistant"

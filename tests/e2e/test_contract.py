@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.api.openai_shapes import check_completion
 from tests.api.sse import SseEvent, check_stream, finish_reason, iter_sse
 from tests.helpers.env import REPO, free_port
 from tests.helpers.stack import Service, start_api, start_model
@@ -141,6 +142,8 @@ def test_concurrent_posts_with_one_session_id_start_one_generation(
     for t in threads:
         t.join(30)
     assert [r.status_code for r in answers] == [200] * 4
+    for r in answers:
+        check_completion(r.json())
     assert len({r.json()["id"] for r in answers}) == 1
     assert len({r.json()["choices"][0]["message"]["content"] for r in answers}) == 1
     after = finished_generations(model)

@@ -66,7 +66,7 @@ def decode_video(
     except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError):
         # PyAV's messages name internal objects and paths: the kind of failure only
         raise InvalidMedia(
-            "video could not be decoded (corrupt data or unsupported container/codec)"
+            "video could not be decoded (corrupt data or unsupported codec)"
         ) from None
 
 

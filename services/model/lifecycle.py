@@ -4,6 +4,13 @@ States: ``loading`` -> ``ready`` (or ``failed`` with the load error) -> ``draini
 daemon thread so ``/health`` answers at once and ``/ready`` reports progress; draining stops admitting,
 lets running generations finish for up to SHUTDOWN_GRACE_SECONDS, then cancels the rest, so every open
 stream ends with its Finished event before the server closes.
+
+Healing: an engine that can die on its own (``ProcessEngine``'s child, killed by the OOM killer, say) reports
+it through ``watch``; its requests have ended with an error by then. The service goes ``ready`` ->
+``restarting`` (``/ready`` 503 "engine restarting") and loads a new engine after a back-off
+(ENGINE_RESTART_BACKOFF_SECONDS, doubling with each restart within ENGINE_RESTART_WINDOW_SECONDS, at most
+``MAX_BACKOFF_SECONDS``). More than ENGINE_MAX_RESTARTS deaths or failed reloads within the window: the
+service gives up (``failed``, not ``live``): ``/health`` answers 503 and the orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -24,8 +32,9 @@ from services.protocol.errors import NotReady
 
 log = logging.getLogger(__name__)
 
-State = Literal["loading", "ready", "failed", "draining"]
+State = Literal["loading", "ready", "restarting", "failed", "draining"]
 EngineFactory = Callable[[ModelSettings, ModelMetrics], Engine]
+MAX_BACKOFF_SECONDS = 60.0
 
 
 def build_engine(settings: ModelSettings, metrics: ModelMetrics) -> Engine:
@@ -71,14 +80,21 @@ class ModelService:
         self._reason = "loading"
         self._engine: Engine | None = None
         self._drain: asyncio.Task[None] | None = None
+        self._deaths: deque[float] = deque()  # engine deaths and failed reloads (monotonic seconds)
+        self._stopping = threading.Event()  # set by drain: a pending restart gives up its back-off
+        self.live = True  # False once the engine cannot be healed: /health then fails
 
     @property
     def state(self) -> State:
+        if self._state == "ready" and self._engine_failure() is not None:
+            return "restarting"  # the engine just died; its watcher is about to schedule the restart
         return self._state
 
     @property
     def reason(self) -> str:
-        return self._engine_failure() or self._reason
+        if self._state == "ready":
+            return self._engine_failure() or self._reason
+        return self._reason
 
     @property
     def ready(self) -> bool:
@@ -119,14 +135,73 @@ class ModelService:
                 if self._state == "loading":
                     self._state, self._reason = "failed", reason
             return
+        if self._install(engine, expected="loading"):
+            log.info("engine ready in %.1f s", time.monotonic() - started)
+
+    def _install(self, engine: Engine, expected: State) -> bool:
+        """Start a freshly loaded engine and admit again, if the state is still ``expected``; else (shutdown
+        began meanwhile) shut it down. Returns whether it was installed."""
         with self._lock:
-            if self._state != "loading":
-                log.info("engine loaded after shutdown began; not starting it")
-                return
-            engine.start(self.registry.sink)
-            self._engine, self._state, self._reason = engine, "ready", "ready"
+            installed = self._state == expected
+            if installed:
+                watch = getattr(engine, "watch", None)
+                if callable(watch):
+                    watch(lambda reason: self._on_engine_exit(engine, reason))
+                engine.start(self.registry.sink)
+                self._engine, self._state, self._reason = engine, "ready", "ready"
+        if not installed:
+            log.info("engine loaded after shutdown began; not starting it")
+            return False
         self.metrics.ready.set(1)
-        log.info("engine ready in %.1f s", time.monotonic() - started)
+        return True
+
+    # --- healing ------------------------------------------------------------------------------------
+    def _on_engine_exit(self, engine: Engine, reason: str) -> None:
+        """The engine's watcher (its reader thread): the engine died on its own; heal unless draining."""
+        with self._lock:
+            if self._engine is not engine or self._state != "ready":
+                return
+            self._schedule_restart(reason)
+        self.metrics.ready.set(0)
+
+    def _schedule_restart(self, reason: str) -> None:
+        """Under the lock: count the death; restart after a back-off, or give up past the limit."""
+        now = time.monotonic()
+        window = self.settings.engine_restart_window_seconds
+        self._deaths.append(now)
+        while self._deaths and self._deaths[0] < now - window:
+            self._deaths.popleft()
+        recent = len(self._deaths)
+        limit = self.settings.engine_max_restarts
+        if recent > limit:
+            self._state, self.live = "failed", False
+            self._reason = f"{reason}; gave up after {limit} engine restarts within {window:.0f} s"
+            log.error("engine cannot be healed: %s (liveness now fails)", self._reason)
+            return
+        delay = min(self.settings.engine_restart_backoff_seconds * 2 ** (recent - 1), MAX_BACKOFF_SECONDS)
+        self._state = "restarting"
+        self._reason = f"engine restarting ({reason}; restart {recent} of at most {limit}, in {delay:.1f} s)"
+        log.warning("%s", self._reason)
+        threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
+
+    def _restart(self, delay: float) -> None:
+        old = self._engine
+        if old is not None:
+            old.shutdown(0.0)  # dead already: closes its pipe and joins its reader
+        if self._stopping.wait(delay):
+            return
+        log.info("restarting the engine")
+        started = time.monotonic()
+        try:
+            engine = self._factory(self.settings, self.metrics)
+        except Exception as exc:
+            with self._lock:
+                if self._state == "restarting":
+                    self._schedule_restart(f"reload failed: {_describe_load_error(exc)}")
+            return
+        if self._install(engine, expected="restarting"):
+            self.metrics.engine_restarts.inc()
+            log.info("engine restarted in %.1f s", time.monotonic() - started)
 
     # --- shutdown -----------------------------------------------------------------------------------
     def request_drain_threadsafe(self) -> None:
@@ -141,6 +216,7 @@ class ModelService:
                 return
             self._state, self._reason = "draining", "shutting down"
             engine = self._engine
+        self._stopping.set()
         self.metrics.ready.set(0)
         if engine is None:
             return

@@ -54,6 +54,9 @@ class ModelMetrics:
         self.cancellations = Counter(
             "model_cancellations", "Cancel calls that stopped a generation", registry=r
         )
+        self.engine_restarts = Counter(
+            "model_engine_restarts", "Engines started anew after the engine process died", registry=r
+        )  # exported as model_engine_restarts_total
         self.ready = Gauge(
             "model_ready", "1 when the weights are loaded and requests are admitted", registry=r
         )

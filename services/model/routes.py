@@ -69,8 +69,12 @@ async def status(service: ServiceDep) -> LoadInfo:
 
 
 @router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(service: ServiceDep) -> JSONResponse:
+    """Liveness: 200 while the process can serve or heal itself (loading, restarting its engine); 503 once
+    the engine could not be healed within ENGINE_MAX_RESTARTS, so that the orchestrator restarts us."""
+    if service.live:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "failed", **NotReady(service.reason).body()}, status_code=NotReady.status)
 
 
 @router.get("/ready")

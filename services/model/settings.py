@@ -25,6 +25,12 @@ class ModelSettings(BaseSettings):
     # ENGINE=hf: run the model and its scheduler thread in a child process (services/model/engine/process.py),
     # so the HTTP event loop never holds the GIL the decode steps need
     engine_process: bool = Field(default=True, validation_alias="ENGINE_PROCESS")
+    # a dead engine process is replaced (weights reloaded) after a back-off that starts here and doubles
+    # with each restart within the window (at most 60 s); more than ENGINE_MAX_RESTARTS deaths or failed
+    # reloads within the window and the service gives up: /health answers 503 (the orchestrator restarts it)
+    engine_max_restarts: int = Field(default=5, ge=0)
+    engine_restart_window_seconds: float = Field(default=600.0, gt=0.0)
+    engine_restart_backoff_seconds: float = Field(default=1.0, ge=0.0, le=600.0)
 
     # generation defaults (None: the checkpoint's generation_config.json decides)
     max_tokens: int = Field(default=1024, ge=1)

@@ -20,7 +20,8 @@ The child runs ``prepare`` in a worker thread and keeps the ``Prepared`` (with i
 the parent's ``Prepared`` carries the key as ``inputs``. ``submit`` refuses synchronously with the
 scheduler's own rule (running + queued >= max_batch_size + max_queue, counted on the parent until the
 request's FinalOutput arrives), so the child never refuses what the parent admitted. If the child dies,
-every active request ends with an ``error`` FinalOutput and the engine refuses new work.
+every active request ends with an ``error`` FinalOutput, the engine refuses new work and calls the
+callback given to ``watch`` (the service then starts a new engine: ``services/model/lifecycle.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import multiprocessing
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
@@ -83,6 +84,7 @@ class ProcessEngine:
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Prepared], str]] = {}
         self._sink: OutputSink | None = None
         self._reader: threading.Thread | None = None
+        self._on_exit: Callable[[str], None] | None = None
         self.model_id = self._await_ready(start_timeout)
 
     def _await_ready(self, timeout: float) -> str:
@@ -112,6 +114,11 @@ class ProcessEngine:
         raise RuntimeError(f"{type_name}: {message}")
 
     # ---- Engine -------------------------------------------------------------------------------------
+
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Call ``on_exit(reason)`` once, from the reader thread, if the child dies on its own (not after
+        ``shutdown``); the active requests get their error FinalOutput right after. Call before ``start``."""
+        self._on_exit = on_exit
 
     def start(self, sink: OutputSink) -> None:
         self._sink = sink
@@ -175,6 +182,8 @@ class ProcessEngine:
         with self._lock:
             self._closing = True
         try:
+            if self._dead:
+                raise OSError("the engine process is gone")  # nothing to drain, nothing to wait for
             self._send(("shutdown", grace_seconds))
         except (OSError, ValueError):
             pass  # the child is gone already
@@ -225,10 +234,14 @@ class ProcessEngine:
                 log.exception("handling %s from the engine process failed", msg[0])
             if msg[0] == "drained":
                 break
-        if not self._closing:
+        died = not self._closing
+        if died:
+            self._process.join(5.0)  # the pipe closes as the process dies: let its exit code arrive
             log.error("the engine process exited (exit code %s)", self._process.exitcode)
             self.failure = f"the engine process exited (exit code {self._process.exitcode})"
         self._dead = True
+        if died and self._on_exit is not None and self.failure is not None:
+            self._on_exit(self.failure)  # first: no client learns of the death before /ready does
         self._fail_active("error", "the engine process exited")
         self._fail_waiting()
 

@@ -8,8 +8,9 @@
 #                       With a resolver the upstream names are re-resolved while nginx runs (`resolve`,
 #                       nginx >= 1.27.3): compose replicas that are recreated get new addresses. Kubernetes
 #                       needs none: the api Service's ClusterIP never changes.
-#   EDGE_CLIENT_MAX_BODY_SIZE (64m)  EDGE_RATE_LIMIT (10r/s)  EDGE_RATE_BURST (20)  EDGE_RETRY_AFTER_SECONDS (1)
-#   EDGE_READ_TIMEOUT (3600s)  EDGE_WORKER_PROCESSES (auto)  EDGE_WORKER_CONNECTIONS (4096)
+#   EDGE_CLIENT_MAX_BODY_SIZE (64m)  EDGE_RATE_LIMIT (1000r/s)  EDGE_RATE_BURST (2000)  EDGE_CONN_LIMIT (128)
+#   EDGE_RETRY_AFTER_SECONDS (1)  EDGE_READ_TIMEOUT (3600s)  EDGE_CLIENT_TIMEOUT (60s)
+#   EDGE_WORKER_PROCESSES (auto)  EDGE_WORKER_CONNECTIONS (4096)
 #   EDGE_RUNTIME_DIR (/tmp/nginx)  EDGE_ERROR_LOG (/dev/stderr)  EDGE_ACCESS_LOG (/dev/stdout)
 #   EDGE_TEMPLATE (/etc/nginx/templates/nginx.conf.template)  EDGE_RESOLV_CONF (/etc/resolv.conf)
 #   EDGE_RENDER_ONLY=1  write the config and exit (used by the tests)
@@ -19,10 +20,12 @@ set -eu
 : "${EDGE_LISTEN:=8080}"
 : "${EDGE_RESOLVER:=off}"
 : "${EDGE_CLIENT_MAX_BODY_SIZE:=64m}"
-: "${EDGE_RATE_LIMIT:=10r/s}"
-: "${EDGE_RATE_BURST:=20}"
+: "${EDGE_RATE_LIMIT:=1000r/s}"
+: "${EDGE_RATE_BURST:=2000}"
+: "${EDGE_CONN_LIMIT:=128}"
 : "${EDGE_RETRY_AFTER_SECONDS:=1}"
 : "${EDGE_READ_TIMEOUT:=3600s}"
+: "${EDGE_CLIENT_TIMEOUT:=60s}"
 : "${EDGE_WORKER_PROCESSES:=auto}"
 : "${EDGE_WORKER_CONNECTIONS:=4096}"
 : "${EDGE_RUNTIME_DIR:=/tmp/nginx}"
@@ -58,7 +61,7 @@ done
 
 EDGE_USER_DIRECTIVE="# user: unchanged"
 export EDGE_LISTEN EDGE_API_SERVERS EDGE_RUNTIME_DIR EDGE_CLIENT_MAX_BODY_SIZE EDGE_RATE_LIMIT EDGE_RATE_BURST \
-    EDGE_RETRY_AFTER_SECONDS EDGE_READ_TIMEOUT EDGE_WORKER_PROCESSES EDGE_WORKER_CONNECTIONS \
+    EDGE_CONN_LIMIT EDGE_CLIENT_TIMEOUT EDGE_RETRY_AFTER_SECONDS EDGE_READ_TIMEOUT EDGE_WORKER_PROCESSES EDGE_WORKER_CONNECTIONS \
     EDGE_RESOLVER_DIRECTIVE EDGE_ERROR_LOG EDGE_ACCESS_LOG EDGE_USER_DIRECTIVE
 
 for sub in client_body proxy fastcgi uwsgi scgi logs; do
@@ -66,7 +69,7 @@ for sub in client_body proxy fastcgi uwsgi scgi logs; do
 done
 # Only the EDGE_* names are substituted: nginx's own $variables stay as they are.
 vars='${EDGE_LISTEN} ${EDGE_API_SERVERS} ${EDGE_RUNTIME_DIR} ${EDGE_CLIENT_MAX_BODY_SIZE} ${EDGE_RATE_LIMIT}
-${EDGE_RATE_BURST} ${EDGE_RETRY_AFTER_SECONDS} ${EDGE_READ_TIMEOUT} ${EDGE_WORKER_PROCESSES}
+${EDGE_RATE_BURST} ${EDGE_CONN_LIMIT} ${EDGE_CLIENT_TIMEOUT} ${EDGE_RETRY_AFTER_SECONDS} ${EDGE_READ_TIMEOUT} ${EDGE_WORKER_PROCESSES}
 ${EDGE_WORKER_CONNECTIONS} ${EDGE_RESOLVER_DIRECTIVE} ${EDGE_ERROR_LOG} ${EDGE_ACCESS_LOG} ${EDGE_USER_DIRECTIVE}'
 envsubst "$vars" < "$EDGE_TEMPLATE" > "$EDGE_RUNTIME_DIR/nginx.conf"
 

@@ -34,10 +34,12 @@ class EdgeSettings:
     api_upstreams: Sequence[str]
     runtime_dir: Path
     client_max_body_size: str = "64m"
-    rate_limit: str = "10r/s"
-    rate_burst: int = 20
+    rate_limit: str = "1000r/s"  # a flood guard only: tokens and streams are the cost, not requests
+    rate_burst: int = 2000
+    conn_limit: int = 128  # concurrent requests (open streams included) per key
     retry_after_seconds: int = 1
     read_timeout: str = "3600s"
+    client_timeout: str = "60s"  # client_header_timeout and client_body_timeout
     worker_processes: str = "auto"
     worker_connections: int = 4096
     resolver: str | None = None  # a DNS server: upstream names are re-resolved (nginx >= 1.27.3)
@@ -45,18 +47,27 @@ class EdgeSettings:
     access_log: str | None = None  # default: <runtime_dir>/logs/access.log
     worker_user: str | None = None
 
-    def validate(self) -> None:
+    def invalid_fields(self) -> list[str]:
+        """Names of the fields whose values the template cannot take (empty when all are valid)."""
         checks = {
             "api_upstreams": bool(self.api_upstreams) and all(_UPSTREAM.match(u) for u in self.api_upstreams),
             "client_max_body_size": bool(_SIZE.match(self.client_max_body_size)),
             "rate_limit": bool(_RATE.match(self.rate_limit)),
             "read_timeout": bool(_DURATION.match(self.read_timeout)),
+            "client_timeout": bool(_DURATION.match(self.client_timeout)),
             "rate_burst": self.rate_burst >= 0,
+            "conn_limit": self.conn_limit >= 1,
+            "worker_processes": self.worker_processes == "auto" or self.worker_processes.isdigit(),
+            "worker_connections": self.worker_connections >= 1,
             "retry_after_seconds": self.retry_after_seconds >= 0,
             "listen": bool(re.match(r"^([0-9.]+:|\[[0-9a-fA-F:]+\]:)?\d{1,5}$", self.listen)),
             "resolver": self.resolver is None or bool(re.match(r"^[0-9a-fA-F.:\[\]]+$", self.resolver)),
         }
-        bad = [name for name, ok in checks.items() if not ok]
+        return [name for name, ok in checks.items() if not ok]
+
+    def validate(self) -> None:
+        """Raise ValueError naming every invalid field (values go into nginx.conf verbatim)."""
+        bad = self.invalid_fields()
         if bad:
             raise ValueError(f"invalid edge settings: {', '.join(bad)} ({self!r})")
 
@@ -73,6 +84,8 @@ class EdgeSettings:
             "EDGE_CLIENT_MAX_BODY_SIZE": self.client_max_body_size,
             "EDGE_RATE_LIMIT": self.rate_limit,
             "EDGE_RATE_BURST": str(self.rate_burst),
+            "EDGE_CONN_LIMIT": str(self.conn_limit),
+            "EDGE_CLIENT_TIMEOUT": self.client_timeout,
             "EDGE_RETRY_AFTER_SECONDS": str(self.retry_after_seconds),
             "EDGE_READ_TIMEOUT": self.read_timeout,
             "EDGE_WORKER_PROCESSES": self.worker_processes,
@@ -84,6 +97,44 @@ class EdgeSettings:
             "EDGE_ACCESS_LOG": self.access_log or str(logs / "access.log"),
             "EDGE_USER_DIRECTIVE": f"user {self.worker_user};" if self.worker_user else "# user: unchanged",
         }
+
+
+# The EDGE_* variables an operator sets (make run, compose, Kubernetes), each with its EdgeSettings field
+# and type. EDGE_API_UPSTREAMS, EDGE_LISTEN and EDGE_RESOLVER are the containers' (entrypoint.sh); make run
+# derives them from API_PORT and PORT.
+ENV_OPTIONS: dict[str, tuple[str, type]] = {
+    "EDGE_CLIENT_MAX_BODY_SIZE": ("client_max_body_size", str),
+    "EDGE_RATE_LIMIT": ("rate_limit", str),
+    "EDGE_RATE_BURST": ("rate_burst", int),
+    "EDGE_CONN_LIMIT": ("conn_limit", int),
+    "EDGE_RETRY_AFTER_SECONDS": ("retry_after_seconds", int),
+    "EDGE_READ_TIMEOUT": ("read_timeout", str),
+    "EDGE_CLIENT_TIMEOUT": ("client_timeout", str),
+    "EDGE_WORKER_PROCESSES": ("worker_processes", str),
+    "EDGE_WORKER_CONNECTIONS": ("worker_connections", int),
+}
+
+
+def options_from_env(env: Mapping[str, str]) -> dict[str, object]:
+    """EdgeSettings keyword arguments from the ``EDGE_*`` variables of ``env`` that are set and not empty.
+
+    Each value is checked the way the template needs it. Raises ValueError naming the variable when one is
+    malformed (e.g. ``EDGE_RATE_LIMIT=10/s``).
+    """
+    options: dict[str, object] = {}
+    for name, (field, kind) in ENV_OPTIONS.items():
+        raw = env.get(name, "").strip()
+        if not raw:
+            continue
+        if kind is int and not raw.isdigit():
+            raise ValueError(f"invalid environment variable {name}={raw!r}: expected a whole number")
+        options[field] = int(raw) if kind is int else raw
+    probe = EdgeSettings(listen="1", api_upstreams=["127.0.0.1:1"], runtime_dir=Path("."), **options)  # type: ignore[arg-type]
+    names = {field: name for name, (field, _) in ENV_OPTIONS.items()}
+    bad = [f"{names[f]}={env[names[f]].strip()!r}" for f in probe.invalid_fields() if f in names]
+    if bad:
+        raise ValueError(f"invalid environment variable {', '.join(bad)}")
+    return options
 
 
 def substitute(template: str, values: Mapping[str, str]) -> str:
@@ -135,25 +186,23 @@ def nginx_argv(conf: Path, nginx: str = "nginx") -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Render a config (the environment's EDGE_* variables apply, options win); print nginx's command."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--out", required=True, help="prefix directory (nginx.conf, logs, temp paths)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--api", action="append", required=True, help="api replica host:port (repeatable)")
-    parser.add_argument("--client-max-body-size", default="64m")
-    parser.add_argument("--rate-limit", default="10r/s")
-    parser.add_argument("--rate-burst", type=int, default=20)
+    parser.add_argument("--client-max-body-size")
+    parser.add_argument("--rate-limit")
+    parser.add_argument("--rate-burst", type=int)
+    parser.add_argument("--conn-limit", type=int)
     args = parser.parse_args(argv)
-    conf = render(
-        args.out,
-        args.port,
-        args.api,
-        listen_host=args.host,
-        client_max_body_size=args.client_max_body_size,
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-    )
+    options = options_from_env(os.environ)
+    for field in ("client_max_body_size", "rate_limit", "rate_burst", "conn_limit"):
+        if getattr(args, field) is not None:
+            options[field] = getattr(args, field)
+    conf = render(args.out, args.port, args.api, listen_host=args.host, **options)
     print(" ".join(nginx_argv(conf)))
 
 

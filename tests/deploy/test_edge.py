@@ -87,6 +87,7 @@ def test_sse_arrives_incrementally_through_the_edge(client: httpx.Client) -> Non
         assert r.headers["x-session-id"] == s
         assert r.headers["x-request-id"] == "rq-1"
         assert "content-encoding" not in r.headers
+        assert r.headers["x-accel-buffering"] == "no"  # the contract's header survives the edge
         for event in iter_sse(r):
             if event is not None:
                 events.append(event)
@@ -174,3 +175,27 @@ def test_burst_gets_429_from_the_edge_per_key(stack: tuple[Service, str]) -> Non
     # Another key is another client.
     other = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10)
     assert other.status_code == 200
+
+
+def test_default_limits_never_meet_an_ordinary_client(
+    stack: tuple[Service, str], work: Path, nginx_bin: str
+) -> None:
+    """With the default EDGE_* limits (make run, compose, Kubernetes), 30 parallel GET /v1/models and a quick
+    sequential run of requests from one key get no 429: requests are cheap; streams and tokens cost."""
+    api = stack[0]
+    edge, base = start_edge(nginx_bin, work, [f"127.0.0.1:{api.port}"])
+    try:
+        key = {"Authorization": f"Bearer {KEY_A}"}
+        with httpx.Client(base_url=base, headers=key, timeout=30) as client, ThreadPoolExecutor(30) as pool:
+            barrier = threading.Barrier(30)
+
+            def get(_: int) -> int:
+                barrier.wait(10)  # all 30 at once
+                return client.get("/v1/models").status_code
+
+            parallel = list(pool.map(get, range(30)))
+            sequential = [client.get("/v1/models").status_code for _ in range(150)]
+        assert parallel == [200] * 30
+        assert sequential == [200] * 150
+    finally:
+        edge.stop()

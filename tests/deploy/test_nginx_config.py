@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.nginx.render import TEMPLATE, EdgeSettings, render, render_settings, substitute
+from deploy.nginx.render import (
+    ENV_OPTIONS,
+    TEMPLATE,
+    EdgeSettings,
+    options_from_env,
+    render,
+    render_settings,
+    substitute,
+)
 from tests.deploy.conftest import EdgeFactory, check_config
 from tests.deploy.upstream_stub import upstream_stub
 from tests.helpers.env import REPO, free_port, require_binary
@@ -66,6 +76,74 @@ def test_settings_reject_bad_values(field: str, value: object, tmp_path: Path) -
 def test_every_placeholder_needs_a_value() -> None:
     with pytest.raises(KeyError, match="EDGE_LISTEN"):
         substitute(TEMPLATE.read_text(), {})
+
+
+def test_options_from_env_takes_every_edge_variable() -> None:
+    env = {
+        "EDGE_CLIENT_MAX_BODY_SIZE": "2m",
+        "EDGE_RATE_LIMIT": "5r/s",
+        "EDGE_RATE_BURST": "7",
+        "EDGE_CONN_LIMIT": "3",
+        "EDGE_RETRY_AFTER_SECONDS": "4",
+        "EDGE_READ_TIMEOUT": "90s",
+        "EDGE_CLIENT_TIMEOUT": "15s",
+        "EDGE_WORKER_PROCESSES": "2",
+        "EDGE_WORKER_CONNECTIONS": "512",
+        "UNRELATED": "x",
+    }
+    assert set(env) - {"UNRELATED"} == set(ENV_OPTIONS)
+    options = options_from_env(env)
+    assert options == {
+        "client_max_body_size": "2m",
+        "rate_limit": "5r/s",
+        "rate_burst": 7,
+        "conn_limit": 3,
+        "retry_after_seconds": 4,
+        "read_timeout": "90s",
+        "client_timeout": "15s",
+        "worker_processes": "2",
+        "worker_connections": 512,
+    }
+    assert options_from_env({"EDGE_RATE_LIMIT": ""}) == {}  # empty: the default
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("EDGE_RATE_LIMIT", "10/s"),
+        ("EDGE_RATE_BURST", "-1"),
+        ("EDGE_CONN_LIMIT", "0"),
+        ("EDGE_CONN_LIMIT", "many"),
+        ("EDGE_CLIENT_TIMEOUT", "1 minute"),
+        ("EDGE_WORKER_PROCESSES", "all"),
+        ("EDGE_CLIENT_MAX_BODY_SIZE", "64m;"),
+    ],
+)
+def test_options_from_env_names_a_bad_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}="):
+        options_from_env({name: value})
+
+
+def _defaults_in(path: Path, pattern: str) -> dict[str, str]:
+    return dict(re.findall(pattern, path.read_text(), flags=re.MULTILINE))
+
+
+def test_edge_defaults_are_the_same_everywhere() -> None:
+    """render.py (make run), entrypoint.sh, compose, Kubernetes and .env.example: one set of EDGE_* names and
+    defaults, and .env.example lists exactly the variables make run honours."""
+    fields = {f.name: f.default for f in dataclasses.fields(EdgeSettings)}
+    expected = {name: str(fields[field]) for name, (field, _) in ENV_OPTIONS.items()}
+    sources = {
+        ".env.example": _defaults_in(REPO / ".env.example", r"^(EDGE_[A-Z_]+)=(\S*)$"),
+        "entrypoint.sh": _defaults_in(ENTRYPOINT, r'^: "\$\{(EDGE_[A-Z_]+):=([^}]*)\}"$'),
+        "compose.yaml": _defaults_in(
+            REPO / "deploy/docker/compose.yaml", r"^\s+(EDGE_[A-Z_]+): \$\{EDGE_[A-Z_]+:-([^}]*)\}$"
+        ),
+        "k8s edge.env": _defaults_in(REPO / "deploy/k8s/edge.env", r"^(EDGE_[A-Z_]+)=(\S*)$"),
+    }
+    assert sources[".env.example"] == expected
+    for name, found in sources.items():
+        assert {k: found.get(k) for k in expected} == expected, name
 
 
 def _run_entrypoint(tmp_path: Path, **env: str) -> Path:
@@ -136,6 +214,8 @@ def test_sse_passes_through_unbuffered_with_headers(edge: EdgeFactory) -> None:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             assert "content-encoding" not in resp.headers
+            # The contract's header for streams (nginx consumes an upstream's own), and buffering stays off.
+            assert resp.headers["x-accel-buffering"] == "no"
             for line in resp.iter_lines():
                 if line.startswith("data:"):
                     arrivals.append(time.monotonic() - t0)
@@ -164,6 +244,12 @@ def test_request_id_and_auth_headers_reach_the_api(edge: EdgeFactory) -> None:
             timeout=10,
         ).json()["headers"]
         assert sent["X-Request-Id"] == "req-123"
+        echo = httpx.post(f"{base}/v1/echo", json={}, timeout=10)
+        assert "x-accel-buffering" not in echo.headers  # only streams carry it
+        # An id the api would not accept is replaced by nginx's own (the api sees and answers the same).
+        for insane in ("has space", "x" * 129, "a/b"):
+            got = httpx.post(f"{base}/v1/echo", json={}, headers={"X-Request-Id": insane}, timeout=10)
+            assert len(got.json()["headers"]["X-Request-Id"]) == 32, insane
         assert sent["Authorization"] == "Bearer k1"
         assert sent["Last-Event-ID"] == "s:4"
         assert sent["X-Forwarded-For"] == "127.0.0.1"

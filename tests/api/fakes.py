@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from services.api.model_client import StreamBroken
+from services.api.store.base import SessionRecord, SessionStore, StoredEvent, StoreUnavailable
 from services.protocol import paths
 from services.protocol.events import Delta, Finished, Usage
 
@@ -32,10 +34,12 @@ class FakeStream:
         *,
         gate: asyncio.Queue[None] | None = None,
         break_after: int = -1,
+        step_seconds: float = 0.0,
     ) -> None:
         self._events = list(events)
         self._gate = gate
         self._break_after = break_after
+        self._step_seconds = step_seconds  # a model's decode step: time between events
         self.closed = False
 
     async def events(self) -> AsyncIterator[Delta | Finished]:
@@ -44,6 +48,8 @@ class FakeStream:
                 raise StreamBroken("fake break")
             if self._gate is not None:
                 await self._gate.get()
+            if self._step_seconds:
+                await asyncio.sleep(self._step_seconds)
             yield event
         if not self._events or not isinstance(self._events[-1], Finished):
             raise StreamBroken("fake stream ended early")
@@ -80,3 +86,82 @@ class FakeModel:
         self.cancelled.append(request_id)
         self.cancel_called.set()
         return paths.CancelResult(request_id=request_id, status="cancelled")
+
+
+class FlakyStore:
+    """Wraps a real store and injects store failures: every call but ``wait`` fails while ``down``; the
+    appends numbered in ``fail_appends`` (1-based) fail before writing; those in ``lose_answers`` are
+    written and then fail (a commit whose answer was lost). ``failures`` counts every StoreUnavailable the
+    caller saw, injected or real (SQLite locked past its busy timeout)."""
+
+    def __init__(
+        self, inner: SessionStore, *, fail_appends: Sequence[int] = (), lose_answers: Sequence[int] = ()
+    ) -> None:
+        self.inner = inner
+        self.down = False
+        self.fail_appends = set(fail_appends)
+        self.lose_answers = set(lose_answers)
+        self.appends = 0
+        self.failures = 0
+        self.claims_while_down = 0
+
+    def _check(self) -> None:
+        if self.down:
+            self.failures += 1
+            raise StoreUnavailable("injected outage")
+
+    async def _call(self, name: str, *args: Any, **kw: Any) -> Any:
+        self._check()
+        try:
+            return await getattr(self.inner, name)(*args, **kw)
+        except StoreUnavailable:
+            self.failures += 1
+            raise
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def ping(self) -> None:
+        await self._call("ping")
+
+    async def create(self, record: SessionRecord) -> None:
+        await self._call("create", record)
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        return await self._call("get", session_id)
+
+    async def append(self, session_id: str, events: Sequence[StoredEvent], **kw: Any) -> None:
+        self._check()
+        self.appends += 1
+        if self.appends in self.fail_appends:
+            self.failures += 1
+            raise StoreUnavailable(f"injected failure of append {self.appends}")
+        await self._call("append", session_id, events, **kw)
+        if self.appends in self.lose_answers:
+            self.failures += 1
+            raise StoreUnavailable(f"injected lost answer of append {self.appends}")
+
+    async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
+        await self._call("update", session_id, now=now, **fields)
+
+    async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
+        return await self._call("read", session_id, after, limit)
+
+    async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109
+        if self.down:
+            await asyncio.sleep(min(timeout, 0.01))  # a reader's long poll during an outage
+            return
+        await self.inner.wait(session_id, after, timeout)
+
+    async def claim(
+        self, session_id: str, runner_id: str, lease_seconds: float, now: float, **kw: Any
+    ) -> bool:
+        if self.down:
+            self.claims_while_down += 1
+        return await self._call("claim", session_id, runner_id, lease_seconds, now, **kw)
+
+    async def delete_expired(self, now: float, ttl_seconds: float) -> int:
+        return await self._call("delete_expired", now, ttl_seconds)

@@ -156,6 +156,7 @@ async def test_takeover_continues_after_the_stored_model_seq_without_gap_or_dupl
     stale = await store.get("s1")
     assert stale is not None
     model = FakeModel(events)
+    await store.claim("s1", "other", 5, time.time(), takeover_from="me")  # as the hub does first
     runner = SessionRunner(make_deps(store, model, runner_id="other"), stale, LiveLog("s1", 2), None)
     await asyncio.wait_for(runner.run(), 10)
     assert model.reattached == [14]

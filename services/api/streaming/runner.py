@@ -6,6 +6,13 @@ the pending chunks to the store in one ``append`` per interval together with the
 Only after a batch is stored does it become visible (``LiveLog.publish``), so a process that dies can never
 have shown a client an event that its successor, re-attaching at the stored model seq, would produce
 differently. The runner holds the session's lease and renews it; it also performs auto-cancel.
+
+Store failures: a write that fails is retried with back-off (``STORE_RETRY_SECONDS``), and every retry
+carries everything that arrived meanwhile (one growing batch). Before a retry the runner re-claims its lease
+and checks what the failed attempt may have stored after all (a commit whose answer was lost), so nothing is
+written twice. Appends name the runner (fencing): a runner that lost its lease can never write after its
+successor. When the store stays down past the bound, the runner stops (its lease lapses) and the session is
+taken over later, here or by any other process, at the stored model seq.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -20,7 +28,14 @@ from services.api.logs import session_id_var
 from services.api.metrics import ApiMetrics
 from services.api.model_client import EventStream, GenerationBackend, StreamBroken
 from services.api.settings import ApiSettings
-from services.api.store.base import AppendConflict, SessionRecord, SessionStore, StoredEvent, StoreUnavailable
+from services.api.store.base import (
+    FINAL_STATUSES,
+    AppendConflict,
+    SessionRecord,
+    SessionStore,
+    StoredEvent,
+    StoreUnavailable,
+)
 from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.translate import DONE, ChunkEncoder, error_payload, final_chunks, usage_dict
 from services.protocol.errors import ModelServiceError
@@ -28,11 +43,41 @@ from services.protocol.events import Delta, Finished
 
 log = logging.getLogger("api.runner")
 
-_FINAL_WRITE_GIVE_UP_SECONDS = 120.0
+_RETRY_FIRST_SECONDS = 0.05
+_RETRY_MAX_SECONDS = 1.0
 
 
 class LeaseLost(Exception):
     """Another process owns the session now: stop without writing or cancelling anything."""
+
+
+class HandOver(Exception):
+    """The store stayed unavailable past STORE_RETRY_SECONDS: stop (the lease lapses) so that another
+    runner, in this process or another, continues the session once the store answers again."""
+
+
+class _Retry:
+    """Back-off between attempts of one failing store write (50 ms doubling to 1 s, jittered), bounded by
+    ``bound`` seconds from the first failure; past it, ``pause`` raises HandOver."""
+
+    def __init__(self, session_id: str, bound: float) -> None:
+        self._session_id = session_id
+        self._bound = bound
+        self._deadline: float | None = None
+        self._delay = _RETRY_FIRST_SECONDS
+        self.failures = 0
+
+    async def pause(self, exc: Exception) -> None:
+        now = time.monotonic()
+        self.failures += 1
+        if self._deadline is None:
+            self._deadline = now + self._bound
+            log.warning("session %s: store unavailable (%s); retrying the write", self._session_id, exc)
+        if now >= self._deadline:
+            log.error("session %s: store unavailable for %.1fs; handing over", self._session_id, self._bound)
+            raise HandOver from exc
+        await asyncio.sleep(min(self._delay * random.uniform(0.5, 1.0), self._deadline - now))
+        self._delay = min(self._delay * 2, _RETRY_MAX_SECONDS)
 
 
 @dataclass(slots=True)
@@ -59,6 +104,16 @@ class _Batch:
     finish_reason: str | None
     usage: dict[str, int] | None
     final: bool
+    uncertain: bool = False  # a write of it failed: a prefix may be stored after all
+
+    def extend(self, later: _Batch) -> None:
+        """Append a later batch (what arrived while this one could not be written)."""
+        self.events.extend(later.events)
+        self.model_seq = later.model_seq
+        if later.status is not None:
+            self.status = later.status
+        if later.final:
+            self.finish_reason, self.usage, self.final = later.finish_reason, later.usage, True
 
 
 @dataclass(slots=True)
@@ -100,6 +155,7 @@ class SessionRunner:
         self._last_flush = 0.0
         self._since = time.monotonic()
         self.auto_cancelled = False
+        self.handed_over = False  # stopped because the store stayed down (the hub retries a takeover)
         if self._next_index == 0:
             self._pending.append(self._enc.role())
             self._flush_wanted.set()
@@ -122,6 +178,9 @@ class SessionRunner:
         except* LeaseLost:
             release = False  # the lease is someone else's now: leave it alone
             log.warning("session %s: lease lost, another process continues it", self.session_id)
+        except* HandOver:
+            release = False  # the store is down: the lease lapses by itself
+            self.handed_over = True
         except* Exception:
             log.exception("session %s: runner failed", self.session_id)
             final_status = await self._fail_now()
@@ -135,9 +194,7 @@ class SessionRunner:
         self._pending = []
         self._fail("internal error while streaming the generation", "internal_error")
         try:
-            for _ in range(2):  # a batch left over from before the error, then the failure itself
-                if not await self._flush():
-                    return None
+            await self._flush()  # a batch left over from before the error, with the failure appended
         except Exception:
             log.exception("session %s: could not store the failure", self.session_id)
             return None
@@ -230,7 +287,6 @@ class SessionRunner:
 
     async def _flusher(self) -> None:
         interval = self._d.settings.event_flush_ms / 1000.0
-        give_up_at: float | None = None
         while True:
             await self._flush_wanted.wait()
             delay = self._last_flush + interval - time.monotonic()
@@ -240,29 +296,48 @@ class SessionRunner:
             self._hurry.clear()
             self._flush_wanted.clear()
             self._last_flush = time.monotonic()
-            if await self._flush():
-                if self._batch is None and self._final is not None and not self._pending:
-                    return
-                continue
-            give_up_at = give_up_at or time.monotonic() + _FINAL_WRITE_GIVE_UP_SECONDS
-            if self._final is not None and time.monotonic() > give_up_at:
-                log.error("session %s: store unavailable, giving up on the final events", self.session_id)
+            await self._flush()
+            if self._final is not None and not self._pending:
                 return
-            await asyncio.sleep(0.5)
-            self._flush_wanted.set()
+            if self._pending:
+                self._flush_wanted.set()  # arrived during the write: never wait for another signal
 
     def _urgent(self) -> bool:
         """The first text (time to first token) and the final events go out at once; everything else waits
         for the batching interval."""
         return self._final is not None or (self._saw_text and not self._text_flushed)
 
-    async def _flush(self) -> bool:
-        """Write the pending chunks as one batch; False when the store is unavailable (kept for retry)."""
-        if self._batch is None:
-            self._batch = self._take_batch()
-        batch = self._batch
-        if batch is None:
-            return True
+    async def _flush(self) -> None:
+        """Store everything pending (one batch), retrying with back-off while the store is unavailable;
+        each retry includes what arrived meanwhile. Raises LeaseLost (another runner holds the session) or
+        HandOver (the store stayed down past STORE_RETRY_SECONDS)."""
+        retry = _Retry(self.session_id, self._d.settings.store_retry_seconds)
+        self._merge_pending()
+        while (batch := self._batch) is not None:
+            try:
+                if batch.uncertain:
+                    await self._settle(batch)
+                if batch.events or batch.final:
+                    await self._append(batch)
+            except StoreUnavailable as exc:
+                batch.uncertain = True
+                await retry.pause(exc)
+                self._merge_pending()
+                continue
+            self._batch = None
+        if retry.failures:
+            log.info("session %s: store writes resumed after %d failures", self.session_id, retry.failures)
+
+    def _merge_pending(self) -> None:
+        """Fold the pending chunks into the unwritten batch (a new one when none is waiting)."""
+        later = self._take_batch()
+        if later is not None:
+            if self._batch is None:
+                self._batch = later
+            else:
+                self._batch.extend(later)
+
+    async def _append(self, batch: _Batch) -> None:
         try:
             await self._d.store.append(
                 self.session_id,
@@ -272,17 +347,39 @@ class SessionRunner:
                 finish_reason=batch.finish_reason,
                 usage=batch.usage,
                 now=time.time(),
+                runner_id=self._d.runner_id,
             )
-        except StoreUnavailable:
-            log.warning("session %s: store unavailable, will retry the flush", self.session_id)
-            return False
         except AppendConflict as exc:
             raise LeaseLost from exc
-        self._batch = None
         self._live.publish(batch.events)
-        return True
+        batch.events = []
+        batch.final = False  # written: the loop's next look finds nothing left
+
+    async def _settle(self, batch: _Batch) -> None:
+        """After a failed write: re-claim the lease (nobody may take over between the outage and our next
+        write), then drop from ``batch`` the prefix that the failed attempt stored after all (the commit
+        happened, its answer was lost). Raises LeaseLost when the session is someone else's now."""
+        s = self._d.settings
+        await self._d.store.claim(self.session_id, self._d.runner_id, s.runner_lease_seconds, time.time())
+        record = await self._d.store.get(self.session_id)
+        if record is None or record.runner_id != self._d.runner_id:
+            raise LeaseLost
+        first = batch.events[0].index if batch.events else self._next_index
+        stored = record.last_index - (first - 1)
+        if stored < 0 or stored > len(batch.events):
+            raise LeaseLost
+        if stored:
+            found = await self._d.store.read(self.session_id, first - 1, stored)
+            if [e.data for e in found] != [e.data for e in batch.events[:stored]]:
+                raise LeaseLost
+            self._live.publish(batch.events[:stored])
+            del batch.events[:stored]
+            if not batch.events and record.status in FINAL_STATUSES:
+                batch.final = False  # the final batch itself was stored
+        batch.uncertain = False
 
     def _take_batch(self) -> _Batch | None:
+        """The pending chunks as a new batch (indexes from ``_next_index``); None when nothing is pending."""
         if not self._pending:
             return None
         datas = [self._encode(p) for p in self._pending]

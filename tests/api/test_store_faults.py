@@ -1,0 +1,200 @@
+"""Store failures under the real runner and the real SQLite store: a failed write is retried (with what
+arrived meanwhile) until it succeeds, an answer lost after a commit never duplicates an event, an outage
+during which the generation ends still stores its tail and [DONE], SQLite locked past its busy timeout takes
+the same path, and a store down past STORE_RETRY_SECONDS hands the session over to a takeover that
+completes it once the store answers again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.api.metrics import ApiMetrics
+from services.api.settings import ApiSettings
+from services.api.store.base import SessionStore, StoredEvent
+from services.api.store.sqlite import SqliteStore
+from services.api.streaming.hub import SessionHub
+from services.api.streaming.live import LiveLog
+from services.api.streaming.runner import SessionRunner
+from tests.api.fakes import FakeModel, FakeStream, FlakyStore, script
+from tests.api.test_runner import CONTENT, REASONING, make_deps, new_record, texts
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = script(REASONING, CONTENT)
+
+
+def check_complete(events: list[StoredEvent], include_usage: bool = True) -> None:
+    """Indexes 0..n without gap or duplicate, the whole text once, finish, usage and exactly one [DONE]."""
+    assert [e.index for e in events] == list(range(len(events)))
+    assert [e.data for e in events].count("[DONE]") == 1 and events[-1].data == "[DONE]"
+    assert texts(events) == ("".join(REASONING), "".join(CONTENT))
+    chunks = [json.loads(e.data) for e in events[:-1]]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")]
+    assert [f for f in finishes if f] == ["stop"]
+    assert [c["usage"]["total_tokens"] for c in chunks if c.get("usage")] == ([47] if include_usage else [])
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def sqlite_store(tmp_path: Path, **kw: Any) -> SqliteStore:
+    store = SqliteStore(str(tmp_path / "sessions.db"), poll_interval=0.02, **kw)
+    await store.open()
+    return store
+
+
+async def run_runner(
+    store: SessionStore, stream: FakeStream, **settings: Any
+) -> tuple[SessionRunner, LiveLog]:
+    record = new_record()
+    await store.create(record)
+    live = LiveLog(record.id, 0)
+    runner = SessionRunner(make_deps(store, FakeModel([]), **settings), record, live, stream)  # type: ignore[arg-type]
+    await asyncio.wait_for(runner.run(), 20)
+    return runner, live
+
+
+@pytest.mark.parametrize(
+    ("fail", "lose"),
+    [
+        ((1,), ()),  # the role chunk
+        ((2,), ()),
+        ((3, 4, 5, 6), ()),  # the Nth..N+k-th
+        ((), (2,)),  # stored, answer lost
+        ((), (3,)),
+        ((4, 5), (3,)),  # a lost answer, then the retries fail too
+    ],
+)
+async def test_failed_writes_are_retried_until_every_event_is_stored_once(
+    tmp_path: Path, fail: tuple[int, ...], lose: tuple[int, ...]
+) -> None:
+    inner = await sqlite_store(tmp_path)
+    store = FlakyStore(inner, fail_appends=fail, lose_answers=lose)
+    try:
+        runner, live = await run_runner(store, FakeStream(EVENTS, step_seconds=0.004))  # type: ignore[arg-type]
+        events = await inner.read("s1", -1)
+        check_complete(events)
+        assert store.failures == len(fail) + len(lose)
+        assert [e.data for e in live.since(0)] == [e.data for e in events]  # readers saw each once
+        record = await inner.get("s1")
+        assert record is not None and record.status == "completed" and record.model_seq == 40
+        assert not runner.handed_over
+    finally:
+        await inner.close()
+
+
+async def test_an_outage_during_which_the_generation_ends_stores_the_tail_when_the_store_returns(
+    tmp_path: Path,
+) -> None:
+    """The issue's case: the last events, finish_reason, usage and [DONE] arrive while the store is down."""
+    inner = await sqlite_store(tmp_path)
+    store = FlakyStore(inner)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    record = new_record()
+    await store.create(record)
+    live = LiveLog(record.id, 0)
+    deps = make_deps(store, FakeModel([]))  # type: ignore[arg-type]
+    runner = SessionRunner(deps, record, live, FakeStream(EVENTS, gate=gate))
+    task = asyncio.create_task(runner.run())
+    try:
+        for _ in range(10):
+            gate.put_nowait(None)
+        await until(lambda: live.next_index >= 2)
+        store.down = True
+        for _ in range(5):
+            gate.put_nowait(None)
+        await until(lambda: store.failures >= 1)  # a batch failed ...
+        for _ in range(len(EVENTS) - 15):
+            gate.put_nowait(None)  # ... and then the rest, with the end of the generation, arrives
+        await until(lambda: store.failures >= 4)  # the flusher keeps retrying through the outage
+        assert not task.done()
+        store.down = False
+        await asyncio.wait_for(task, 10)
+        events = await inner.read("s1", -1)
+        check_complete(events)
+        assert (await inner.get("s1")).status == "completed"  # type: ignore[union-attr]
+    finally:
+        task.cancel()
+        await inner.close()
+
+
+async def test_sqlite_locked_past_its_busy_timeout_is_retried(tmp_path: Path) -> None:
+    inner = await sqlite_store(tmp_path, busy_timeout=0.05)
+    store = FlakyStore(inner)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    record = new_record()
+    await store.create(record)
+    live = LiveLog(record.id, 0)
+    runner = SessionRunner(make_deps(store, FakeModel([])), record, live, FakeStream(EVENTS, gate=gate))  # type: ignore[arg-type]
+    task = asyncio.create_task(runner.run())
+    locker = sqlite3.connect(tmp_path / "sessions.db", isolation_level=None)
+    try:
+        gate.put_nowait(None)
+        await until(lambda: live.next_index >= 2)
+        locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        gate.put_nowait(None)
+        await until(lambda: store.failures >= 1)  # a real "database is locked" error
+        for _ in range(len(EVENTS) - 2):
+            gate.put_nowait(None)
+        await until(lambda: store.failures >= 3)
+        locker.execute("ROLLBACK")
+        await asyncio.wait_for(task, 10)
+        check_complete(await inner.read("s1", -1))
+    finally:
+        task.cancel()
+        locker.close()
+        await inner.close()
+
+
+async def test_a_store_down_past_the_bound_hands_over_and_is_taken_over_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    inner = await sqlite_store(tmp_path)
+    store = FlakyStore(inner)
+    model = FakeModel(EVENTS)
+    settings = ApiSettings(
+        event_flush_ms=5, runner_lease_seconds=5, cancel_after_disconnect_seconds=0, store_retry_seconds=0.3
+    )
+    hub = SessionHub(settings, store, model, ApiMetrics())  # type: ignore[arg-type]
+    record = new_record()
+    record.runner_id = hub.runner_id
+    await store.create(record)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    try:
+        hub._start(record, FakeStream(EVENTS, gate=gate), None)
+        first = hub._running["s1"]
+        for _ in range(10):
+            gate.put_nowait(None)
+        await until(lambda: first.live.next_index >= 2)
+        store.down = True
+        for _ in range(len(EVENTS) - 10):
+            gate.put_nowait(None)
+        await asyncio.wait_for(first.task, 10)
+        assert first.runner.handed_over and first.live.final_status is None
+        claims = store.claims_while_down
+        await asyncio.sleep(0.5)  # nothing renews the lease of a runner that handed over
+        assert store.claims_while_down == claims
+        stored = await inner.get("s1")
+        assert stored is not None and stored.status != "completed"
+        store.down = False
+        deadline = time.monotonic() + 10  # the hub's own retry takes it over, with no reader attached
+        while (await inner.get("s1")).status != "completed":  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the session was not taken over"
+            await inner.wait("s1", (await inner.get("s1")).last_index, 0.5)  # type: ignore[union-attr]
+        assert model.reattached == [stored.model_seq]
+        check_complete(await inner.read("s1", -1))
+    finally:
+        await hub.close()
+        await inner.close()

@@ -1,5 +1,9 @@
 """The session hub: creates sessions, runs their runners in this process, takes over orphaned ones,
 cancels, and sweeps expired sessions. One per process, built in the lifespan (``app.state.hub``).
+
+Takeover: a session is taken over when its runner's lease lapsed, at once when its runner was a process of
+this host that is gone (``owner.owner_is_dead``: a killed worker, a crashed api), and when a runner of this
+process handed it over because the store was down (retried here with back-off until the store answers).
 """
 
 from __future__ import annotations
@@ -7,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
+import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from services.api.errors import InternalError, error_json, session_not_found, to_api_error
@@ -26,6 +30,7 @@ from services.api.store.base import (
     StoreUnavailable,
 )
 from services.api.streaming.live import Attachments, LiveLog
+from services.api.streaming.owner import new_runner_id, owner_is_dead
 from services.api.streaming.runner import RunnerDeps, SessionRunner
 from services.api.streaming.translate import DONE
 from services.protocol.errors import ModelServiceError
@@ -62,10 +67,12 @@ class SessionHub:
         self.store = store
         self.model = model
         self.metrics = metrics
-        self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.runner_id = new_runner_id()
         self.attachments = Attachments()
         self._deps = RunnerDeps(store, model, metrics, settings, self.attachments, self.runner_id)
         self._running: dict[str, _Running] = {}
+        self._opening: set[str] = set()  # reserved here, generation still opening (no runner yet)
+        self._background: set[asyncio.Task[None]] = set()  # takeover retries, reservation drops
         self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -78,7 +85,7 @@ class SessionHub:
         """Stop local runners without cancelling their generations: each releases its lease, so the next
         reader anywhere re-attaches at once."""
         self._closing = True
-        tasks = [r.task for r in self._running.values()]
+        tasks = [r.task for r in self._running.values()] + list(self._background)
         if self._sweeper is not None:
             tasks.append(self._sweeper)
         for task in tasks:
@@ -128,6 +135,7 @@ class SessionHub:
         except SessionExists:
             return None
         request = GenerateRequest(request_id=request_id, messages=new.messages, sampling=new.sampling)
+        self._opening.add(record.id)
         try:
             stream = await self._open_holding_lease(url, request, record.id)
         except BaseException as exc:
@@ -135,6 +143,8 @@ class SessionHub:
                 self.metrics.model_errors.labels(exc.code).inc()
             await self._drop_reservation(record.id, exc)
             raise
+        finally:
+            self._opening.discard(record.id)
         self._start(record, stream, new.started_at)
         return record
 
@@ -157,10 +167,36 @@ class SessionHub:
         error = to_api_error(exc, self.settings.retry_after_seconds)
         payload = error_json(error or InternalError("the generation could not be started"))
         events = [StoredEvent(0, payload), StoredEvent(1, DONE)]
-        with contextlib.suppress(Exception):
-            await asyncio.shield(
-                self.store.append(session_id, events, model_seq=-1, status="failed", now=0.0)
-            )
+
+        async def write() -> None:
+            await self.store.append(session_id, events, model_seq=-1, status="failed", now=0.0)
+
+        try:
+            await asyncio.shield(write())
+        except StoreUnavailable:
+            self._in_background(self._retry_write(session_id, "the failed reservation", write))
+        except Exception:
+            log.exception("session %s: could not store the failed reservation", session_id)
+
+    async def _retry_write(self, session_id: str, what: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Retry a write with back-off (0.1 s doubling to 2 s) while the store is unavailable, for at most
+        STORE_RETRY_SECONDS; log an error when it never succeeded."""
+        deadline = time.monotonic() + self.settings.store_retry_seconds
+        delay = 0.1
+        while time.monotonic() < deadline:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 2.0)
+            try:
+                await write()
+                return
+            except StoreUnavailable:
+                continue
+        log.error("session %s: store unavailable; could not store %s", session_id, what)
+
+    def _in_background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _insert(self, record: SessionRecord) -> None:
         """Create the session; an id whose previous session expired (but was not swept yet) is reusable."""
@@ -185,24 +221,54 @@ class SessionHub:
         if self._running.get(session_id) is entry:
             del self._running[session_id]
         self.attachments.forget(session_id)
+        if entry.runner.handed_over and not self._closing:
+            self._in_background(self._recover(session_id))
+
+    async def _recover(self, session_id: str) -> None:
+        """A runner here stopped because the store stayed down: take the session over again (here, or
+        leave it to whoever holds it now) as soon as the store answers. Back-off 0.5 s doubling to 5 s."""
+        delay = 0.5
+        while not self._closing:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+            try:
+                record = await self.store.get(session_id)
+                if record is not None:
+                    await self.ensure_runner(record)
+            except StoreUnavailable:
+                continue
+            return
 
     async def ensure_runner(self, record: SessionRecord) -> None:
-        """Take over a session whose runner died (lease lapsed): re-attach to its model replica here."""
+        """Run the session here when nobody does: its lease lapsed, its runner's process (on this host) is
+        gone, or it is this process's own session that no local runner serves (handed over after a store
+        outage). Re-attaches to its model replica at the stored model seq. Raises StoreUnavailable."""
         if self._closing or self.runs_locally(record.id) or record.status in FINAL_STATUSES:
             return
         now = time.time()
-        if record.lease_until >= now and record.runner_id is not None:
+        dead: str | None = None
+        if record.runner_id is not None and record.lease_until >= now:
+            if record.runner_id == self.runner_id:
+                if record.id in self._opening:
+                    return  # reserved here, the generation is still opening
+            elif owner_is_dead(record.runner_id):
+                dead = record.runner_id
+            else:
+                return
+        lease = self.settings.runner_lease_seconds
+        if not await self.store.claim(record.id, self.runner_id, lease, now, takeover_from=dead):
             return
-        if not await self.store.claim(record.id, self.runner_id, self.settings.runner_lease_seconds, now):
-            return
+        if self.runs_locally(record.id) or record.id in self._opening:
+            return  # started here meanwhile
         fresh = await self.store.get(record.id)  # the old runner may have stored more before it died
         if fresh is None or fresh.status in FINAL_STATUSES or self.runs_locally(record.id):
             return
         log.info(
-            "session %s: taking over at index %d (model seq %d)",
+            "session %s: taking over at index %d (model seq %d) from %s",
             fresh.id,
             fresh.last_index + 1,
             fresh.model_seq,
+            "a dead process" if dead else "a lapsed lease",
         )
         self._start(fresh, None, None)
 

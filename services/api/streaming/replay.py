@@ -99,10 +99,9 @@ async def _step(
         return [], True
     if record.status in FINAL_STATUSES and record.last_index < next_index:
         return [], True
-    if record.lease_until < time.time() or record.runner_id is None:
-        await hub.ensure_runner(record)
-        if hub.runs_locally(session_id):
-            return [], False
+    await hub.ensure_runner(record)  # nobody runs it (lapsed lease, dead owner process): run it here
+    if hub.runs_locally(session_id):
+        return [], False
     await hub.store.wait(session_id, next_index - 1, min(within, hub.settings.runner_lease_seconds / 2))
     return [], False
 

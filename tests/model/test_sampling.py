@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from services.model.engine.sampling import BatchSampler, RowSampler, SamplingConfig
+from services.model.engine.sampling import (
+    BatchSampler,
+    InvalidSampling,
+    RowSampler,
+    SamplingConfig,
+    draw_step,
+)
 
 V = 12
 
@@ -203,3 +210,46 @@ def test_two_level_inverse_cdf_equals_a_flat_cumulative_sum() -> None:
             # float32 chunk sums vs a float64 running sum: equal but for draws on a boundary
             assert (got == ref).float().mean() >= 0.75
             assert bool((w.gather(1, got[:, None]) > 0).all())
+
+
+def test_row_values_are_normalised_so_no_batched_tensor_can_overflow() -> None:
+    # top_k beyond the vocabulary (even beyond int64) keeps the whole head; seeds reduce mod 2**64.
+    rows = _rows(
+        SamplingConfig(1.0, top_k=2**64, seed=2**64),
+        SamplingConfig(1.0, top_k=-5, seed=-(2**63) - 1),
+        SamplingConfig(1.0, top_k=3, seed=-1),
+    )
+    assert [r.config.top_k for r in rows] == [V, 0, 3]
+    assert [r.config.seed for r in rows] == [0, 2**63 - 1, 2**64 - 1]
+    s = _sampler(rows)  # raised "Overflow when unpacking long long" before
+    assert s.sample(_logits(3)).shape == (3,)
+    # Every seed torch accepted keeps its stream: manual_seed(-1) is manual_seed(2**64 - 1).
+    same = _rows(SamplingConfig(1.0, seed=-1), SamplingConfig(1.0, seed=2**64 - 1))
+    torch_own = torch.Generator().manual_seed(-1)
+    assert same[0].draw() == same[1].draw() == float(torch.rand((), generator=torch_own))
+
+
+def test_non_finite_values_are_refused_for_that_row() -> None:
+    for bad in (
+        SamplingConfig(float("nan")),
+        SamplingConfig(1.0, top_p=float("nan")),
+        SamplingConfig(1.0, presence_penalty=float("inf")),
+        SamplingConfig(1.0, frequency_penalty=-float("inf")),
+        SamplingConfig(1.0, repetition_penalty=0.0),
+    ):
+        with pytest.raises(InvalidSampling):
+            RowSampler(bad, torch.empty(0, dtype=torch.long), V)
+
+
+def test_given_draws_reproduce_the_step_without_drawing_again() -> None:
+    logits = _logits(3)
+    configs = (SamplingConfig(1.0, top_k=4, seed=1), SamplingConfig(0.0), SamplingConfig(0.9, seed=2))
+    drawing = _sampler(_rows(*configs))
+    replaying_rows = _rows(*configs)
+    replaying = _sampler(replaying_rows)
+    for _ in range(10):
+        draws = draw_step(replaying_rows)
+        assert draws[1] == 0.0  # greedy rows draw nothing
+        expected = drawing.sample(logits)
+        assert torch.equal(replaying.sample(logits, draws), expected)
+        assert torch.equal(replaying.sample(logits, draws), expected)  # a retry: same tokens, no new draw

@@ -18,13 +18,24 @@ step of the tiny model):
 Penalties are sparse (only the tokens a row has seen are touched), applied before everything else:
 repetition penalty (HF semantics, prompt + generated tokens) and presence / frequency penalties (OpenAI
 semantics, generated tokens). No per-row slices of the logits are kept.
+
+Per-row values are normalised when a :class:`RowSampler` is built (:func:`normalise`), so that no value of
+one request can overflow or poison a tensor of the whole batch: ``top_k`` is clamped to ``[0, vocab]``, the
+seed is reduced mod 2**64 (what ``torch.Generator.manual_seed`` does itself for every seed it accepts, so
+accepted seeds keep their streams), and a non-finite float or a repetition penalty <= 0 is refused with
+:class:`InvalidSampling` for that row alone.
+
+Draws are separate from sampling (:func:`draw_step`, then :meth:`BatchSampler.sample` with those draws): a
+step that must be retried (a fault isolated row by row) reuses the draws already taken, so every seeded row's
+generator still advances exactly once per step.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -33,6 +44,13 @@ from services.model.engine.vocab_ops import row_argmax, row_inverse_cdf, row_top
 
 # Widths tried, in order, for the head of a top-p-only row.
 _HEAD_TIERS = (256, 4096)
+# torch.Generator seeds are unsigned 64-bit; manual_seed maps a negative seed s to s + 2**64 itself.
+SEED_MODULUS = 2**64
+_FLOAT_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+class InvalidSampling(ValueError):
+    """A request's sampling value that no normalisation can make meaningful (its row alone is refused)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +83,38 @@ class SamplingConfig:
         return self.top_k > 0 or self.top_p < 1.0
 
 
+def normalise(config: SamplingConfig, vocab_size: int) -> SamplingConfig:
+    """``config`` with every value safe to put in a batched tensor.
+
+    ``top_k`` is clamped to ``[0, vocab_size]`` (a negative one means "no top-k"; any value >= the vocabulary
+    keeps the whole head, as ``vocab_size`` does); ``seed`` is reduced mod 2**64 (deterministic; identical to
+    what ``manual_seed`` does for the seeds it accepts, so ``-1`` and ``2**64 - 1`` share one stream).
+
+    Raises:
+        InvalidSampling: a float field is NaN or infinite, or ``repetition_penalty`` is not positive.
+    """
+    for name in _FLOAT_FIELDS:
+        if not math.isfinite(getattr(config, name)):
+            raise InvalidSampling(f"{name} must be a finite number")
+    if config.repetition_penalty <= 0.0:
+        raise InvalidSampling("repetition_penalty must be greater than 0")
+    top_k = min(max(int(config.top_k), 0), vocab_size)
+    seed = None if config.seed is None else int(config.seed) % SEED_MODULUS
+    if top_k == config.top_k and seed == config.seed:
+        return config
+    return replace(config, top_k=top_k, seed=seed)
+
+
 class RowSampler:
-    """One request's sampling state: its parameters, its generator and its penalty bookkeeping."""
+    """One request's sampling state: its parameters (normalised, see :func:`normalise`), its generator and
+    its penalty bookkeeping.
+
+    Raises:
+        InvalidSampling: from :func:`normalise`.
+    """
 
     def __init__(self, config: SamplingConfig, prompt_ids: torch.Tensor, vocab_size: int) -> None:
+        config = normalise(config, vocab_size)
         self.config = config
         self.vocab_size = vocab_size
         seed = config.seed if config.seed is not None else secrets.randbits(63)
@@ -161,6 +207,7 @@ class BatchSampler:
         self._plain_greedy = True
 
     def set_rows(self, rows: Sequence[RowSampler]) -> None:
+        """Group ``rows`` (the batch's rows in order) and build their parameter tensors."""
         self._rows = list(rows)
         cfgs = [r.config for r in self._rows]
         n, v, dev = len(cfgs), self.vocab_size, self.device
@@ -176,8 +223,18 @@ class BatchSampler:
         self._head_is_all = len(head) == n
         self._full_is_all = len(full) == n
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (B, vocab) in the row order of the last :meth:`set_rows`; returns (B,) token ids."""
+    def check(self, row: RowSampler) -> None:
+        """Build for ``row`` alone what :meth:`set_rows` builds for it in a batch (its group's parameter
+        tensors), so that a row that would break the batch's set-up fails before it joins. Raises what
+        :meth:`set_rows` would raise."""
+        BatchSampler(self.vocab_size, self.device).set_rows([row])
+
+    def sample(self, logits: torch.Tensor, draws: Sequence[float] | None = None) -> torch.Tensor:
+        """``logits`` (B, vocab) in the row order of the last :meth:`set_rows`; returns (B,) token ids.
+
+        ``draws`` (B,): this step's uniform numbers from :func:`draw_step` over the same rows (greedy rows'
+        entries are ignored); ``None`` draws them here. Passing them lets a failed step be retried without
+        drawing twice."""
         if self._plain_greedy:
             return row_argmax(logits)
         # A copy only when penalties write into it: the caller's logits stay untouched.
@@ -188,8 +245,7 @@ class BatchSampler:
             return row_argmax(x)
         out = row_argmax(x) if self._any_greedy else torch.zeros(len(self._rows), dtype=torch.long)
         out = out.to(x.device)
-        draws = torch.tensor([self._rows[i].draw() for i in self._sampled], dtype=torch.float32)
-        u = dict(zip(self._sampled, draws.tolist(), strict=True))
+        u = draw_step(self._rows) if draws is None else draws
         for group, fn, whole in (
             (self._head, self._sample_head, self._head_is_all),
             (self._full, self._sample_full, self._full_is_all),
@@ -294,6 +350,12 @@ class BatchSampler:
         x.index_put_((row_idx.to(x.device), ids.to(x.device)), -delta.to(x.device), accumulate=True)
 
 
+def draw_step(rows: Sequence[RowSampler]) -> list[float]:
+    """One uniform number in [0, 1) per row for this step: each sampling row's generator draws exactly
+    once; greedy rows get 0.0 and draw nothing."""
+    return [0.0 if r.config.greedy else r.draw() for r in rows]
+
+
 def sampling_config(
     temperature: float,
     top_p: float | None = None,
@@ -303,7 +365,8 @@ def sampling_config(
     frequency_penalty: float = 0.0,
     repetition_penalty: float | None = None,
 ) -> SamplingConfig:
-    """A :class:`SamplingConfig` from optional request-style values (``None`` = no effect)."""
+    """A :class:`SamplingConfig` from optional request-style values (``None`` = no effect). Values are
+    taken as they are; :class:`RowSampler` normalises them (see :func:`normalise`)."""
     return SamplingConfig(
         temperature=temperature,
         top_p=1.0 if top_p is None else top_p,

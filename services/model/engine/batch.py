@@ -9,8 +9,9 @@ multimodal prefill of one request would otherwise shift the positions of every o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -179,6 +180,30 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     # F.pad lists (left, right) pairs starting from the last dimension.
     pad = [0, 0] * (t.dim() - 1 - dim) + [missing, 0]
     return F.pad(t, pad)
+
+
+CacheSnapshot = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def snapshot(batch: BatchTensors) -> CacheSnapshot:
+    """The cache's per-layer (keys, values) tensors, to undo a decode that failed half-way. Free: the
+    cache's layers replace their tensors on update (``torch.cat``), they never write into them."""
+    return [(layer.keys, layer.values) for layer in batch.cache.layers]
+
+
+def restore(batch: BatchTensors, saved: CacheSnapshot) -> None:
+    """Put back the tensors of :func:`snapshot` (the mask and positions change only after a decode
+    succeeded, so the batch is then as it was before the failed call)."""
+    for layer, (keys, values) in zip(batch.cache.layers, saved, strict=True):
+        layer.keys, layer.values = keys, values
+
+
+def take(batch: BatchTensors, rows: list[int]) -> BatchTensors:
+    """An independent copy of the rows at ``rows`` (their own cache object and tensors): decoding it leaves
+    ``batch`` untouched. Costs the memory of those rows' cache."""
+    cache = copy.copy(batch.cache)
+    cache.layers = [copy.copy(layer) for layer in batch.cache.layers]
+    return select(replace(batch, cache=cache), rows)
 
 
 def select(batch: BatchTensors, keep: list[int]) -> BatchTensors:

@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -32,10 +32,19 @@ from services.model.engine import batch as kv
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
 from services.model.engine.chunked import ChunkedPrefill
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
-from services.model.engine.sampling import BatchSampler, RowSampler, SamplingConfig, sampling_config
+from services.model.engine.isolate import Probe, culprits
+from services.model.engine.sampling import (
+    BatchSampler,
+    InvalidSampling,
+    RowSampler,
+    SamplingConfig,
+    draw_step,
+    sampling_config,
+)
 from services.protocol.errors import Conflict, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class SchedulerObserver(Protocol):
@@ -120,6 +129,7 @@ class Scheduler:
         self._known: set[str] = set()  # queued or running request ids
         self._cancels: set[str] = set()
         self._rows: list[_Row] = []
+        self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
         self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
         self._batch: kv.BatchTensors | None = None
         self._sink: OutputSink | None = None
@@ -234,7 +244,7 @@ class Scheduler:
             chunked = [self._chunked[0]] if self._chunked is not None else []
             self._fail_rows(step, [*self._rows, *step.admitted, *chunked], f"internal error: {exc}")
             self._rows, self._batch, self._chunked = [], None, None
-            self._sampler.set_rows([])
+            self._sampler_stale = True
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
         if self._observer is not None and step.batch_size:
@@ -261,6 +271,8 @@ class Scheduler:
             self._chunked = None  # its partial cache is dropped with it
 
     def _admit(self, step: _Step) -> tuple[list[_Row], list[torch.Tensor], list[kv.BatchTensors]]:
+        """Queued requests that start in this step, each set up and prefilled alone (a failure there ends
+        that request only); returns the rows that join, their last logits (1, V) and batch states."""
         rows: list[_Row] = []
         logits: list[torch.Tensor] = []
         states: list[kv.BatchTensors] = []
@@ -270,44 +282,78 @@ class Scheduler:
             nxt = self._pop_admissible(step)
             if nxt is None:
                 break
-            prepared, submitted = nxt
-            if step.prefill_tokens + prepared.prompt_tokens > self._config.max_step_tokens:
-                self._start_chunked(step, prepared, submitted)
+            cost, prepared, submitted = nxt
+            row = self._set_up_row(step, prepared, submitted)
+            if row is None:
+                continue
+            if step.prefill_tokens + cost > self._config.max_step_tokens:
+                self._start_chunked(step, row)
                 self._prefill_chunk(step, rows, logits, states)
                 break
-            step.prefill_tokens += prepared.prompt_tokens
-            try:
-                row_logits, state = kv.prefill(self._model, prepared.inputs, self._device)
-                rows.append(self._new_row(prepared, submitted))
-                step.admitted.append(rows[-1])
-            except Exception as exc:
-                log.exception("prefill of %s failed", prepared.request_id)
-                self._finish_unstarted(step, prepared, "error", f"prefill failed: {exc}")
-                continue
-            logits.append(row_logits)
-            states.append(state)
+            step.prefill_tokens += cost
+            self._prefill_whole(step, row, rows, logits, states)
         return rows, logits, states
 
-    def _pop_admissible(self, step: _Step) -> tuple[Prepared, float] | None:
-        """The next queued request when it can start in this step: a prompt within the budget left, or
-        a long one (to be chunked) at the start of a step's budget; in arrival order."""
+    def _pop_admissible(self, step: _Step) -> tuple[int, Prepared, float] | None:
+        """The next queued request and its prefill cost when it can start in this step: a prompt whose
+        cost fits the budget left, or a long one (to be chunked) at the start of a step's budget; in
+        arrival order."""
         with self._cond:
             if not self._queue:
                 return None
             prepared = self._queue[0][0]
-            over = step.prefill_tokens + prepared.prompt_tokens > self._config.max_step_tokens
+            cost = prepared.prompt_tokens
+            over = step.prefill_tokens + cost > self._config.max_step_tokens
             if over and step.prefill_tokens > 0:
                 return None
-            return self._queue.popleft()
+            prepared, submitted = self._queue.popleft()
+            return cost, prepared, submitted
 
-    def _start_chunked(self, step: _Step, prepared: Prepared, submitted: float) -> None:
+    def _set_up_row(self, step: _Step, prepared: Prepared, submitted: float) -> _Row | None:
+        """The request's row with everything that can fail for it alone tried for it alone (sampler
+        values, generator seeding, its group's parameter tensors, detokenizer); None when it was refused
+        (finished with "error" in this step)."""
         try:
-            job = ChunkedPrefill(self._model, prepared.inputs, self._device)
+            row = self._new_row(prepared, submitted)
+            self._sampler.check(row.sampler)
         except Exception as exc:
-            log.exception("prefill of %s failed", prepared.request_id)
-            self._finish_unstarted(step, prepared, "error", f"prefill failed: {exc}")
+            if isinstance(exc, InvalidSampling):
+                message = f"invalid sampling parameters: {exc}"
+            else:
+                log.exception("set-up of %s failed", prepared.request_id)
+                message = f"request set-up failed: {exc}"
+            self._finish_unstarted(step, prepared, "error", message)
+            return None
+        return row
+
+    def _prefill_whole(
+        self,
+        step: _Step,
+        row: _Row,
+        rows: list[_Row],
+        logits: list[torch.Tensor],
+        states: list[kv.BatchTensors],
+    ) -> None:
+        """Prefill the row's whole prompt with its media, alone; it joins the batch in this step."""
+        try:
+            row_logits, state = kv.prefill(self._model, row.prepared.inputs, self._device)
+        except Exception as exc:
+            log.exception("prefill of %s failed", row.request_id)
+            self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
             return
-        self._chunked = (self._new_row(prepared, submitted), job)
+        rows.append(row)
+        step.admitted.append(row)
+        logits.append(row_logits)
+        states.append(state)
+
+    def _start_chunked(self, step: _Step, row: _Row) -> None:
+        try:
+            job = ChunkedPrefill(self._model, row.prepared.inputs, self._device)
+        except Exception as exc:
+            log.exception("prefill of %s failed", row.request_id)
+            self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
+            return
+        self._chunked = (row, job)
 
     def _prefill_chunk(
         self, step: _Step, rows: list[_Row], logits: list[torch.Tensor], states: list[kv.BatchTensors]
@@ -355,37 +401,114 @@ class Scheduler:
     ) -> torch.Tensor | None:
         """Decode the running rows, then merge the new ones in; the logits of all rows in the new order."""
         running = len(self._rows) if self._batch is not None else 0
-        logits = self._logits.rows(running + len(new_logits))
+        self._logits.rows(running + len(new_logits))  # room for the whole step: views below never move
         if running:
-            try:
-                kv.decode(self._model, self._batch, out=logits[:running])
-            except Exception as exc:
-                log.exception("decode step failed")
-                self._fail_rows(step, self._rows, f"decode step failed: {exc}")
-                self._rows, self._batch = [], None
-                logits, running = logits[running:], 0
+            running = self._decode(step)
+        logits = self._logits.rows(running + len(new_logits))
         for i, row_logits in enumerate(new_logits):
             logits[running + i].copy_(row_logits.reshape(-1))
         if new_rows:
             self._batch = kv.merge(([self._batch] if self._batch is not None else []) + new_state)
             self._rows = self._rows + new_rows
-            self._sampler.set_rows([r.sampler for r in self._rows])
+            self._sampler_stale = True
         return logits if logits.shape[0] else None
 
-    def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
+    def _decode(self, step: _Step) -> int:
+        """One decode step of the running rows into the first rows of the logits buffer; returns how many
+        rows are left. When the batched call raises, the rows that fail on their own (decoded apart, on
+        copies) are failed and the rest decoded again; a fault that cannot be isolated fails them all."""
+        batch = self._batch
+        assert batch is not None
+        saved = kv.snapshot(batch)
         try:
-            tokens = self._sampler.sample(logits)
-            token_ids = tokens.tolist()  # the step's one device -> host transfer
-            self._sampler.record(token_ids)
+            return self._decode_rows()
         except Exception as exc:
-            log.exception("sampling failed")
-            self._fail_rows(step, [r for r in self._rows if r.finish_reason is None], f"sampling: {exc}")
+            log.exception("decode step failed for a batch of %d", len(self._rows))
+            message = f"decode step failed: {exc}"
+            kv.restore(batch, saved)
+
+        def probe(idx: list[int]) -> None:  # on a copy of those rows: the batch stays as it is
+            kv.decode(self._model, kv.take(batch, idx))
+
+        return self._recover(step, "decode", message, probe, lambda keep: self._decode_rows()) or 0
+
+    def _decode_rows(self) -> int:
+        assert self._batch is not None
+        kv.decode(self._model, self._batch, out=self._logits.rows(len(self._rows)))
+        return len(self._rows)
+
+    def _recover(
+        self, step: _Step, what: str, message: str, probe: Probe, retry: Callable[[list[int]], _T]
+    ) -> _T | None:
+        """After the batched ``what`` raised for the running rows: fail the rows that make ``probe`` fail
+        apart (see ``isolate.culprits``), then ``retry`` with the indices (old numbering) of the rows left;
+        when the fault cannot be pinned on some rows, or the retry raises, every row fails (None)."""
+        bad = culprits(len(self._rows), probe)
+        if bad is None:
+            log.error("the %s fault could not be isolated: failing the %d rows", what, len(self._rows))
+        else:
+            keep = sorted(set(range(len(self._rows))) - set(bad))
+            log.warning("%s failed because of %d of %d rows: failing those", what, len(bad), len(self._rows))
+            self._fail_rows(step, [self._rows[i] for i in bad], message)
+            self._retire()
+            try:
+                return retry(keep)
+            except Exception:
+                log.exception("%s failed again without the rows isolated", what)
+        self._fail_rows(step, self._rows, message)
+        self._rows, self._batch, self._sampler_stale = [], None, True
+        return None
+
+    def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
+        draws = draw_step([r.sampler for r in self._rows])  # once per step, whatever is retried below
+        sampled = self._sample(step, logits, draws)
+        if sampled is None:
             return
+        tokens, token_ids = sampled
+        self._sampler.record(token_ids)
         assert self._batch is not None
         self._batch.tokens = tokens.reshape(-1, 1)
         now = time.perf_counter()
         for row, token in zip(self._rows, token_ids, strict=True):
-            self._advance(step, row, token, now)
+            try:
+                self._advance(step, row, token, now)
+            except Exception as exc:  # the row's own detokenizing or bookkeeping: that row alone fails
+                log.exception("output of %s failed", row.request_id)
+                self._fail_rows(step, [row], f"generation failed: {exc}")
+
+    def _sample(
+        self, step: _Step, logits: torch.Tensor, draws: list[float]
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """Tokens (B,) of the rows left, as a tensor and a list; when the batched sampler set-up or sampling
+        raises, the rows that fail on their own are failed and the rest sampled again with the same draws
+        (their tokens are what they would have been); None when no row is left."""
+        try:
+            return self._sample_rows(logits, draws)
+        except Exception as exc:
+            log.exception("sampling failed for a batch of %d", len(self._rows))
+            message = f"sampling failed: {exc}"
+
+        def retry(keep: list[int]) -> tuple[torch.Tensor, list[int]]:
+            kept = logits.index_select(0, torch.tensor(keep, device=logits.device))
+            return self._sample_rows(kept, [draws[i] for i in keep])
+
+        def probe(idx: list[int]) -> None:
+            self._probe_sampling(logits, draws, idx)
+
+        return self._recover(step, "sampling", message, probe, retry)
+
+    def _sample_rows(self, logits: torch.Tensor, draws: list[float]) -> tuple[torch.Tensor, list[int]]:
+        if self._sampler_stale:
+            self._sampler.set_rows([r.sampler for r in self._rows])
+            self._sampler_stale = False
+        tokens = self._sampler.sample(logits, draws)
+        return tokens, tokens.tolist()  # the step's one device -> host transfer
+
+    def _probe_sampling(self, logits: torch.Tensor, draws: list[float], idx: list[int]) -> None:
+        """Set up and sample the rows at ``idx`` apart, with their draws of this step (records nothing)."""
+        probe = BatchSampler(self._sampler.vocab_size, self._sampler.device)
+        probe.set_rows([self._rows[i].sampler for i in idx])
+        probe.sample(logits.index_select(0, torch.tensor(idx, device=logits.device)), [draws[i] for i in idx])
 
     def _advance(self, step: _Step, row: _Row, token: int, now: float) -> None:
         row.generated += 1
@@ -445,7 +568,7 @@ class Scheduler:
             return
         self._rows = [self._rows[i] for i in keep]
         self._batch = kv.select(self._batch, keep) if keep and self._batch is not None else None
-        self._sampler.set_rows([r.sampler for r in self._rows])
+        self._sampler_stale = True
 
 
 def finished_ids(outputs: Sequence[tuple[str, Output]]) -> list[str]:

@@ -11,6 +11,8 @@ import pytest
 
 from services.model.engine import batch as kv
 from services.model.engine.base import EngineStats, FinalOutput, Prepared, TokenOutput
+from services.model.engine.chunked import visual_tokens
+from services.model.engine.scheduler import prefill_cost
 from services.protocol.errors import Conflict, NotReady, Overloaded
 from services.protocol.generate import (
     GenerateRequest,
@@ -143,6 +145,31 @@ def test_prefill_budget_spreads_admissions(engine: Any, mixed: dict[str, Prepare
     sched.step_once()
     assert sched.stats() == EngineStats(running=3, queued=0)
     assert [p for _, _, p in obs.steps[:2]] == [27, mixed["text-f"].prompt_tokens]
+
+
+def test_step_budget_counts_the_vision_encoder_work(
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+) -> None:
+    """An image prompt costs its prompt tokens (text decoder) plus its visual tokens (vision encoder): one
+    that fits the budget by prompt tokens only, but not with its encoder work, does not ride along with
+    another prompt's prefill; it is chunked in the next steps (encoder, then text) and stays exact."""
+    image = mixed["image-b"]
+    visual = visual_tokens(engine.loaded.model, image.inputs)
+    assert visual == 64 and prefill_cost(engine.loaded.model, image) == image.prompt_tokens + 64
+    budget = image.prompt_tokens + mixed["text-d"].prompt_tokens + 8  # both fit by prompt tokens alone
+    obs = _Observer()
+    sched = scheduler_for(engine, observer=obs, max_step_tokens=budget)
+    sched.bind(Recorder())
+    sched.submit(mixed["text-d"])
+    sched.submit(image)
+    sched.step_once()
+    assert sched.stats() == EngineStats(running=1, queued=1)  # the image waits for a step of its own
+    drain(sched)
+    assert obs.steps[0][2] == mixed["text-d"].prompt_tokens
+    assert all(p <= budget for _, _, p in obs.steps)
+    assert sum(p for _, _, p in obs.steps) == mixed["text-d"].prompt_tokens + image.prompt_tokens + 64
+    for rid in ("text-d", "image-b"):
+        assert sched.tokens[rid] == references[rid], rid
 
 
 def _long_prompt(engine: Any) -> Prepared:

@@ -113,6 +113,21 @@ class ChunkedPrefill:
         return self._model.get_output_embeddings()(hidden)[:, -1]
 
 
+def visual_tokens(model: Any, inputs: Any) -> int:
+    """Visual tokens the vision encoder produces for ``inputs`` (processor output: each image or video's
+    patches / spatial merge**2), what its items cost in :meth:`ChunkedPrefill.advance`; 0 without media
+    or for inputs that are not a mapping."""
+    if not isinstance(inputs, Mapping):
+        return 0
+    merge = model.config.vision_config.spatial_merge_size**2
+    total = 0
+    for pixels_key, grid_key, _ in _KINDS:
+        grid = inputs.get(grid_key)
+        if grid is not None and inputs.get(pixels_key) is not None:
+            total += int(grid.prod(-1).sum()) // merge
+    return total
+
+
 def _split(pixels: torch.Tensor, grids: torch.Tensor, placeholders: torch.Tensor, model: Any) -> list[_Item]:
     """Per-item patches and placeholder positions (items appear in the prompt in the processor's order)."""
     merge = model.config.vision_config.spatial_merge_size**2

@@ -1,19 +1,33 @@
 """Iteration-level batching: one thread owns the model and runs the step loop.
 
-One step: apply cancellations; prefill, at most ``max_step_tokens`` prompt tokens of it per step; one
+One step: apply cancellations; prefill, at most ``max_step_tokens`` units of it per step (below); one
 decode step for every running row; sample all rows at once (running and just-prefilled) on the whole logits
 tensor; detokenize per row; report every row's output in ONE sink call; retire finished and cancelled rows.
 
-Prefill never delays the running rows by more than one budget per step: queued prompts that fit the budget
-left are prefilled whole, each alone with its pixels, and join the batch in the same step; a prompt longer
-than the budget is prefilled in budget-sized chunks over several steps (``ChunkedPrefill``: its images and
-videos, as many per step as fit, then slices of the text), one such prompt at a time, in arrival order,
-with a decode step of the running rows in every step. The one exception to the bound is a single image or
-video whose own visual tokens exceed the budget: its vision encoder pass cannot be split and runs alone in
-its step (the media limits bound it).
+Prefill never delays the running rows by more than one budget per step. A prompt costs its prompt tokens
+(the text decoder's work, visual placeholders included) plus its visual tokens (the vision encoder's work):
+``prefill_cost``, the units ``ChunkedPrefill`` charges too. Queued prompts whose cost fits the budget left
+are prefilled whole, each alone with its pixels, and join the batch in the same step; a prompt over the
+budget is prefilled in budget-sized chunks over several steps (``ChunkedPrefill``: its images and videos,
+as many per step as fit, then slices of the text), one such prompt at a time, in arrival order, with a
+decode step of the running rows in every step. The one exception to the bound is a single image or video
+whose own visual tokens exceed the budget: one item's encoder pass cannot be split, so it runs alone in its
+step (nothing else is prefilled in that step, neither its own text nor another request's). The worst stall
+of the running rows is therefore one decode step plus max(``max_step_tokens``, the largest item's visual
+tokens) units of prefill; the per-item visual-token cap of the media limits bounds the second term, and
+since an item's encoder time grows faster than linearly with its tokens (its attention spans the item),
+that cap, not the budget, sets the worst stall.
+
+A request can only hurt itself. Everything that can fail for one row alone is tried for that row alone
+before it joins (sampler values, generator seed and group tensors: ``_set_up_row``; its prefill with its
+media). A batched call that still raises (decode, the sampler's set-up, sampling) is retried on subsets of
+the rows apart (bisection, ``isolate.culprits``; decode on copies of the rows' cache, sampling with the
+step's draws already taken, so seeded rows still draw once per step): the rows that fail on their own end
+with "error", the others continue with the tokens they would have had; a fault that cannot be pinned on
+some rows fails every row of the step, and the loop lives on.
 
 Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
-or shutdown), ``error`` (the step failed: the affected requests fail, the loop lives on).
+or shutdown), ``error`` (as above: the affected requests fail, the loop lives on).
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import torch
 
 from services.model.engine import batch as kv
 from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
-from services.model.engine.chunked import ChunkedPrefill
+from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.isolate import Probe, culprits
 from services.model.engine.sampling import (
@@ -51,7 +65,8 @@ class SchedulerObserver(Protocol):
     """Hooks for metrics, called from the engine thread; keep them cheap and non-raising."""
 
     def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
-        """After every step: rows decoded or prefilled in it, its wall time, prompt tokens prefilled."""
+        """After every step: rows decoded or prefilled in it, its wall time, its prefill work in budget
+        units (prompt tokens plus visual tokens encoded, see ``prefill_cost``)."""
 
     def on_first_token(self, request_id: str, seconds: float) -> None:
         """A request's first generated token, ``seconds`` after it was submitted."""
@@ -89,9 +104,16 @@ class _Row:
 @dataclass(slots=True)
 class _Step:
     outputs: list[tuple[str, Output]] = field(default_factory=list)
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prefill work of this step in budget units (see prefill_cost)
     batch_size: int = 0  # rows sampled in this step
     admitted: list[_Row] = field(default_factory=list)  # prefilled in this step
+
+
+def prefill_cost(model: Any, prepared: Prepared) -> int:
+    """What prefilling ``prepared`` costs of a step's budget: its prompt tokens (the text decoder's work,
+    visual placeholders included) plus its visual tokens (the vision encoder's work), the same units
+    ``ChunkedPrefill`` charges."""
+    return prepared.prompt_tokens + visual_tokens(model, prepared.inputs)
 
 
 def to_sampling_config(prepared: Prepared) -> SamplingConfig:
@@ -302,7 +324,7 @@ class Scheduler:
             if not self._queue:
                 return None
             prepared = self._queue[0][0]
-            cost = prepared.prompt_tokens
+            cost = prefill_cost(self._model, prepared)
             over = step.prefill_tokens + cost > self._config.max_step_tokens
             if over and step.prefill_tokens > 0:
                 return None

@@ -2,8 +2,8 @@
 
 Everything a client sends is checked here before any model, schema or store sees it:
 
-- malformed JSON, ``NaN``/``Infinity`` (not JSON, though Python's parser takes them) and bytes that are not
-  UTF-8 are a 400 ``invalid_json``;
+- malformed JSON, ``NaN``/``Infinity`` (not JSON, though Python's parser takes them), numbers beyond a
+  double (``1e999``) and bytes that are not UTF-8 are a 400 ``invalid_json``;
 - nesting deeper than :data:`MAX_DEPTH` levels is a 400 (the parser's own recursion error included), so no
   later recursive code (validation, re-encoding for the model service) can overflow the stack;
 - a string or key holding an unpaired UTF-16 surrogate (``"\\ud83d"`` escaped alone: valid JSON, but not
@@ -16,6 +16,7 @@ field names joined by dots), as in the OpenAI API's own errors.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: valid JSON syntax, but no number any field of ours can hold
+        raise ValueError("number out of range")
+    return value
+
+
 def parse_json_body(body: bytes) -> Any:
     """Decode a request body and check it (see the module docstring).
 
@@ -37,7 +45,7 @@ def parse_json_body(body: bytes) -> Any:
             ``invalid_unicode`` (an unpaired surrogate), with ``param`` naming the place when known.
     """
     try:
-        data = json.loads(body, parse_constant=_no_constant)
+        data = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise _too_deep(None) from None
     except (ValueError, UnicodeDecodeError):

@@ -9,6 +9,7 @@ service (ENGINE=fake), on SQLite and on Postgres.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -71,7 +72,9 @@ def test_nesting_up_to_the_limit_passes() -> None:
     assert parse_json_body(raw('{"a":' + inner + "}"))["a"] is not None
 
 
-@pytest.mark.parametrize("body", ["{", '{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}', "\xff"])
+@pytest.mark.parametrize(
+    "body", ["{", '{"a":NaN}', '{"a":Infinity}', '{"a":-Infinity}', '{"a":1e999}', "\xff"]
+)
 def test_malformed_json_and_non_finite_numbers_are_invalid_json(body: str) -> None:
     with pytest.raises(BadRequest) as info:
         parse_json_body(body.encode("latin-1"))
@@ -134,7 +137,9 @@ def assert_400(response: httpx.Response, param: str | None) -> dict[str, object]
     error = check_error(response.json())
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
-    assert "0x" not in error["message"] and "Traceback" not in error["message"]
+    assert not re.search(r"0x[0-9a-fA-F]{6,}", str(error["message"])) and "Traceback" not in str(
+        error["message"]
+    )
     return error
 
 

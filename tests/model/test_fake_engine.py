@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from services.model.engine.base import FinalOutput, Output, TokenOutput
+from services.model.engine.base import FinalOutput, Output, Prepared, TokenOutput
 from services.model.engine.fake import FakeEngine
 from services.model.settings import ModelSettings
 from services.protocol.errors import Conflict, InvalidMedia, NotReady, Overloaded, PromptTooLong
@@ -199,3 +199,31 @@ def test_shutdown_cancels_what_outlives_the_grace(make_engine) -> None:
     assert sink.final("long").finish_reason == "cancelled"
     with pytest.raises(NotReady):
         run(engine, request("late"))
+
+
+def test_a_row_that_fails_in_a_step_fails_alone(make_engine) -> None:
+    """A hostile prepared request (``max_tokens`` None, as if every check upstream were bypassed) and a
+    prompt with a lone surrogate join two running rows: the hostile one fails alone, the surrogate one
+    runs, and the running rows produce exactly the text of a run without them."""
+    prompts = {rid: f"[[fake:tokens=200]] a long story {rid}" for rid in ("a", "b")}
+    reference, ref_sink = make_engine(fake_step_seconds=0)
+    for rid, text in prompts.items():
+        run(reference, request(rid, text, seed=4))
+    expected = {rid: (ref_sink.final(rid), ref_sink.text(rid)) for rid in prompts}
+
+    engine, sink = make_engine(max_batch_size=4, fake_step_seconds=0.005)
+    for rid, text in prompts.items():
+        run(engine, request(rid, text, seed=4))
+    sink.wait_tokens("a", 3)
+    base = asyncio.run(engine.prepare(request("hostile")))
+    sampling = base.sampling.model_copy(update={"max_tokens": None})  # not validated: reaches the engine
+    engine.submit(Prepared("hostile", sampling, base.prompt_tokens, base.inputs))
+    run(engine, request("surrogate", "a\ud83d b [[fake:tokens=6]]"))
+    final = sink.final("hostile")
+    assert final.finish_reason == "error" and final.error
+    assert sink.final("surrogate").finish_reason == "stop"
+    # It failed while the others were running (in one step with their tokens), not after them.
+    failed_in = next(b for b in sink.batches if ("hostile", final) in b)
+    assert {"a", "b"} <= {rid for rid, out in failed_in if isinstance(out, TokenOutput)}
+    for rid in prompts:
+        assert (sink.final(rid), sink.text(rid)) == expected[rid], rid

@@ -3,7 +3,8 @@
 It keeps the real engine's contract: a bounded queue (``Overloaded`` at once), up to ``max_batch_size`` rows
 advanced together each step with ONE sink call per step, one token per row per step, ``max_tokens`` ->
 "length", stop strings -> "stop" (text cut before the match, possible prefixes held back), cancel within a
-step, ``shutdown(grace)``, usage counts and one ``FinalOutput`` per request.
+step, ``shutdown(grace)``, usage counts and one ``FinalOutput`` per request; a row whose own step raises
+fails alone ("error"), the others go on.
 
 Prompt "tokens" are the words of the rendered messages (each image counts 64, each video 128). The output is
 derived from the prompt text and the seed only: some reasoning words, ``</think>`` (one token, no text), then
@@ -206,10 +207,10 @@ class FakeEngine:
                 prefill = self._admit(rows)
             batch = len(rows)
             try:
-                outputs.extend(self._step(rows))
-            except Exception as exc:  # a real engine's forward pass can fail: every row gets its error
+                self._step(rows, outputs)
+            except Exception as exc:  # a fault outside any one row (an observer): every row gets its error
                 log.exception("fake engine step failed")
-                for row in rows:
+                for row in [r for r in rows if not r.done]:
                     row.done = True
                     outputs.append((row.request_id, _final(row, "error", str(exc))))
             self._retire(rows)
@@ -243,14 +244,20 @@ class FakeEngine:
             prefill += prepared.prompt_tokens
         return prefill
 
-    def _step(self, rows: list[_Row]) -> list[tuple[str, Output]]:
-        outputs: list[tuple[str, Output]] = []
+    def _step(self, rows: list[_Row], outputs: list[tuple[str, Output]]) -> None:
+        """One token for every row, appended to ``outputs`` as they come (so that a later fault cannot lose
+        them); a row whose own step raises fails alone (as in the real engine)."""
         for row in rows:
             first = row.generated == 0
-            outputs.extend(_advance(row))
+            try:
+                outputs.extend(_advance(row))
+            except Exception as exc:
+                log.exception("fake engine step of %s failed", row.request_id)
+                row.done = True
+                outputs.append((row.request_id, _final(row, "error", f"generation failed: {exc}")))
+                continue
             if first and self._observer is not None:
                 self._observer.on_first_token(row.request_id, time.monotonic() - row.submitted_at)
-        return outputs
 
     def _retire(self, rows: list[_Row]) -> None:
         rows[:] = [r for r in rows if not r.done]
@@ -397,7 +404,8 @@ def _check_base64(data: str, kind: str) -> None:
 
 
 def _rng(text: str, seed: int | None) -> random.Random:
-    digest = hashlib.blake2b(f"{seed}\x00{text}".encode(), digest_size=8).digest()
+    # surrogatepass: a lone surrogate in a prompt (valid JSON) must not fail the row.
+    digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "big"))
 
 

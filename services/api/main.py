@@ -87,7 +87,10 @@ def _build_store(settings: ApiSettings) -> SessionStore:
     if not database_url and settings.persist_sessions:
         Path(settings.sessions_db_path).parent.mkdir(parents=True, exist_ok=True)
     return create_store(
-        persist=settings.persist_sessions, sqlite_path=settings.sessions_db_path, database_url=database_url
+        persist=settings.persist_sessions,
+        sqlite_path=settings.sessions_db_path,
+        database_url=database_url,
+        fail_fast_seconds=settings.store_fail_fast_seconds,
     )
 
 

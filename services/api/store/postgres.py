@@ -13,6 +13,13 @@ Concurrency design:
   condition against the winner's lease.
 - The schema is created/migrated at open() under a transaction-scoped advisory lock, so replicas starting
   together do not race on CREATE TABLE.
+
+Outages: after a failed call the store is "failing" until a call succeeds; meanwhile calls wait at most
+``fail_fast_timeout`` for a connection (503 within ~1 s instead of the pool timeout). The pool's own
+reconnection backs off to many seconds, so while failing the store probes the server itself (one direct
+connection at most every ``_PROBE_INTERVAL``) and, once it answers, swaps in a fresh pool: service resumes
+within about a second of the server's return. A store that could not connect at start (re)connects on the
+first call that needs it.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ LISTEN_APP_NAME = "qvl-session-store-listen"
 _MIGRATION_LOCK = 0x71766C5F73746F72  # arbitrary advisory-lock key owned by this schema
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 _FINAL = sorted(FINAL_STATUSES)
+_PROBE_INTERVAL = 0.5  # seconds between reconnection attempts while failing
 
 # Each entry: (version, statements), applied once, in order, in one transaction.
 # No index on sessions.updated: every append changes it, and an index would turn those frequent updates into
@@ -137,16 +145,22 @@ class PostgresStore:
         max_size: int = 8,
         connect_timeout: float = 5.0,
         pool_timeout: float = 5.0,
+        fail_fast_timeout: float = 1.0,
     ) -> None:
         self._url = url
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
+        self._fail_fast = fail_fast_timeout
         self._pool: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._setup_lock = asyncio.Lock()
         self._waiters = Waiters()
+        self._failing = False  # the last call failed: wait at most fail_fast_timeout for a connection
+        self._probe_at = -1e9  # monotonic time of the last reconnection attempt
+        self._reviving: asyncio.Task[None] | None = None
+        self._closed = False  # close() was called: no call reconnects
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -154,14 +168,21 @@ class PostgresStore:
         """Connect, migrate, start listening. Raises StoreUnavailable when the server cannot be reached;
         the store stays usable: a later ping() retries the whole setup (readiness recovers by itself)."""
         async with self._setup_lock:
+            self._closed = False
             if self._pool is None:
                 await self._setup()
 
     async def close(self) -> None:
         async with self._setup_lock:  # an open() in flight finishes first, so nothing it makes leaks
+            self._closed = True
             await self._close()
 
     async def _close(self) -> None:
+        if self._reviving is not None:
+            self._reviving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reviving
+            self._reviving = None
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,8 +194,6 @@ class PostgresStore:
         self._waiters.notify_all()
 
     async def ping(self) -> None:
-        if self._pool is None:
-            await self.open()
         async with self._connection() as conn:
             await conn.execute("SELECT 1")
 
@@ -304,19 +323,91 @@ class PostgresStore:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailable("the Postgres session store is not connected")
+        pool = self._pool or await self._reconnect()
+        timeout = self._fail_fast if self._failing else self._pool_timeout
         try:
-            async with pool.connection() as conn:
+            async with pool.connection(timeout=timeout) as conn:
                 yield conn
         except _DB_ERRORS as exc:  # includes the pool's PoolTimeout and PoolClosed
-            if not isinstance(exc, PoolTimeout | PoolClosed):
+            self._failing = True
+            if isinstance(exc, PoolTimeout):
+                self._revive()
+            elif not isinstance(exc, PoolClosed):
                 # A dead connection usually means a server restart: drop the pool's other dead idle
                 # connections now, so one request answers 503 instead of one per pooled connection.
                 with contextlib.suppress(Exception):
                     await pool.check()
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+        self._failing = False
+
+    async def _reconnect(self) -> AsyncConnectionPool:
+        """No pool (the server was down at start): set up now, at most once per _PROBE_INTERVAL and within
+        the fail-fast timeout. Raises StoreUnavailable."""
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            raise StoreUnavailable("the Postgres session store is closed")
+        if loop.time() - self._probe_at < _PROBE_INTERVAL or self._setup_lock.locked():
+            raise StoreUnavailable("the Postgres session store is not connected")
+        self._probe_at = loop.time()
+        try:
+            async with asyncio.timeout(max(self._fail_fast, 1.0)):
+                await self.open()
+        except TimeoutError:
+            raise StoreUnavailable("the Postgres session store is not connected (timeout)") from None
+        if self._pool is None:
+            raise StoreUnavailable("the Postgres session store is not connected")
+        return self._pool
+
+    def _revive(self) -> None:
+        """The pool has no connection for us: probe the server in the background (rate limited) and, once it
+        answers, replace the pool, whose own reconnection may be backing off for many seconds."""
+        loop = asyncio.get_running_loop()
+        if self._reviving is not None and not self._reviving.done():
+            return
+        if loop.time() - self._probe_at < _PROBE_INTERVAL:
+            return
+        self._probe_at = loop.time()
+        self._reviving = asyncio.create_task(self._replace_pool(), name="session-store-revive")
+
+    async def _replace_pool(self) -> None:
+        try:
+            async with asyncio.timeout(max(self._fail_fast, 1.0)):
+                probe = await self._connect()
+            await probe.close()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.info("session store still unreachable: %s", _first_line(exc))
+            return
+        fresh = self._new_pool()
+        try:
+            await fresh.open(wait=True, timeout=self._connect_timeout)
+        except BaseException as exc:
+            await fresh.close()
+            if isinstance(exc, _DB_ERRORS):
+                return
+            raise
+        if self._pool is None:  # closed meanwhile
+            await fresh.close()
+            return
+        old, self._pool = self._pool, fresh  # one step on the loop: callers see the old or the new pool
+        log.warning("session store reachable again: connection pool replaced")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close(timeout=1.0)
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
+            self._url,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            timeout=self._pool_timeout,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, round(self._connect_timeout)),
+                "application_name": POOL_APP_NAME,
+            },
+            open=False,
+            name="session-store",
+        )
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         """The migration/LISTEN connection (named, so operators can tell it from the pool's)."""
@@ -335,19 +426,7 @@ class PostgresStore:
         try:
             await _migrate(listen_conn)
             await listen_conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
-            pool = AsyncConnectionPool(
-                self._url,
-                min_size=self._min_size,
-                max_size=self._max_size,
-                timeout=self._pool_timeout,
-                kwargs={
-                    "autocommit": True,
-                    "connect_timeout": max(1, round(self._connect_timeout)),
-                    "application_name": POOL_APP_NAME,
-                },
-                open=False,
-                name="session-store",
-            )
+            pool = self._new_pool()
             await pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
             await listen_conn.close()
@@ -371,12 +450,13 @@ class PostgresStore:
                     async for note in conn.notifies():
                         self._waiters.notify(note.payload)
                 except Exception as exc:  # never die: cross-process wake-ups depend on this task
-                    log.warning("session store LISTEN connection lost (%s); retrying", _first_line(exc))
+                    level = logging.WARNING if delay <= 0.1 else logging.DEBUG  # once per outage
+                    log.log(level, "session store LISTEN connection lost (%s); retrying", _first_line(exc))
                     if conn is not None:
                         await conn.close()
                     conn = None
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, 1.0)  # one attempt a second at most: wake-ups resume soon
         finally:
             if conn is not None:
                 await conn.close()

@@ -251,3 +251,27 @@ def test_a_fault_that_cannot_be_isolated_fails_the_batch_and_the_loop_lives_on(
     sched.submit(greedy["image-b"])
     drain(sched)
     assert sched.tokens["image-b"] == references["image-b"]
+
+
+@pytest.mark.slow
+def test_a_row_whose_own_output_step_raises_fails_alone(
+    engine: Any,
+    greedy: dict[str, Prepared],
+    references: dict[str, list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.model.engine.detokenize import IncrementalDetokenizer
+
+    real_push = IncrementalDetokenizer.push
+
+    def faulty(self: IncrementalDetokenizer, token: int) -> Any:
+        if "poison-stop" in self._stops:
+            raise ValueError("detokenizer bug")
+        return real_push(self, token)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "push", faulty)
+    poison = prepare(engine, request("poison", "hello", max_tokens=8, temperature=0, stop=["poison-stop"]))
+    sched = scheduler_for(engine)
+    rec = _run(sched, list(greedy.values()), [poison])
+    assert "detokenizer bug" in _error(rec, "poison")
+    _assert_untouched(sched, rec, references)

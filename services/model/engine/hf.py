@@ -52,7 +52,11 @@ class HFEngine:
     def prepare_sync(self, request: GenerateRequest) -> Prepared:
         """The blocking part of :meth:`prepare` (media decoding, template, processor, limits)."""
         from services.model.multimodal.prompt import MediaLimits, build_inputs
+        from services.model.multimodal.text_bound import check_prompt_text
 
+        # Cheap first: a prompt far over the context is refused before media decoding and tokenization.
+        context, max_tokens = self.loaded.context_length, request.sampling.max_tokens
+        check_prompt_text(self.loaded.processor.tokenizer, request.messages, context, max_tokens)
         limits = MediaLimits.from_settings(self.settings)
         inputs = build_inputs(self.loaded.processor, request.messages, limits)
         prompt_tokens = int(inputs["input_ids"].shape[1])

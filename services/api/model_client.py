@@ -4,6 +4,11 @@
 headless Service) counts as one replica per address. The least busy ready replica is chosen from each
 replica's STATUS (cached briefly, plus what this process dispatched since). Sessions record the replica URL,
 so cancel and re-attach reach the replica that owns the generation.
+
+Status caching never contradicts itself across paths: only a *ready* answer is served from the cache
+(``MODEL_STATUS_CACHE_SECONDS``); a replica last seen not ready is asked again before any request is
+refused (one status call in flight per replica, shared by concurrent callers); ``/ready`` always asks; a
+failed call to a replica drops its cached status at once.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class ModelClient:
         )
         self._replicas: dict[str, _Replica] = {}
         self._resolved: dict[str, _Resolved] = {}
+        self._fetching: dict[str, asyncio.Future[_Replica]] = {}  # one status call in flight per replica
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -160,10 +166,30 @@ class ModelClient:
         self._resolved[url] = _Resolved(urls=expanded, at=now)
         return expanded
 
-    async def _status(self, url: str) -> _Replica:
+    async def _status(self, url: str, fresh: bool = False) -> _Replica:
+        """The replica's status: from the cache only when it was ready and is younger than the cache
+        time (and ``fresh`` is false); else asked now, sharing a call already in flight."""
         replica = self._replicas.setdefault(url, _Replica(url=url))
-        if time.monotonic() - replica.fetched_at < self._settings.model_status_cache_seconds:
+        age = time.monotonic() - replica.fetched_at
+        ready = replica.info is not None and replica.info.ready
+        if not fresh and ready and age < self._settings.model_status_cache_seconds:
             return replica
+        fetching = self._fetching.get(url)
+        if fetching is None:
+            fetching = asyncio.ensure_future(self._fetch_status(replica))
+            self._fetching[url] = fetching
+            fetching.add_done_callback(lambda _f: self._fetching.pop(url, None))
+        return await asyncio.shield(fetching)
+
+    def invalidate(self, url: str) -> None:
+        """A call to this replica failed: the next pick or readiness check asks it again."""
+        replica = self._replicas.get(url)
+        if replica is not None:
+            replica.fetched_at = -1e9
+            replica.info, replica.reason = None, "a request to it failed"
+
+    async def _fetch_status(self, replica: _Replica) -> _Replica:
+        url = replica.url
         try:
             response = await self._http.get(url + paths.STATUS, timeout=2.0)
             response.raise_for_status()
@@ -175,9 +201,9 @@ class ModelClient:
         replica.dispatched = 0
         return replica
 
-    async def statuses(self) -> list[_Replica]:
+    async def statuses(self, fresh: bool = False) -> list[_Replica]:
         urls = await self.replica_urls()
-        return list(await asyncio.gather(*(self._status(u) for u in urls)))
+        return list(await asyncio.gather(*(self._status(u, fresh) for u in urls)))
 
     async def pick(self) -> tuple[str, str]:
         """(url, served model id) of the least busy ready replica; NotReady when none is."""
@@ -192,7 +218,8 @@ class ModelClient:
         return chosen.url, chosen.info.model
 
     async def readiness(self) -> tuple[bool, str]:
-        replicas = await self.statuses()
+        """(any replica ready, reason when none is): always asks the replicas (probes are rare)."""
+        replicas = await self.statuses(fresh=True)
         if any(r.info is not None and r.info.ready for r in replicas):
             return True, "ok"
         return False, "; ".join(f"model replica {i}: {r.reason}" for i, r in enumerate(replicas))
@@ -225,6 +252,7 @@ class ModelClient:
         try:
             response = await self._http.post(url + paths.CANCEL.format(request_id=request_id), timeout=5.0)
         except httpx.HTTPError as exc:
+            self.invalidate(url)
             raise NotReady(f"model service unreachable ({type(exc).__name__})") from exc
         if response.status_code == 404:
             return None
@@ -236,12 +264,16 @@ class ModelClient:
         try:
             response = await self._http.send(http_request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            self.invalidate(url)
             raise NotReady(f"model service unreachable ({type(exc).__name__})") from exc
         except httpx.HTTPError as exc:
+            self.invalidate(url)
             raise NotReady(f"model service failed ({type(exc).__name__})") from exc
         if response.status_code != 200:
             content = await response.aread()
             await response.aclose()
+            if response.status_code == 503:
+                self.invalidate(url)  # not ready (loading, draining): ask it again before trusting it
             raise error_from_body(response.status_code, _json_or_none(content))
         return ModelStream(response, url)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.api.deps import Hub
 from services.api.errors import ServiceUnavailable
 from services.api.store.base import StoreUnavailable
+from services.api.streaming.hub import SessionHub
 
 router = APIRouter()
 
@@ -19,20 +22,28 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(hub: Hub) -> JSONResponse:
-    """200 when the database answers and at least one model replica is ready, else 503 with the reason."""
+    """200 when the database answers and at least one model replica is ready, else 503 with the reason.
+    Both are asked at once, each fresh (no cached model status), so the answer agrees with what a request
+    would meet now."""
     retry_after = hub.settings.retry_after_seconds
     reasons: list[str] = []
-    try:
-        await hub.store.ping()
-    except StoreUnavailable:
+    store_ok, (model_ok, model_reason) = await asyncio.gather(_store_ok(hub), hub.model.readiness())
+    if not store_ok:
         reasons.append("database unreachable")
-    model_ok, model_reason = await hub.model.readiness()
     if not model_ok:
         reasons.append(model_reason)
     if reasons:
         message = "not ready: " + "; ".join(reasons)
         raise ServiceUnavailable(message, code="not_ready", retry_after=retry_after)
     return JSONResponse({"status": "ready"})
+
+
+async def _store_ok(hub: SessionHub) -> bool:
+    try:
+        await hub.store.ping()
+    except StoreUnavailable:
+        return False
+    return True
 
 
 @router.get("/metrics", include_in_schema=False)

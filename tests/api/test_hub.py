@@ -95,3 +95,45 @@ async def test_a_reader_takes_over_an_orphaned_session_and_follows_it_to_the_end
     assert texts(everything)[0] == "".join(REASONING) and everything[-1].data == "[DONE]"
     assert (await store.get("orphan")).status == "completed"  # type: ignore[union-attr]
     await hub.close()
+
+
+def test_owner_is_dead_only_for_a_gone_process_of_this_host() -> None:
+    import subprocess
+    import sys
+
+    from services.api.streaming.owner import new_runner_id, owner_is_dead
+
+    mine = new_runner_id()
+    host, namespace, _pid, _suffix = mine.rsplit(":", 3)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = f"{host}:{namespace}:{child.pid}:abcd1234"
+    assert not owner_is_dead(mine) and not owner_is_dead(alive)
+    child.kill()
+    child.wait()
+    assert owner_is_dead(alive)
+    assert not owner_is_dead(f"other-host:{namespace}:{child.pid}:abcd1234")  # another host: unsure
+    assert not owner_is_dead(f"{host}:1:{child.pid}:abcd1234")  # another pid namespace: unsure
+    assert not owner_is_dead("elsewhere") and not owner_is_dead(None)
+
+
+async def test_a_reader_takes_over_at_once_from_a_dead_runner_process() -> None:
+    import sys
+
+    from services.api.streaming.owner import new_runner_id
+
+    host, namespace, _pid, _suffix = new_runner_id().rsplit(":", 3)
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await child.wait()  # the runner's process is gone; its lease has a minute left
+    dead = f"{host}:{namespace}:{child.pid}:deadbeef"
+    store = MemoryStore()
+    enc = ChunkEncoder("chatcmpl-h", 1, "m")
+    await store.create(record("orphan", runner_id=dead, lease_until=time.time() + 60))
+    await store.append("orphan", [StoredEvent(0, enc.role())], model_seq=-1, now=time.time())
+    model = FakeModel(script(REASONING, []))
+    hub = make_hub(store, model, runner_lease_seconds=60)
+    started = time.monotonic()
+    got = [e async for e in follow(hub, "orphan", 0) if e is not None]
+    assert time.monotonic() - started < 2.0
+    assert model.reattached == [-1] and got[-1].data == "[DONE]"
+    assert [e.index for e in got] == list(range(1, len(got) + 1))
+    await hub.close()

@@ -1,9 +1,15 @@
-"""``python -m deploy.local.run`` (``make run``): the whole system on loopback, in the foreground.
+"""``python -m deploy.local.run`` (``make run``): the whole system on loopback, in the foreground, supervised.
 
 Starts the model service (MODEL_PORT, default 8001), the api under gunicorn (API_PORT, default 8000) and the
 nginx edge on PORT (default 3000) when nginx is installed, else the api itself listens on PORT. Variables from
-``.env`` are used unless the environment already sets them. Ctrl-C or SIGTERM stops everything (edge, api,
-model, each draining in turn); a second Ctrl-C kills at once. If one process dies, the others are stopped.
+``.env`` are used unless the environment already sets them; the edge takes every ``EDGE_*`` setting that
+``.env.example`` lists (deploy/nginx/render.py ``ENV_OPTIONS``).
+
+Supervision: a child that fails during start-up stops everything (its reason is printed first and last).
+Once serving, a child that exits unexpectedly is restarted after a back-off (0.5 s, doubling, at most 8 s)
+while the others keep running; more than ``--max-restarts`` (5) restarts of one child within
+``--restart-window`` (60 s) stop everything with that reason (exit 1). Ctrl-C or SIGTERM stops the edge,
+the api and the model in that order, each draining; a second Ctrl-C kills at once.
 """
 
 from __future__ import annotations
@@ -12,23 +18,15 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from deploy.nginx.render import nginx_argv, render
+from deploy.local.supervise import Child, ChildSpec, RestartPolicy, Stopped, supervise, wait_healthy
+from deploy.nginx.render import nginx_argv, options_from_env, render
 
 REPO = Path(__file__).resolve().parents[2]
-STOP_TIMEOUT = {"edge": 10.0, "api": 45.0, "model": 50.0}  # above each one's own graceful shutdown
-
-
-class Stopped(Exception):
-    """Ctrl-C / SIGTERM, or a child that exited."""
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -49,6 +47,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def port_from(env: Mapping[str, str], name: str, default: int) -> int:
+    """The port in ``env[name]`` (default when unset or empty); SystemExit naming the variable if invalid."""
     raw = env.get(name, "") or str(default)
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         raise SystemExit(f"run: invalid environment variable {name}={raw!r}: expected a port number")
@@ -56,57 +55,14 @@ def port_from(env: Mapping[str, str], name: str, default: int) -> int:
 
 
 def find_nginx() -> str | None:
-    found = shutil.which("nginx") or next(
+    """The nginx executable (PATH, then the usual sbin directories), or None."""
+    return shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
     )
-    return found
-
-
-class Child:
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> None:
-        self.name = name
-        # Own process group: the terminal's Ctrl-C reaches only us, and we stop the children in order.
-        self.popen = subprocess.Popen(list(argv), env=dict(env), cwd=REPO, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout: float) -> None:
-        self.signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            print(f"run: {self.name} did not stop within {timeout:.0f}s, killing it", file=sys.stderr)
-            self.signal(signal.SIGKILL)
-            self.popen.wait()
-
-
-def wait_http(child: Child, url: str, timeout: float, ok: Sequence[int] = (200,)) -> None:
-    """Poll ``url`` until it answers one of ``ok``; stop early if the child exits."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise Stopped(f"{child.name} exited with {child.popen.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status in ok:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code in ok:
-                return
-        except OSError:
-            pass
-        time.sleep(delay)  # polling interval while awaiting a condition
-        delay = min(delay * 1.5, 0.5)
-    raise Stopped(f"{child.name} not answering {url} after {timeout:.0f}s")
 
 
 def plan(env: Mapping[str, str], use_edge: bool) -> tuple[dict[str, int], str | None]:
+    """Ports (public, api, model) and the nginx executable (None: the api serves PORT itself)."""
     ports = {
         "public": port_from(env, "PORT", 3000),
         "api": port_from(env, "API_PORT", 8000),
@@ -120,59 +76,68 @@ def plan(env: Mapping[str, str], use_edge: bool) -> tuple[dict[str, int], str | 
     return ports, nginx
 
 
-def start_all(env: dict[str, str], ports: dict[str, int], nginx: str | None, children: list[Child]) -> str:
+def child_specs(env: dict[str, str], ports: dict[str, int], nginx: str | None) -> list[ChildSpec]:
+    """How to start (and restart) each child, in start order: model, api, edge.
+
+    Raises SystemExit naming the variable when an ``EDGE_*`` value is malformed.
+    """
     model_url = f"http://127.0.0.1:{ports['model']}"
     # PROMETHEUS_MULTIPROC_DIR is the api's (gunicorn workers); in the model process prometheus_client
     # would switch to multiprocess files and its single-process registry would break.
     model_env = {k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     model_env |= {"MODEL_HOST": "127.0.0.1", "MODEL_PORT": str(ports["model"])}
-    model = Child("model", [sys.executable, "-m", "services.model"], model_env)
-    children.append(model)
-    wait_http(model, f"{model_url}/health", timeout=120)
+    model = ChildSpec(
+        "model", [sys.executable, "-m", "services.model"], model_env, f"{model_url}/health", 120
+    )
 
     api_env = env | {"API_HOST": "127.0.0.1", "API_PORT": str(ports["api"]), "MODEL_SERVICE_URL": model_url}
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     api_argv = [gunicorn, "-c", "services/api/gunicorn.conf.py", "services.api.main:create_app()"]
-    api = Child("api", api_argv, api_env)
-    children.append(api)
-    api_url = f"http://127.0.0.1:{ports['api']}"
-    wait_http(api, f"{api_url}/health", timeout=60)
+    api = ChildSpec("api", api_argv, api_env, f"http://127.0.0.1:{ports['api']}/health", 60)
     if nginx is None:
-        return api_url
+        return [model, api]
 
-    conf = render(REPO / "tmp" / "edge", ports["public"], [f"127.0.0.1:{ports['api']}"])
-    edge = Child("edge", nginx_argv(conf, nginx), env)
-    children.append(edge)
-    public = f"http://127.0.0.1:{ports['public']}"
-    wait_http(edge, f"{public}/health", timeout=20)
-    return public
-
-
-def supervise(children: list[Child], model_ready_url: str) -> None:
-    """Block until a signal or a child's exit; say once when the model has loaded."""
-    announced = False
-    while True:
-        for child in children:
-            if not child.alive():
-                raise Stopped(f"{child.name} exited with {child.popen.returncode}")
-        if not announced:
-            try:
-                with urllib.request.urlopen(model_ready_url, timeout=2):
-                    print("run: model ready", flush=True)
-                    announced = True
-            except OSError:
-                pass
-        time.sleep(0.5)  # supervision tick
+    try:
+        options = options_from_env(env)
+    except ValueError as exc:
+        raise SystemExit(f"run: {exc}") from None
+    edge_dir = REPO / "tmp" / f"edge-{ports['public']}"  # one per runner: PORT is unique
+    conf = render(edge_dir, ports["public"], [f"127.0.0.1:{ports['api']}"], **options)
+    edge = ChildSpec("edge", nginx_argv(conf, nginx), env, f"http://127.0.0.1:{ports['public']}/health", 20)
+    return [model, api, edge]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def start_all(specs: Sequence[ChildSpec], children: list[Child]) -> None:
+    """Start each child in order and await its health; Stopped (with the child's reason) if one fails."""
+    for spec in specs:
+        child = Child(spec, cwd=REPO)
+        children.append(child)
+        wait_healthy(child)
+        print(f"run: {spec.name} started (pid {child.pid})", flush=True)
+
+
+def stop_all(children: Sequence[Child]) -> None:
+    """Stop the children in reverse start order (edge, api, model), each draining within its timeout."""
+    for child in reversed(children):
+        child.stop()
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options (see the module docstring)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument("--no-edge", action="store_true", help="serve the api on PORT directly")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-restarts", type=int, default=5, help="restarts of one child per window (5)")
+    parser.add_argument("--restart-window", type=float, default=60.0, help="seconds (60)")
+    return parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the system until Ctrl-C / SIGTERM (exit 0) or a failure that supervision cannot heal (exit 1)."""
+    args = parse_args(argv)
     env = read_env_file(REPO / ".env") | dict(os.environ)
     ports, nginx = plan(env, use_edge=not args.no_edge)
+    specs = child_specs(env, ports, nginx)
     children: list[Child] = []
     stopping = False
 
@@ -185,19 +150,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    code = 0
+    code, reason = 0, ""
     try:
-        url = start_all(env, ports, nginx, children)
+        start_all(specs, children)
+        url = f"http://127.0.0.1:{ports['public']}"
         edge_note = "" if nginx else " (no nginx edge: the api serves PORT directly)"
         print(f"run: serving on {url}{edge_note}  (Ctrl-C stops)", flush=True)
-        supervise(children, f"http://127.0.0.1:{ports['model']}/ready")
+        policy = RestartPolicy(max_restarts=args.max_restarts, window_seconds=args.restart_window)
+        supervise(children, policy, f"http://127.0.0.1:{ports['model']}/ready")
     except Stopped as why:
-        code = 0 if str(why) in {"SIGINT", "SIGTERM"} else 1
-        print(f"run: stopping ({why})", file=sys.stderr, flush=True)
+        reason = str(why)
+        code = 0 if reason in {"SIGINT", "SIGTERM"} else 1
+        print(f"run: stopping ({reason})", file=sys.stderr, flush=True)
     finally:
         stopping = True
-        for child in reversed(children):
-            child.stop(STOP_TIMEOUT[child.name])
+        stop_all(children)
+    if code:  # the reason again, below whatever the children printed while stopping
+        print(f"run: stopped: {reason}", file=sys.stderr, flush=True)
     return code
 
 

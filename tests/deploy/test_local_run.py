@@ -1,17 +1,25 @@
-"""`python -m deploy.local.run` (make run): the whole system on loopback, stopped cleanly by SIGTERM."""
+"""`python -m deploy.local.run` (make run): the whole system on loopback, supervised (a child that dies is
+restarted, the others keep running), honouring every EDGE_* setting, stopped cleanly by SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import signal
 import socket
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from deploy.local.run import read_env_file
+from deploy.local.supervise import RestartPolicy, describe_exit
+from tests.api.sse import check_stream, finish_reason, read_sse
 from tests.helpers.env import REPO, free_port
 from tests.helpers.procs import Proc
 
@@ -35,18 +43,49 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_runner(tmp_path: Path, *args: str) -> tuple[Proc, dict[str, int]]:
+def start_runner(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, name: str = "runner"
+) -> tuple[Proc, dict[str, int]]:
     ports = {"PORT": free_port(), "API_PORT": free_port(), "MODEL_PORT": free_port()}
-    env = {
+    full_env = {
         **{k: str(v) for k, v in ports.items()},
         "ENGINE": "fake",
         "SESSIONS_DB_PATH": str(tmp_path / "sessions.db"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
         "API_WORKERS": "1",
         "API_KEYS": "",
+        **(env or {}),
     }
-    proc = Proc("runner", [sys.executable, "-m", "deploy.local.run", *args], env, tmp_path, REPO)
+    proc = Proc(name, [sys.executable, "-m", "deploy.local.run", *args], full_env, tmp_path, REPO)
     return proc, ports
+
+
+@pytest.fixture(autouse=True)
+def _no_edge_dirs_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The runner renders its edge config under tmp/edge-<PORT>: remove what the test's runners left."""
+    before = set((REPO / "tmp").glob("edge-*"))
+    yield
+    for left in set((REPO / "tmp").glob("edge-*")) - before:
+        shutil.rmtree(left, ignore_errors=True)
+
+
+def pid_from(proc: Proc, text: str) -> int:
+    """The pid in the runner's latest line containing ``text`` (e.g. "run: api started (pid 123)")."""
+    lines = [line for line in proc.log_path.read_text(errors="replace").splitlines() if text in line]
+    match = re.search(r"\(pid (\d+)\)", lines[-1])
+    assert match, lines[-1]
+    return int(match.group(1))
+
+
+def await_count(proc: Proc, text: str, count: int, timeout: float = 60.0) -> None:
+    """Await ``count`` lines containing ``text`` in the runner's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.log_path.read_text(errors="replace").count(text) >= count:
+            return
+        assert proc.popen.poll() is None, f"runner exited:\n{proc.log_tail()}"
+        time.sleep(0.1)  # polling interval
+    raise TimeoutError(f"fewer than {count} {text!r} in the runner's output:\n{proc.log_tail()}")
 
 
 def chat(base: str) -> httpx.Response:
@@ -63,7 +102,8 @@ def stop_and_check(proc: Proc, ports: dict[str, int]) -> None:
 
 
 def test_runner_serves_through_the_edge_and_stops_cleanly(tmp_path: Path, nginx_bin: str) -> None:
-    proc, ports = start_runner(tmp_path)
+    edge_env = {"EDGE_CLIENT_MAX_BODY_SIZE": "2k", "EDGE_CONN_LIMIT": "9", "EDGE_CLIENT_TIMEOUT": "17s"}
+    proc, ports = start_runner(tmp_path, env=edge_env)
     try:
         line = await_line(proc, "run: serving on")
         base = f"http://127.0.0.1:{ports['PORT']}"
@@ -71,6 +111,12 @@ def test_runner_serves_through_the_edge_and_stops_cleanly(tmp_path: Path, nginx_
         resp = chat(base)
         assert resp.status_code == 200, resp.text
         assert resp.headers["server"].startswith("nginx")
+        # The EDGE_* settings reach the edge.
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 3000}]}
+        too_big = httpx.post(f"{base}/v1/chat/completions", json=big, timeout=30)
+        assert too_big.status_code == 413 and "limit 2k" in too_big.json()["error"]["message"]
+        conf = (REPO / "tmp" / f"edge-{ports['PORT']}" / "nginx.conf").read_text()
+        assert "limit_conn edge_conn_per_client 9;" in conf and "client_body_timeout 17s;" in conf
         assert httpx.get(f"{base}/metrics", timeout=10).status_code == 404
         assert httpx.get(f"http://127.0.0.1:{ports['API_PORT']}/metrics", timeout=10).status_code == 200
         stop_and_check(proc, ports)
@@ -97,3 +143,116 @@ def test_env_file_parsing(tmp_path: Path) -> None:
     env.write_text("# comment\nexport A=1\nB=\"two words\"\nC='x=y'\n\nbroken line\nD=\n")
     assert read_env_file(env) == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
     assert read_env_file(tmp_path / "missing") == {}
+
+
+def test_runner_refuses_a_malformed_edge_variable(tmp_path: Path, nginx_bin: str) -> None:
+    proc, _ = start_runner(tmp_path, env={"EDGE_RATE_LIMIT": "10/s"})
+    try:
+        assert proc.popen.wait(60) != 0
+        assert "EDGE_RATE_LIMIT='10/s'" in proc.log_tail()
+    finally:
+        proc.stop()
+
+
+def test_a_child_failing_at_start_stops_everything_with_its_reason_last(tmp_path: Path) -> None:
+    proc, ports = start_runner(tmp_path, "--no-edge", env={"API_WORKERS": "many"})
+    try:
+        assert proc.popen.wait(90) == 1, proc.log_tail()
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+        assert "API_WORKERS" in "\n".join(lines)  # the api's own reason
+        assert lines[-1] == "run: stopped: api exited with exit code 2 while starting", lines[-5:]
+        for port in ports.values():
+            assert not port_open(port)
+    finally:
+        proc.stop()
+
+
+def test_restart_policy_backs_off_and_gives_up() -> None:
+    now = [0.0]
+    policy = RestartPolicy(
+        max_restarts=3, window_seconds=60, base_delay=0.5, max_delay=1.5, clock=lambda: now[0]
+    )
+    assert [policy.next_delay("api") for _ in range(3)] == [0.5, 1.0, 1.5]
+    assert policy.next_delay("api") is None  # a 4th restart within 60 s
+    assert policy.next_delay("model") == 0.5  # counted per child
+    now[0] = 61.0  # the window has passed
+    assert policy.next_delay("api") == 0.5
+    assert describe_exit(-9) == "signal SIGKILL" and describe_exit(3) == "exit code 3"
+
+
+def _stream_body(session_id: str, tokens: int) -> dict[str, object]:
+    content = f"tell a story [[fake:tokens={tokens}]]"
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": content}],
+        "stream": True,
+        "session_id": session_id,
+    }
+
+
+@pytest.mark.slow
+def test_a_killed_api_is_restarted_and_a_running_generation_completes(tmp_path: Path, nginx_bin: str) -> None:
+    """SIGKILL the api's gunicorn master under the runner: the runner restarts the api, the model keeps
+    running (the same process), and the stream that was running resumes through the edge to its end."""
+    env = {"FAKE_STEP_SECONDS": "0.03", "RUNNER_LEASE_SECONDS": "1", "CANCEL_AFTER_DISCONNECT_SECONDS": "0"}
+    proc, ports = start_runner(tmp_path, env=env)
+    try:
+        await_line(proc, "run: serving on")
+        base = f"http://127.0.0.1:{ports['PORT']}"
+        model_pid, api_pid = pid_from(proc, "run: model started"), pid_from(proc, "run: api started")
+        sid = f"run-{uuid.uuid4().hex[:12]}"
+        with httpx.Client(base_url=base, timeout=30) as client:
+            with client.stream("POST", "/v1/chat/completions", json=_stream_body(sid, 150)) as resp:
+                assert resp.status_code == 200, resp.read()
+                head = read_sse(resp, limit=3)
+            os.kill(api_pid, signal.SIGKILL)  # the master only: its workers are orphaned
+            await_line(proc, "run: api restarted")
+            assert pid_from(proc, "run: api restarted") != api_pid
+            resume = {"Last-Event-ID": head[-1].id}
+            with client.stream("GET", f"/v1/sessions/{sid}/events", headers=resume) as resp:
+                assert resp.status_code == 200, resp.read()
+                tail = read_sse(resp)
+        check_stream(head + tail, sid)
+        assert finish_reason(tail) == "stop"
+        os.kill(model_pid, 0)  # the model was never restarted
+        assert "model exited" not in proc.log_path.read_text()
+        stop_and_check(proc, ports)
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_runner_gives_up_after_too_many_restarts(tmp_path: Path) -> None:
+    proc, ports = start_runner(tmp_path, "--no-edge", "--max-restarts", "1")
+    try:
+        await_line(proc, "run: serving on")
+        os.kill(pid_from(proc, "run: api started"), signal.SIGKILL)
+        await_line(proc, "run: api restarted")
+        os.kill(pid_from(proc, "run: api restarted"), signal.SIGKILL)
+        assert proc.popen.wait(90) == 1, proc.log_tail()
+        last = proc.log_path.read_text(errors="replace").splitlines()[-1]
+        assert (
+            last.startswith("run: stopped: api exited unexpectedly with signal SIGKILL")
+            and "giving up" in last
+        )
+        for port in ports.values():
+            assert not port_open(port), port
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_fresh_starts_in_a_row_never_fail(tmp_path: Path) -> None:
+    """Each start on a new SQLite file, several api workers racing to set it up (it was 1 in 10 failing)."""
+    for attempt in range(5):
+        work = tmp_path / f"start-{attempt}"
+        work.mkdir()
+        proc, ports = start_runner(work, "--no-edge", env={"API_WORKERS": "3"}, name=f"runner-{attempt}")
+        try:
+            await_line(proc, "run: serving on")
+            resp = chat(f"http://127.0.0.1:{ports['PORT']}")
+            assert resp.status_code == 200, resp.text
+            assert "exited" not in proc.log_path.read_text(), proc.log_tail()
+            stop_and_check(proc, ports)
+        finally:
+            proc.stop()

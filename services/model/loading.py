@@ -113,15 +113,23 @@ def load_model_and_processor(settings: ModelSettings) -> Loaded:
         raise
     except Exception as exc:
         raise ModelLoadError(_explain(settings.model_repo_id, exc, token)) from None
+    from services.model.multimodal.limits import cap_visual_tokens
+
+    image_cap, frame_cap = cap_visual_tokens(
+        processor, settings.max_image_tokens, settings.max_video_frame_tokens
+    )
     loaded = _assemble(settings.model_repo_id, model, processor)
     log.info(
-        "loaded %s on %s (%s, %d torch threads) in %.1f s; context %d tokens",
+        "loaded %s on %s (%s, %d torch threads) in %.1f s; context %d tokens; at most %d visual tokens "
+        "per image, %d per video frame pair",
         settings.model_repo_id,
         loaded.device,
         str(loaded.dtype).removeprefix("torch."),
         threads,
         time.perf_counter() - start,
         loaded.context_length,
+        image_cap,
+        frame_cap,
     )
     return loaded
 

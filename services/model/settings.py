@@ -44,6 +44,11 @@ class ModelSettings(BaseSettings):
     max_videos_per_request: int = Field(default=2, ge=0)
     # decoded pixels of all images and video frames of one request together (memory guard)
     max_request_pixels: int = Field(default=128 * 1024 * 1024, ge=1024)
+    # visual tokens per image (32x32 pixels each for Qwen3-VL; larger images are downscaled, never refused):
+    # 1280 = ~1.3 megapixels; the model's own maximum is 16384 (16.7 megapixels)
+    max_image_tokens: int = Field(default=1280, ge=4, le=16384)
+    # visual tokens per video temporal patch (2 frames); the model's reference is 768
+    max_video_frame_tokens: int = Field(default=256, ge=4, le=16384)
 
     # scheduling and limits
     max_batch_size: int = Field(default=16, ge=1, le=512)

@@ -271,3 +271,37 @@ def test_large_video_frames_are_scaled_down_while_decoding(monkeypatch: pytest.M
     frames, height, width = decoded.frames.shape[:3]
     assert frames == 4 and (width, height) == (32, 24)  # the aspect ratio is kept, even sides
     assert (decoded.metadata.width, decoded.metadata.height) == (32, 24)
+
+
+def test_a_huge_image_is_downscaled_to_the_visual_token_cap_not_refused(loaded: Loaded) -> None:
+    from tests.model.image_stall import big_image_b64
+
+    settings = ModelSettings()
+    assert settings.max_image_tokens == 1280  # the documented default
+    for width, height in ((4095, 4095), (4000, 1000)):
+        data = big_image_b64(4095) if width == height else png_b64(width, height)
+        inputs = build_inputs(loaded.processor, [user(ImagePart(data=data), TextPart(text="?"))], LIMITS)
+        _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
+        tokens = grid_h * grid_w // 4
+        assert 1000 < tokens <= 1280  # close to the cap: downscaled, not shrunk further
+        assert (inputs["input_ids"] == IMAGE_PAD).sum().item() == tokens
+        assert abs(grid_w / grid_h / (width / height) - 1) < 0.1  # aspect ratio kept (to a 32-px grid)
+
+
+def test_video_frames_are_capped_per_temporal_patch(loaded: Loaded) -> None:
+    assert ModelSettings().max_video_frame_tokens == 256
+    video = VideoPart(data=mp4_b64(frames=4, width=640, height=640))
+    inputs = build_inputs(loaded.processor, [user(video, TextPart(text="?"))], LIMITS)
+    grid_t, grid_h, grid_w = inputs["video_grid_thw"][0].tolist()
+    assert grid_t == 2 and 200 < grid_h * grid_w // 4 <= 256  # 640x640 would be 400 tokens per frame pair
+
+
+def test_visual_token_caps_only_ever_lower_the_checkpoint_budgets(loaded: Loaded) -> None:
+    from services.model.multimodal.limits import cap_visual_tokens
+
+    processor = copy.deepcopy(loaded.processor)
+    assert cap_visual_tokens(processor, 16384, 16384) == (1280, 256)  # already capped at load: kept
+    assert cap_visual_tokens(processor, 100, 50) == (100, 50)
+    assert processor.image_processor.size.longest_edge == 100 * 32 * 32
+    assert processor.image_processor.size.shortest_edge <= 100 * 32 * 32  # min never above max
+    assert processor.video_processor.max_video_tokens == 50

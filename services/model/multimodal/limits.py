@@ -1,10 +1,12 @@
-"""Per-item and per-request media limits, and the count check that runs before any media is decoded.
+"""Per-item and per-request media limits, the count check that runs before any media is decoded, and the
+processor's visual-token caps.
 
 Torch-free (the fake engine applies the same counts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,3 +44,32 @@ def check_media_counts(messages: list[Message], limits: MediaLimits) -> None:
         raise InvalidMedia(f"the request has {images} images; at most {limits.max_images} are allowed")
     if videos > limits.max_videos:
         raise InvalidMedia(f"the request has {videos} videos; at most {limits.max_videos} are allowed")
+
+
+def cap_visual_tokens(processor: Any, image_tokens: int, frame_tokens: int) -> tuple[int, int]:
+    """Lower the processor's resize budgets so that one image has at most ``image_tokens`` visual tokens
+    (MAX_IMAGE_TOKENS) and one video temporal patch (2 frames) at most ``frame_tokens``
+    (MAX_VIDEO_FRAME_TOKENS): larger media are downscaled (aspect kept), never refused. A visual token
+    is one merged patch: (patch_size * merge_size)^2 pixels, 32 x 32 for Qwen3-VL. The checkpoint's own
+    budgets are kept when they are lower. Returns the caps in force (image tokens, frame tokens)."""
+    images = processor.image_processor
+    factor = images.patch_size * images.merge_size
+    longest = min(_edge(images.size, "longest_edge"), image_tokens * factor * factor)
+    shortest = min(_edge(images.size, "shortest_edge"), longest)
+    images.size = _with_edges(images.size, longest, shortest)
+    videos = getattr(processor, "video_processor", None)
+    frames = frame_tokens
+    if videos is not None:
+        frames = min(int(videos.max_video_tokens), frame_tokens)
+        videos.max_video_tokens = frames
+    return longest // (factor * factor), frames
+
+
+def _edge(size: Any, name: str) -> int:
+    return int(size[name] if isinstance(size, dict) else getattr(size, name))
+
+
+def _with_edges(size: Any, longest: int, shortest: int) -> Any:
+    if isinstance(size, dict):
+        return {**size, "longest_edge": longest, "shortest_edge": shortest}
+    return dataclasses.replace(size, longest_edge=longest, shortest_edge=shortest)  # transformers' SizeDict

@@ -5,11 +5,25 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from services.api.errors import BadRequest
 from services.api.media import MediaError, MediaKind
-from services.api.openai_schemas import ChatCompletionRequest, ChatMessage, ContentPart
-from services.protocol.generate import ImagePart, Message, Part, SamplingParams, TextPart, VideoPart
+from services.api.openai_schemas import ChatCompletionRequest, ChatMessage, ContentPart, NamedToolChoice
+from services.protocol.generate import (
+    FunctionCall,
+    FunctionDef,
+    ImagePart,
+    Message,
+    Part,
+    ResponseFormat,
+    SamplingParams,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    VideoPart,
+)
 
 MediaFetcher = Callable[[str, MediaKind], Awaitable[bytes]]
 _OFFLOAD_BYTES = 1024 * 1024
@@ -30,7 +44,35 @@ def to_sampling(req: ChatCompletionRequest) -> SamplingParams:
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty,
+        max_reasoning_tokens=req.reasoning_budget(),
     )
+
+
+def to_structure(req: ChatCompletionRequest) -> dict[str, Any]:
+    """The ``GenerateRequest`` fields for tools, tool choice and the response format."""
+    mode = req.tool_mode()
+    named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+    tools = [
+        Tool(
+            function=FunctionDef(
+                name=t.function.name, description=t.function.description, parameters=t.function.parameters
+            )
+        )
+        for t in req.tools or ()
+    ]
+    rf = req.response_format
+    response_format = None
+    if rf is not None and rf.type != "text":
+        schema = rf.json_schema.schema_ if rf.json_schema is not None else None
+        response_format = ResponseFormat(type=rf.type, json_schema=schema or None)
+        if rf.type == "json_schema" and response_format.json_schema is None:
+            response_format = ResponseFormat(type="json_object")  # no schema: any JSON object
+    return {
+        "tools": tools,
+        "tool_choice": ToolChoice(mode=mode, name=named),  # type: ignore[arg-type]
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "response_format": response_format,
+    }
 
 
 async def to_messages(messages: list[ChatMessage], fetch: MediaFetcher) -> list[Message]:
@@ -46,10 +88,15 @@ async def to_messages(messages: list[ChatMessage], fetch: MediaFetcher) -> list[
 
 async def _message(message: ChatMessage, index: int, fetch: MediaFetcher) -> Message:
     role = "system" if message.role == "developer" else message.role
+    calls = [
+        ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+        for c in message.tool_calls or ()
+    ] or None
+    extra: dict[str, Any] = {"tool_calls": calls, "tool_call_id": message.tool_call_id}
     if message.content is None or isinstance(message.content, str):
-        return Message(role=role, content=message.content or "")
+        return Message(role=role, content=message.content or "", **extra)
     parts = await asyncio.gather(*(_part(p, index, j, fetch) for j, p in enumerate(message.content)))
-    return Message(role=role, content=list(parts))
+    return Message(role=role, content=list(parts), **extra)
 
 
 async def _part(part: ContentPart, index: int, j: int, fetch: MediaFetcher) -> Part:

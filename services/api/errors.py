@@ -136,6 +136,8 @@ def from_model_error(exc: model_errors.ModelServiceError, retry_after: int) -> A
         return BadRequest(message, param="messages", code="context_length_exceeded")
     if isinstance(exc, model_errors.InvalidMedia):
         return BadRequest(message, param="messages", code="invalid_media")
+    if isinstance(exc, model_errors.InvalidSchema):
+        return BadRequest(message, param=exc.param, code="invalid_schema")
     if isinstance(exc, model_errors.InvalidRequest):
         return BadRequest(message, param="messages", code="invalid_request")
     if isinstance(exc, model_errors.Overloaded):

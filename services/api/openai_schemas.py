@@ -10,6 +10,7 @@ it against the context).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -33,6 +34,14 @@ MAX_STOP_CHARS = 1000  # per stop string
 MAX_MODEL_CHARS = 256
 MAX_URL_CHARS = 64 * 1024 * 1024  # a data URL is bounded by MAX_REQUEST_BYTES anyway
 PART_TYPES = ("text", "input_text", "image_url", "input_image", "video_url", "input_video")
+MAX_TOOLS = 128  # the OpenAI reference's limit
+MAX_SCHEMA_CHARS = 64 * 1024  # one JSON schema (a tool's parameters, a response format), serialized
+MAX_DESCRIPTION_CHARS = 8192
+MAX_ARGUMENTS_CHARS = 1024 * 1024  # a tool call's arguments sent back in the history
+MAX_ID_CHARS = 256
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # function and schema names (the OpenAI reference's rule)
+# reasoning_effort -> reasoning token budget (None: no limit); ``minimal`` closes the thinking at once
+REASONING_BUDGETS: dict[str, int | None] = {"minimal": 0, "low": 512, "medium": 2048, "high": None}
 
 
 class _Lenient(BaseModel):
@@ -127,14 +136,87 @@ Content = Annotated[
 ]
 
 
+def _bounded_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON schema of at most MAX_SCHEMA_CHARS once serialized (compiling it costs time and memory)."""
+    if value is not None and len(json.dumps(value, separators=(",", ":"))) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"the schema is larger than {MAX_SCHEMA_CHARS} characters")
+    return value
+
+
+class FunctionSpec(_Lenient):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    _size = field_validator("parameters")(_bounded_schema)
+
+
+class ToolSpec(_Lenient):
+    """``{"type": "function", "function": {"name", "description", "parameters"}}`` (function tools only)."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Lenient):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(_Lenient):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_ARGUMENTS_CHARS)
+
+
+class ToolCallItem(_Lenient):
+    """A call of an earlier assistant turn, sent back in the history."""
+
+    id: str = Field(default="", max_length=MAX_ID_CHARS)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class JsonSchemaSpec(_Lenient):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    _size = field_validator("schema_")(_bounded_schema)
+
+
+class ResponseFormatSpec(_Lenient):
+    """``text`` (default), ``json_object`` (any JSON object) or ``json_schema`` (``json_schema.schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormatSpec:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`json_schema` is required when `type` is json_schema")
+        return self
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Content | None = None
+    tool_calls: list[ToolCallItem] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=MAX_ID_CHARS)
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs `content`")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has `tool_calls`")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs `tool_call_id`")
         return self
 
 
@@ -160,15 +242,19 @@ class ChatCompletionRequest(_Lenient):
     stream: StrictBool = False  # "yes" or 1 is a client bug worth a 400, not a guess
     stream_options: StreamOptions | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    tools: list[ToolSpec] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    response_format: ResponseFormatSpec | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # extension: reasoning tokens before the server closes the thinking block itself (0: at once)
+    max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
     # accepted only so they can be refused by name (see unsupported_params)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
@@ -207,6 +293,48 @@ class ChatCompletionRequest(_Lenient):
     def effective_top_k(self) -> int | None:
         return 0 if self.top_k == -1 else self.top_k
 
+    def reasoning_budget(self) -> int | None:
+        """``max_reasoning_tokens`` when given, else the budget of ``reasoning_effort``; None: no limit."""
+        if self.max_reasoning_tokens is not None:
+            return self.max_reasoning_tokens
+        return REASONING_BUDGETS[self.reasoning_effort] if self.reasoning_effort else None
+
+    def tool_mode(self) -> str:
+        """``none`` / ``auto`` / ``required`` / ``function`` (a named function); ``none`` without tools."""
+        if not self.tools:
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "function"
+        return self.tool_choice or "auto"
+
+    def called_tools(self) -> list[str]:
+        """Names of the tools the answer may call (what the tool-call parser accepts), in order."""
+        if self.tool_mode() == "none":
+            return []
+        return [t.function.name for t in self.tools or ()]
+
+
+def tool_error(req: ChatCompletionRequest) -> tuple[str, str] | None:
+    """(message, param) when ``tools``, ``tool_choice`` and ``response_format`` do not fit together."""
+    names = [t.function.name for t in req.tools or ()]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            return f"duplicate function name {name!r}", f"tools[{i}].function.name"
+    for i, tool in enumerate(req.tools or ()):
+        params = tool.function.parameters
+        if params is not None and params.get("type", "object") != "object":
+            return "a function's parameters must be a JSON schema of type object", (
+                f"tools[{i}].function.parameters"
+            )
+    if req.tool_choice not in (None, "none") and not req.tools:
+        return "`tool_choice` is only allowed when `tools` are given", "tool_choice"
+    if isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name not in names:
+        return f"no function named {req.tool_choice.function.name!r} in `tools`", "tool_choice.function.name"
+    forced = req.tool_mode() in ("required", "function")
+    if forced and req.response_format is not None and req.response_format.type != "text":
+        return "`response_format` cannot be combined with a forced `tool_choice`", "response_format"
+    return None
+
 
 def count_error(req: ChatCompletionRequest, max_messages: int, max_parts: int) -> tuple[str, str] | None:
     """(message, param) when the request has more messages, or a message more content parts, than this
@@ -223,10 +351,6 @@ def unsupported_params(req: ChatCompletionRequest) -> str | None:
     """The first parameter the server cannot honour, or None."""
     if req.n not in (None, 1):
         return "n"
-    if req.tools:
-        return "tools"
-    if req.tool_choice not in (None, "none"):
-        return "tool_choice"
     if req.functions:
         return "functions"
     if req.function_call not in (None, "none"):
@@ -235,8 +359,6 @@ def unsupported_params(req: ChatCompletionRequest) -> str | None:
         return "logprobs"
     if req.top_logprobs:
         return "top_logprobs"
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        return "response_format"
     return _unsupported_outputs(req)
 
 

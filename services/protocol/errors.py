@@ -7,6 +7,8 @@ and then to the public OpenAI error (400 / 404 / 429 / 503 / 500).
 
 from __future__ import annotations
 
+import re
+
 
 class ModelServiceError(Exception):
     code = "internal"
@@ -35,6 +37,25 @@ class PromptTooLong(InvalidRequest):
     """The prompt plus ``max_tokens`` does not fit the model's context."""
 
     code = "prompt_too_long"
+
+
+class InvalidSchema(InvalidRequest):
+    """A JSON schema the grammar compiler rejects (``response_format`` or a tool's ``parameters``). The
+    message starts with the public parameter path and ``": "`` (``param_of`` reads it back)."""
+
+    code = "invalid_schema"
+
+    @property
+    def param(self) -> str:
+        return param_of(self.message)
+
+
+def param_of(message: str) -> str:
+    """The parameter path an ``InvalidSchema`` message starts with; ``response_format`` when none."""
+    head = message.split(": ", 1)[0]
+    if head == "response_format" or re.fullmatch(r"tools\[\d{1,3}\]\.function\.parameters", head):
+        return head
+    return "response_format"
 
 
 class NotFound(ModelServiceError):
@@ -75,6 +96,7 @@ _BY_CODE: dict[str, type[ModelServiceError]] = {
         InvalidRequest,
         InvalidMedia,
         PromptTooLong,
+        InvalidSchema,
         NotFound,
         Unauthorized,
         Overloaded,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function name rule
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -32,6 +33,8 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    # tokens of reasoning before the server closes the thinking block itself (0: at once; None: no limit)
+    max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
 
 class TextPart(BaseModel):
@@ -56,9 +59,53 @@ class VideoPart(BaseModel):
 Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+class FunctionDef(BaseModel):
+    """A function the model may call: ``parameters`` is a JSON schema (object) or None (no arguments)."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the client sent it back
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made in an earlier turn (history)."""
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolChoice(BaseModel):
+    """``none``: tools are listed but never called; ``auto``: the model decides; ``required``: at least
+    one call (grammar-forced); ``function``: a call of ``name`` (grammar-forced)."""
+
+    mode: Literal["none", "auto", "required", "function"] = "auto"
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``json_object``: any JSON object; ``json_schema``: JSON matching ``json_schema`` (forced by a
+    grammar over the answer, after the reasoning)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[Part]
+    tool_calls: list[ToolCall] | None = None  # assistant turns of the history
+    tool_call_id: str | None = None  # tool turns
 
 
 class GenerateRequest(BaseModel):
@@ -67,3 +114,13 @@ class GenerateRequest(BaseModel):
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
     messages: list[Message] = Field(min_length=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    tools: list[Tool] = Field(default_factory=list)
+    tool_choice: ToolChoice = Field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+
+    def structured(self) -> bool:
+        """True when the answer is grammar-constrained (a JSON response format or a forced tool call)."""
+        rf = self.response_format
+        forced = bool(self.tools) and self.tool_choice.mode in ("required", "function")
+        return forced or (rf is not None and rf.type != "text")

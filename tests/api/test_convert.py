@@ -42,6 +42,7 @@ def test_every_sampling_parameter_reaches_the_model() -> None:
         presence_penalty=0.5,
         frequency_penalty=-0.25,
         repetition_penalty=1.1,
+        max_reasoning_tokens=12,
     )
     assert on_the_wire(request).sampling.model_dump() == {
         "max_tokens": 9,  # max_completion_tokens wins
@@ -53,6 +54,7 @@ def test_every_sampling_parameter_reaches_the_model() -> None:
         "presence_penalty": 0.5,
         "frequency_penalty": -0.25,
         "repetition_penalty": 1.1,
+        "max_reasoning_tokens": 12,
     }
 
 

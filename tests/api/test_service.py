@@ -293,9 +293,10 @@ def test_auth_and_ownership(api: Service, client: httpx.Client) -> None:
     ("payload", "param"),
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"temperature": 5}, "temperature"),
         ({"session_id": "has space"}, "session_id"),
     ],

@@ -10,11 +10,11 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from services.api.convert import to_messages, to_sampling
+from services.api.convert import to_messages, to_sampling, to_structure
 from services.api.deps import Hub, Owner
 from services.api.errors import BadRequest, request_id_of, session_not_found
 from services.api.media import MediaKind, resolve_media
-from services.api.openai_schemas import ChatCompletionRequest, count_error, unsupported_params
+from services.api.openai_schemas import ChatCompletionRequest, count_error, tool_error, unsupported_params
 from services.api.routes.common import bind_session, read_json, resume_point, validate, wait_disconnect
 from services.api.store.base import SessionRecord
 from services.api.streaming.collect import collect
@@ -36,6 +36,9 @@ async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response
         raise BadRequest(
             f"`{param}` is not supported by this server", param=param, code="unsupported_parameter"
         )
+    mismatch = tool_error(req)
+    if mismatch is not None:
+        raise BadRequest(mismatch[0], param=mismatch[1], code="invalid_value")
     named_sid, after, resuming = resume_point(request, req.session_id)
     session_id = req.session_id or named_sid
     record = await hub.find(session_id, owner) if session_id else None
@@ -66,6 +69,8 @@ async def _start(
         owner=owner,
         messages=await to_messages(req.messages, fetch),
         sampling=to_sampling(req),
+        structure=to_structure(req),
+        tool_names=req.called_tools(),
         include_usage=req.include_usage,
         stream=req.stream,
         started_at=started,

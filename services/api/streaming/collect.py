@@ -19,6 +19,7 @@ class _Folded:
         self.head: dict[str, Any] = {}
         self.reasoning: list[str] = []
         self.content: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.error: dict[str, Any] | None = None
@@ -37,8 +38,40 @@ class _Folded:
                 self.reasoning.append(delta["reasoning_content"])
             if delta.get("content"):
                 self.content.append(delta["content"])
+            for fragment in delta.get("tool_calls") or ():
+                self._add_call(fragment)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+
+    def _add_call(self, fragment: dict[str, Any]) -> None:
+        """Fold one streamed tool-call fragment: the first of an index opens the call, later ones append
+        to its arguments."""
+        function = fragment.get("function") or {}
+        if fragment.get("id"):
+            call = {"id": fragment["id"], "type": "function", "function": {"name": function.get("name", "")}}
+            self.tool_calls.append({**call, "_args": [function.get("arguments", "")]})
+        elif self.tool_calls:
+            self.tool_calls[-1]["_args"].append(function.get("arguments", ""))
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message: content (None when the answer is only tool calls, as OpenAI answers),
+        reasoning and the calls."""
+        content = "".join(self.content)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if self.tool_calls and not content.strip() else content,
+            "refusal": None,  # required by the OpenAI reference; this server never refuses
+            "reasoning_content": "".join(self.reasoning) or None,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    **{k: v for k, v in c.items() if k != "_args"},
+                    "function": {**c["function"], "arguments": "".join(c["_args"])},
+                }
+                for c in self.tool_calls
+            ]
+        return message
 
 
 async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[str, Any]:
@@ -59,12 +92,7 @@ async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[st
         "choices": [
             {
                 "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": "".join(folded.content),
-                    "refusal": None,  # required by the OpenAI reference; this server never refuses
-                    "reasoning_content": "".join(folded.reasoning) or None,
-                },
+                "message": folded.message(),
                 "logprobs": None,
                 "finish_reason": folded.finish_reason,
             }

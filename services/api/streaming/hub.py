@@ -15,7 +15,8 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from services.api.errors import InternalError, error_json, session_not_found, to_api_error
 from services.api.metrics import ApiMetrics
@@ -50,6 +51,8 @@ class NewSession:
     include_usage: bool
     stream: bool
     started_at: float  # monotonic arrival of the request (TTFT)
+    structure: dict[str, Any] = field(default_factory=dict)  # GenerateRequest tools/response_format fields
+    tool_names: list[str] = field(default_factory=list)  # tools the answer may call (parsed by the runner)
 
 
 @dataclass(slots=True)
@@ -134,7 +137,9 @@ class SessionHub:
             await self._insert(record)
         except SessionExists:
             return None
-        request = GenerateRequest(request_id=request_id, messages=new.messages, sampling=new.sampling)
+        request = GenerateRequest(
+            request_id=request_id, messages=new.messages, sampling=new.sampling, **new.structure
+        )
         self._opening.add(record.id)
         try:
             stream = await self._open_holding_lease(url, request, record.id)
@@ -351,6 +356,8 @@ def _new_record(
         "include_usage": new.include_usage,
         "stream": new.stream,
     }
+    if new.tool_names:
+        meta["tools"] = new.tool_names
     return SessionRecord(
         id=new.session_id,
         owner=new.owner,

@@ -37,6 +37,7 @@ from services.api.store.base import (
     StoreUnavailable,
 )
 from services.api.streaming.live import Attachments, LiveLog
+from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
 from services.api.streaming.translate import DONE, ChunkEncoder, error_payload, final_chunks, usage_dict
 from services.protocol.errors import ModelServiceError
 from services.protocol.events import Delta, Finished
@@ -145,6 +146,15 @@ class SessionRunner:
         self._next_index = record.last_index + 1
         self._model_seq = record.model_seq  # last model seq folded into pending/stored chunks
         self._pending: list[str | _Text] = []
+        # Tool calls: the parser may hold back text (an undecided tag, an open block). Chunks of deltas
+        # folded while it holds something wait in ``_held``; stored batches name the last model seq whose
+        # output is wholly in them (``_safe_seq``), so a takeover re-folds from a point with nothing held.
+        tools = meta.get("tools") or []
+        self._parser = ToolCallParser(tools) if tools else None
+        self._held: list[str | _Text] = []
+        self._safe_seq = record.model_seq
+        self._calls = 0  # calls emitted so far (the next one's index); recounted on takeover
+        self._recount = bool(tools) and record.last_index > 0
         self._batch: _Batch | None = None
         self._final: _Final | None = None
         self._mark_running = record.status == "queued"
@@ -167,6 +177,8 @@ class SessionRunner:
         final_status: str | None = None
         release = True
         try:
+            if self._recount:
+                self._calls = await self._count_stored_calls()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._keep_lease())
                 flusher = tg.create_task(self._flusher())
@@ -249,15 +261,44 @@ class SessionRunner:
             return  # already folded (a re-attach may repeat the boundary event)
         self._model_seq = delta.seq
         self._mark_text_started()
-        for kind, text in (("reasoning", delta.reasoning), ("content", delta.content)):
-            if not text:
-                continue
-            last = self._pending[-1] if self._pending else None
-            if isinstance(last, _Text) and last.kind == kind:
-                last.parts.append(text)
-            else:
-                self._pending.append(_Text(kind, [text]))
+        if self._parser is None:
+            _add_text(self._pending, "reasoning", delta.reasoning)
+            _add_text(self._pending, "content", delta.content)
+            self._safe_seq = delta.seq
+        else:
+            _add_text(self._held, "reasoning", delta.reasoning)
+            self._add_answer(self._parser.feed(delta.content) if delta.content else [])
+            if self._parser.clean:
+                self._release_held(delta.seq)
         self._flush_wanted.set()
+
+    def _add_answer(self, items: list[str | Call]) -> None:
+        for item in items:
+            if isinstance(item, str):
+                _add_text(self._held, "content", item)
+                continue
+            index, self._calls = self._calls, self._calls + 1
+            self._held.append(self._enc.tool_call_start(index, call_id(self._enc.chunk_id, index), item.name))
+            self._held.append(self._enc.tool_call_arguments(index, item.arguments))
+
+    def _release_held(self, seq: int) -> None:
+        for item in self._held:
+            if isinstance(item, _Text):
+                for part in item.parts:
+                    _add_text(self._pending, item.kind, part)
+            else:
+                self._pending.append(item)
+        self._held = []
+        self._safe_seq = seq
+
+    async def _count_stored_calls(self) -> int:
+        """After a takeover: the calls the stored chunks hold already (the next call's index)."""
+        count, after = 0, -1
+        while batch := await self._d.store.read(self.session_id, after):
+            for event in batch:
+                count += event.data.count('"type":"function"')
+            after = batch[-1].index
+        return count
 
     def _mark_text_started(self) -> None:
         if self._saw_text:
@@ -269,9 +310,13 @@ class SessionRunner:
 
     def _finish(self, finished: Finished) -> None:
         self._model_seq = max(self._model_seq, finished.seq)
+        if self._parser is not None:
+            self._add_answer(self._parser.finish())
+            self._release_held(self._model_seq)
+        self._safe_seq = self._model_seq
         if finished.finish_reason == "error":
             self._d.metrics.model_errors.labels("generation_error").inc()
-        chunks, status, reason = final_chunks(self._enc, finished, self._include_usage)
+        chunks, status, reason = final_chunks(self._enc, finished, self._include_usage, self._calls > 0)
         self._pending.extend(chunks)
         self._final = _Final(status, reason, usage_dict(finished))
         self._hurry.set()
@@ -393,7 +438,7 @@ class SessionRunner:
             self._mark_running = False
         return _Batch(
             events=events,
-            model_seq=self._model_seq,
+            model_seq=self._safe_seq,
             status=status,
             finish_reason=final.finish_reason if final else None,
             usage=final.usage if final else None,
@@ -458,6 +503,17 @@ class SessionRunner:
     @property
     def finished(self) -> bool:
         return self._final is not None
+
+
+def _add_text(items: list[str | _Text], kind: str, text: str) -> None:
+    """Append ``text`` of ``kind`` to ``items``, merged into the last item when it is text of that kind."""
+    if not text:
+        return
+    last = items[-1] if items else None
+    if isinstance(last, _Text) and last.kind == kind:
+        last.parts.append(text)
+    else:
+        items.append(_Text(kind, [text]))
 
 
 class _Done(Exception):

@@ -31,6 +31,7 @@ class ChunkEncoder:
     for ``stream_options.include_usage``; the last one has empty ``choices`` and the usage."""
 
     def __init__(self, chunk_id: str, created: int, model: str, include_usage: bool = False) -> None:
+        self.chunk_id = chunk_id
         head = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
         self._prefix = _dumps(head)[:-1] + ',"choices":'
         self._suffix = ',"usage":null}' if include_usage else "}"
@@ -49,6 +50,21 @@ class ChunkEncoder:
     def content(self, text: str) -> str:
         return self._chunk('{"content":' + _dumps(text) + "}", None)
 
+    def tool_call_start(self, index: int, call_id: str, name: str) -> str:
+        """The first fragment of a call: its index, id, type and name (arguments follow)."""
+        call = {
+            "index": index,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
+        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None)
+
+    def tool_call_arguments(self, index: int, arguments: str) -> str:
+        """A later fragment of call ``index``: more of its arguments' JSON text."""
+        call = {"index": index, "function": {"arguments": arguments}}
+        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None)
+
     def finish(self, reason: str) -> str:
         return self._chunk("{}", reason)
 
@@ -66,10 +82,11 @@ def error_payload(message: str, *, type_: str, code: str | None) -> str:
 
 
 def final_chunks(
-    enc: ChunkEncoder, finished: Finished, include_usage: bool
+    enc: ChunkEncoder, finished: Finished, include_usage: bool, called_tools: bool = False
 ) -> tuple[list[str], str, str | None]:
-    """Chunks that end a stream, the session's final status and its finish_reason. A model-side error
-    ends the stream with one error event (no finish chunk), as the contract asks for errors mid-stream."""
+    """Chunks that end a stream, the session's final status and its finish_reason (``tool_calls`` instead
+    of ``stop`` when the answer called tools). A model-side error ends the stream with one error event (no
+    finish chunk), as the contract asks for errors mid-stream."""
     usage = usage_dict(finished)
     if finished.finish_reason == "error":
         code = finished.error.code if finished.error else None
@@ -77,8 +94,11 @@ def final_chunks(
             log.warning("the model service failed the generation: %s (%s)", finished.error.message, code)
         return [error_payload(GENERATION_FAILED, type_="server_error", code=code), DONE], "failed", None
     status = "cancelled" if finished.finish_reason == "cancelled" else "completed"
-    chunks = [enc.finish(finished.finish_reason)]
+    reason: str = finished.finish_reason
+    if called_tools and reason == "stop":
+        reason = "tool_calls"
+    chunks = [enc.finish(reason)]
     if include_usage:
         chunks.append(enc.usage(usage))
     chunks.append(DONE)
-    return chunks, status, finished.finish_reason
+    return chunks, status, reason

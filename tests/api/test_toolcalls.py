@@ -1,0 +1,193 @@
+"""Tool calls in the answer: the parser (every split of the text gives the same items) and the runner
+(OpenAI-shaped fragments, ``tool_calls`` finish reason, a takeover after any model event rebuilds exactly
+the chunks an uninterrupted run stores)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from services.api.store.base import StoredEvent
+from services.api.store.memory import MemoryStore
+from services.api.streaming.collect import _Folded
+from services.api.streaming.live import LiveLog
+from services.api.streaming.runner import SessionRunner
+from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
+from services.protocol.events import Delta, Finished, Usage
+from tests.api.fakes import FakeModel, FakeStream
+from tests.api.test_runner import make_deps, new_record
+
+ANSWER = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n'
+    '</tool_call>\n<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>'
+    '<tool_call>{"name": "get_time", "arguments": {}}</tool_call> done <tool_call>{"name": "get_time"'
+)
+NAMES = ("get_weather", "get_time")
+
+
+def parse_in_pieces(text: str, cuts: Sequence[int]) -> list[str | Call]:
+    parser = ToolCallParser(NAMES)
+    items: list[str | Call] = []
+    bounds = [0, *cuts, len(text)]
+    for a, b in itertools.pairwise(bounds):
+        items.extend(parser.feed(text[a:b]))
+    items.extend(parser.finish())
+    merged: list[str | Call] = []
+    for item in items:
+        if isinstance(item, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += item
+        else:
+            merged.append(item)
+    return merged
+
+
+def test_calls_are_parsed_and_everything_else_is_kept_as_text() -> None:
+    items = parse_in_pieces(ANSWER, [])
+    assert items == [
+        "Let me check.\n",
+        Call("get_weather", '{"city": "Paris", "unit": "c"}'),
+        '\n<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>',  # unknown tool: plain text
+        Call("get_time", "{}"),
+        ' done <tool_call>{"name": "get_time"',  # never closed: plain text, nothing lost
+    ]
+
+
+def test_every_split_of_the_text_gives_the_same_items() -> None:
+    whole = parse_in_pieces(ANSWER, [])
+    for cut in range(1, len(ANSWER)):
+        assert parse_in_pieces(ANSWER, [cut]) == whole, cut
+    assert parse_in_pieces(ANSWER, list(range(1, len(ANSWER)))) == whole  # one character at a time
+
+
+def test_text_is_held_back_only_while_a_tag_is_undecided() -> None:
+    parser = ToolCallParser(NAMES)
+    assert parser.feed("hello <tool") == ["hello "]
+    assert not parser.clean
+    assert parser.feed("s> and more") == ["<tools> and more"]
+    assert parser.clean
+    assert parser.feed('<tool_call>{"name":"get_time","arguments":"{\\"a\\": 1}"}') == []
+    assert parser.feed("</tool_call>") == [Call("get_time", '{"a": 1}')]
+    assert parser.feed("<tool_call>[1, 2]</tool_call>") == ["<tool_call>[1, 2]</tool_call>"]
+
+
+def answer_events(text: str, piece: int = 3) -> list[Delta | Finished]:
+    events: list[Delta | Finished] = [Delta(seq=0, reasoning="thinking", tokens=1)]
+    for i in range(0, len(text), piece):
+        events.append(Delta(seq=len(events), content=text[i : i + piece], tokens=1))
+    usage = Usage(prompt_tokens=5, completion_tokens=len(events))
+    events.append(Finished(seq=len(events), finish_reason="stop", usage=usage))
+    return events
+
+
+def tool_record() -> Any:
+    record = new_record(include_usage=False)
+    record.meta["tools"] = list(NAMES)
+    return record
+
+
+async def fold(store: MemoryStore) -> tuple[list[StoredEvent], dict[str, Any]]:
+    events = await store.read("s1", -1)
+    assert [e.index for e in events] == list(range(len(events)))
+    folded = _Folded()
+    for event in events:
+        if event.data != "[DONE]":
+            folded.add(json.loads(event.data))
+    return events, {"message": folded.message(), "finish_reason": folded.finish_reason}
+
+
+@pytest.mark.anyio
+async def test_the_runner_streams_openai_fragments_and_finishes_with_tool_calls() -> None:
+    store = MemoryStore()
+    record = tool_record()
+    await store.create(record)
+    runner = SessionRunner(
+        make_deps(store, FakeModel([])), record, LiveLog("s1", 0), FakeStream(answer_events(ANSWER))
+    )
+    await asyncio.wait_for(runner.run(), 10)
+    events, result = await fold(store)
+    assert result["finish_reason"] == "tool_calls"
+    calls = result["message"]["tool_calls"]
+    assert calls == [
+        {
+            "id": call_id("chatcmpl-t", 0),
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+        },
+        {
+            "id": call_id("chatcmpl-t", 1),
+            "type": "function",
+            "function": {"name": "get_time", "arguments": "{}"},
+        },
+    ]
+    first = [json.loads(e.data)["choices"][0]["delta"] for e in events[:-1] if '"tool_calls"' in e.data]
+    assert first[0]["tool_calls"][0] == {
+        "index": 0,
+        "id": calls[0]["id"],
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": ""},
+    }
+    assert first[1]["tool_calls"][0] == {
+        "index": 0,
+        "function": {"arguments": '{"city": "Paris", "unit": "c"}'},
+    }
+    assert '"nope"' in result["message"]["content"] and "done" in result["message"]["content"]
+    assert (await store.get("s1")).finish_reason == "tool_calls"  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_a_takeover_after_any_model_event_rebuilds_the_same_result() -> None:
+    events = answer_events(ANSWER, piece=7)
+    store = MemoryStore()
+    await store.create(tool_record())
+    whole = SessionRunner(
+        make_deps(store, FakeModel([])), tool_record(), LiveLog("s1", 0), FakeStream(events)
+    )
+    await asyncio.wait_for(whole.run(), 10)
+    _, expected = await fold(store)
+    held_back = 0  # takeovers that re-folded events the dead runner had seen (a tag or block was held)
+    for k in range(1, len(events) - 1):
+        store = MemoryStore()
+        first = tool_record()
+        await store.create(first)
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        runner = SessionRunner(
+            make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
+        )
+        task = asyncio.create_task(runner.run())
+        for _ in range(k):
+            gate.put_nowait(None)
+        await wait_stored(store, gate)
+        task.cancel()  # the process dies: whatever was not stored is lost
+        await asyncio.gather(task, return_exceptions=True)
+        stale = await store.get("s1")
+        assert stale is not None
+        await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+        model = FakeModel(events)
+        taker = SessionRunner(
+            make_deps(store, model, runner_id="other"), stale, LiveLog("s1", stale.last_index + 1), None
+        )
+        await asyncio.wait_for(taker.run(), 10)
+        _, result = await fold(store)
+        assert result == expected, k
+        held_back += model.reattached[0] < k - 1
+    assert held_back > 5
+
+
+async def wait_stored(store: MemoryStore, gate: asyncio.Queue[None]) -> None:
+    """Until the runner consumed its gate and the store stopped changing (a few flush intervals)."""
+    deadline = time.monotonic() + 5
+    last = None
+    while time.monotonic() < deadline:
+        record = await store.get("s1")
+        now = (gate.qsize(), record.last_index if record else None)
+        if now == last and gate.empty():
+            return
+        last = now
+        await asyncio.sleep(0.03)
+    raise AssertionError("the runner did not settle")

@@ -3,10 +3,12 @@
 Whatever runs the model (the HF step-level batching scheduler, or the deterministic fake for fast tests)
 implements this. The engine never sees HTTP; the routes never see tensors.
 
-Threading: ``prepare`` is awaited on the event loop and does its CPU work (media decoding, chat template,
-processor) in a worker thread. ``submit``/``cancel``/``stats`` are cheap and thread-safe. The engine's own
-thread drives the model and reports outputs through the ``OutputSink`` given at ``start``, once per
-scheduler step with every row's output of that step (one hop to the event loop per step, not per token).
+Threading: ``admit`` is awaited on the event loop; it counts the request at once (the one admission rule,
+``engine/admission.py``), does its CPU work (media decoding, chat template, processor) off the loop and
+queues it. ``cancel``/``stats`` are cheap and thread-safe. The engine's own thread drives the model and
+reports outputs through the ``OutputSink`` given at ``start``, once per scheduler step with every row's
+output of that step (one hop to the event loop per step, not per token), and its metrics through the
+``EngineObserver`` it was built with.
 """
 
 from __future__ import annotations
@@ -53,32 +55,70 @@ class Prepared:
     inputs: Any = None  # engine-specific (processor output for hf, prompt text for fake)
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What the service learns of an admitted request: it is queued, its prompt has ``prompt_tokens``."""
+
+    request_id: str
+    prompt_tokens: int
+
+
 @dataclass(slots=True)
 class EngineStats:
-    running: int
-    queued: int
+    running: int  # requests in the running batch (or being prefilled)
+    queued: int  # admitted requests waiting for a batch slot (or still being prepared)
+
+
+MemoryRows = dict[tuple[str, str], float]
+"""Memory in bytes by ``(device, kind)``, e.g. ``("cpu", "rss")``, ``("cuda:0", "allocated")``."""
+
+
+class EngineObserver(Protocol):
+    """Metrics hooks of every engine, called from the engine's thread; keep them cheap and non-raising."""
+
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
+        """After every step with rows: rows decoded or prefilled in it, its wall time in seconds, its
+        prefill work in budget units (prompt tokens plus visual tokens encoded, see ``prefill_cost``)."""
+
+    def on_first_token(self, request_id: str, seconds: float) -> None:
+        """A request's first generated token, ``seconds`` after it was queued."""
+
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
+        """A request's end (every queued request gets exactly one)."""
+
+    def on_memory(self, rows: MemoryRows) -> None:
+        """An engine process's own memory (``ProcessEngine``: at most once a second)."""
 
 
 class Engine(Protocol):
+    """What the model service calls (``lifecycle.py``, ``routes.py``); nothing else is reached for."""
+
     model_id: str
     max_batch_size: int
+    failure: str | None
+    """Why the engine died on its own (``ProcessEngine``'s child); None while it lives. In-thread
+    engines never die on their own."""
+
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Call ``on_exit(reason)`` once, from an engine thread, if the engine dies on its own (never after
+        ``shutdown``); its requests then end with an ``error`` FinalOutput. Call before ``start``."""
 
     def start(self, sink: OutputSink) -> None:
         """Start the engine thread (after weights are loaded)."""
 
-    async def prepare(self, request: GenerateRequest) -> Prepared:
-        """Decode media, render the chat template, tokenize, check the context length.
+    async def admit(self, request: GenerateRequest) -> Admitted:
+        """Count the request, prepare it (decode media, render the chat template, tokenize, check the
+        context length) and queue it for generation: one call, one round trip to an engine process.
 
-        Raises ``InvalidRequest`` / ``InvalidMedia`` / ``PromptTooLong`` from services.protocol.errors.
-        """
-
-    def submit(self, prepared: Prepared) -> None:
-        """Queue for generation. Raises ``Overloaded`` at once when the queue is full,
-        ``NotReady`` once shutdown began."""
+        Raises, before any prepare work: ``NotReady`` once shutdown began (or the engine died),
+        ``Conflict`` for a request id already queued or running, ``Overloaded`` when the queue is full;
+        then ``InvalidRequest`` / ``InvalidMedia`` / ``PromptTooLong`` from the prepare work. A request
+        refused (or whose caller went away) holds nothing afterwards."""
 
     def cancel(self, request_id: str) -> bool:
         """Stop the request within one decode step (or drop it from the queue); its ``FinalOutput``
-        with ``finish_reason="cancelled"`` follows through the sink. False when not queued or running."""
+        with ``finish_reason="cancelled"`` follows through the sink. False when not admitted, finished
+        or already cancelled."""
 
     def stats(self) -> EngineStats: ...
 

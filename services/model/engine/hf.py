@@ -9,11 +9,12 @@ OpenAI API does); the default ``MAX_TOKENS`` is shortened to what still fits ins
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from services.model.engine.base import EngineStats, OutputSink, Prepared
+from services.model.engine.base import Admitted, EngineObserver, EngineStats, OutputSink, Prepared
 from services.model.engine.detokenize import TokenTable
-from services.model.engine.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from services.model.engine.scheduler import Scheduler, SchedulerConfig
 from services.model.loading import Loaded
 from services.model.settings import ModelSettings
 from services.protocol.errors import PromptTooLong
@@ -26,10 +27,11 @@ class HFEngine:
     """Implements ``services.model.engine.base.Engine`` for a loaded Qwen3-VL checkpoint."""
 
     def __init__(
-        self, loaded: Loaded, settings: ModelSettings, observer: SchedulerObserver | None = None
+        self, loaded: Loaded, settings: ModelSettings, observer: EngineObserver | None = None
     ) -> None:
         self.model_id = loaded.model_id
         self.max_batch_size = settings.max_batch_size
+        self.failure: str | None = None  # an in-thread engine never dies on its own
         self.loaded = loaded
         self.settings = settings
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
@@ -43,10 +45,38 @@ class HFEngine:
         self.scheduler_config = config
         self._scheduler = Scheduler(loaded.model, self.table, config, observer)
 
+    def watch(self, on_exit: Callable[[str], None]) -> None:
+        """Nothing to watch: the engine lives as long as this process."""
+
     def start(self, sink: OutputSink) -> None:
         self._scheduler.start(sink)
 
+    async def admit(self, request: GenerateRequest) -> Admitted:
+        """The Engine protocol's admit: counted at once, prepared in a worker thread, then queued."""
+        self.reserve(request.request_id)
+        try:
+            return await asyncio.to_thread(self.admit_reserved, request)
+        except asyncio.CancelledError:  # the caller went away: the request is dropped once it is queued
+            self.cancel(request.request_id)
+            raise
+
+    def reserve(self, request_id: str) -> None:
+        """The first half of ``admit``: counted from now on (``NotReady``/``Conflict``/``Overloaded``)."""
+        self._scheduler.admission.reserve(request_id)
+
+    def admit_reserved(self, request: GenerateRequest) -> Admitted:
+        """The blocking second half of ``admit``: prepare and queue a reserved request; on any error it is
+        released (its tensors go with the exception)."""
+        try:
+            prepared = self.prepare_sync(request)
+            self._scheduler.admission.enqueue(prepared)
+        except BaseException:
+            self._scheduler.admission.release(request.request_id)
+            raise
+        return Admitted(request.request_id, prepared.prompt_tokens)
+
     async def prepare(self, request: GenerateRequest) -> Prepared:
+        """Prepare only (tests, benchmarks): the blocking work in a worker thread; see :meth:`submit`."""
         return await asyncio.to_thread(self.prepare_sync, request)
 
     def prepare_sync(self, request: GenerateRequest) -> Prepared:
@@ -66,6 +96,7 @@ class HFEngine:
         )
 
     def submit(self, prepared: Prepared) -> None:
+        """Queue a prepared request (tests, benchmarks): reserve and enqueue in one."""
         self._scheduler.submit(prepared)
 
     def cancel(self, request_id: str) -> bool:

@@ -26,6 +26,9 @@ step's draws already taken, so seeded rows still draw once per step): the rows t
 with "error", the others continue with the tokens they would have had; a fault that cannot be pinned on
 some rows fails every row of the step, and the loop lives on.
 
+Queue, capacity, cancel, drain and the duplicate rule are the admission core's (``admission.py``, the
+same for every engine); this module is what a step does with the queue.
+
 Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
 or shutdown), ``error`` (as above: the affected requests fail, the loop lives on).
 """
@@ -33,17 +36,24 @@ or shutdown), ``error`` (as above: the affected requests fail, the loop lives on
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from services.model.engine import batch as kv
-from services.model.engine.base import EngineStats, FinalOutput, Output, OutputSink, Prepared, TokenOutput
+from services.model.engine.admission import AdmissionQueue
+from services.model.engine.base import (
+    EngineObserver,
+    EngineStats,
+    FinalOutput,
+    Output,
+    OutputSink,
+    Prepared,
+    TokenOutput,
+)
 from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.isolate import Probe, culprits
@@ -55,24 +65,9 @@ from services.model.engine.sampling import (
     draw_step,
     sampling_config,
 )
-from services.protocol.errors import Conflict, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-class SchedulerObserver(Protocol):
-    """Hooks for metrics, called from the engine thread; keep them cheap and non-raising."""
-
-    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
-        """After every step: rows decoded or prefilled in it, its wall time, its prefill work in budget
-        units (prompt tokens plus visual tokens encoded, see ``prefill_cost``)."""
-
-    def on_first_token(self, request_id: str, seconds: float) -> None:
-        """A request's first generated token, ``seconds`` after it was submitted."""
-
-    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
-        """A request's end (every submitted request gets exactly one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +132,7 @@ class Scheduler:
         model: Any,
         table: TokenTable,
         config: SchedulerConfig,
-        observer: SchedulerObserver | None = None,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._model = model
         self._table = table
@@ -146,26 +141,20 @@ class Scheduler:
         self._device = next(model.parameters()).device
         self._sampler = BatchSampler(model.get_output_embeddings().weight.shape[0], self._device)
         self._logits = kv.LogitsBuffer(model)  # every step's (B, V) logits, written in place
-        self._cond = threading.Condition()
-        self._queue: deque[tuple[Prepared, float]] = deque()
-        self._known: set[str] = set()  # queued or running request ids
-        self._cancels: set[str] = set()
+        self.admission: AdmissionQueue[Prepared] = AdmissionQueue(config.max_batch_size, config.max_queue)
         self._rows: list[_Row] = []
         self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
         self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
         self._batch: kv.BatchTensors | None = None
         self._sink: OutputSink | None = None
-        self._thread: threading.Thread | None = None
-        self._closing = False  # no more submissions
-        self._stopping = False  # the loop ends once no row is left
-        self._drained = threading.Event()
+        self._threaded = False
 
     # ---- public, any thread -------------------------------------------------------------------------
 
     def start(self, sink: OutputSink) -> None:
         self._sink = sink
-        self._thread = threading.Thread(target=self._run, name="engine-scheduler", daemon=True)
-        self._thread.start()
+        self._threaded = True
+        self.admission.start(self._step_in_inference_mode, "engine-scheduler")
 
     def bind(self, sink: OutputSink) -> None:
         """Set the sink without starting the thread: the caller drives the loop with :meth:`step_once`
@@ -175,79 +164,35 @@ class Scheduler:
     def step_once(self) -> bool:
         """Run one step in the calling thread; False when there was nothing to do. Never while the
         loop thread runs."""
-        assert self._thread is None, "the scheduler thread owns the loop"
-        if not (self._queue or self._rows or self._cancels or self._chunked):
+        assert not self._threaded, "the scheduler thread owns the loop"
+        if not self.admission.has_work():
             return False
-        with torch.inference_mode():
-            self._step()
+        self._step_in_inference_mode()
         return True
 
     def submit(self, prepared: Prepared) -> None:
-        with self._cond:
-            if self._closing:
-                raise NotReady("the model service is shutting down")
-            if prepared.request_id in self._known:
-                raise Conflict(f"request {prepared.request_id!r} is already running")
-            # Queue capacity counts only requests that cannot join the batch at its next step.
-            free_slots = max(0, self._config.max_batch_size - self._occupied())
-            if len(self._queue) >= self._config.max_queue + free_slots:
-                raise Overloaded("the generation queue is full")
-            self._queue.append((prepared, time.perf_counter()))
-            self._known.add(prepared.request_id)
-            self._cond.notify_all()
+        """Reserve and queue in one; raises ``NotReady``, ``Conflict``, ``Overloaded``."""
+        self.admission.submit(prepared)
 
     def cancel(self, request_id: str) -> bool:
-        with self._cond:
-            if request_id not in self._known:
-                return False
-            self._cancels.add(request_id)
-            self._cond.notify_all()
-            return True
+        return self.admission.cancel(request_id)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=self._occupied(), queued=len(self._queue))
+        return self.admission.stats()
 
     def _occupied(self) -> int:
         """Batch slots in use: running rows and the prompt being prefilled in chunks."""
         return len(self._rows) + (self._chunked is not None)
 
     def shutdown(self, grace_seconds: float) -> None:
-        with self._cond:
-            self._closing = True
-            self._cancels.update(p.request_id for p, _ in self._queue)
-            self._cond.notify_all()
-        if self._thread is None:
-            return
-        if not self._drained.wait(grace_seconds):
-            with self._cond:
-                self._cancels.update(self._known)
-                self._cond.notify_all()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join()
+        """Drain as ``AdmissionQueue.shutdown`` does (blocking)."""
+        self.admission.shutdown(grace_seconds)
 
     # ---- the engine thread --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while self._wait_for_work():
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception:  # the sink or the observer raised: the loop must live on regardless
-                log.exception("scheduler step reporting failed")
-
-    def _wait_for_work(self) -> bool:
-        with self._cond:
-            while True:
-                idle = not self._queue and not self._rows and self._chunked is None
-                if idle and self._closing:
-                    self._drained.set()
-                if idle and self._stopping:
-                    return False
-                if not idle or self._cancels:
-                    return True
-                self._cond.wait()
+    def _step_in_inference_mode(self) -> None:
+        with torch.inference_mode():
+            self._step()
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -267,23 +212,18 @@ class Scheduler:
             self._fail_rows(step, [*self._rows, *step.admitted, *chunked], f"internal error: {exc}")
             self._rows, self._batch, self._chunked = [], None, None
             self._sampler_stale = True
-        if step.outputs and self._sink is not None:
-            self._sink(step.outputs)
+        # The observer first: an engine process sends the step's timing with its outputs, one message.
         if self._observer is not None and step.batch_size:
             self._observer.on_step(step.batch_size, time.perf_counter() - started, step.prefill_tokens)
+        if step.outputs and self._sink is not None:
+            self._sink(step.outputs)
 
     def _apply_cancels(self, step: _Step) -> None:
-        with self._cond:
-            if not self._cancels:
-                return
-            cancels, self._cancels = self._cancels, set()
-            kept: deque[tuple[Prepared, float]] = deque()
-            for prepared, submitted in self._queue:
-                if prepared.request_id in cancels:
-                    self._finish_unstarted(step, prepared, "cancelled")
-                else:
-                    kept.append((prepared, submitted))
-            self._queue = kept
+        dropped, cancels = self.admission.take_cancels()
+        for prepared in dropped:
+            self._finish_unstarted(step, prepared, "cancelled")
+        if not cancels:
+            return
         chunked = [self._chunked[0]] if self._chunked is not None else []
         for row in [*self._rows, *chunked]:
             if row.request_id in cancels and row.finish_reason is None:
@@ -319,17 +259,21 @@ class Scheduler:
     def _pop_admissible(self, step: _Step) -> tuple[int, Prepared, float] | None:
         """The next queued request and its prefill cost when it can start in this step: a prompt whose
         cost fits the budget left, or a long one (to be chunked) at the start of a step's budget; in
-        arrival order."""
-        with self._cond:
-            if not self._queue:
+        arrival order. A request whose cost cannot be computed fails alone."""
+        while (prepared := self.admission.peek()) is not None:
+            try:
+                cost = prefill_cost(self._model, prepared)
+            except Exception as exc:
+                log.exception("prefill cost of %s failed", prepared.request_id)
+                self.admission.pop()
+                self._finish_unstarted(step, prepared, "error", f"request set-up failed: {exc}")
+                continue
+            if step.prefill_tokens + cost > self._config.max_step_tokens and step.prefill_tokens > 0:
                 return None
-            prepared = self._queue[0][0]
-            cost = prefill_cost(self._model, prepared)
-            over = step.prefill_tokens + cost > self._config.max_step_tokens
-            if over and step.prefill_tokens > 0:
-                return None
-            prepared, submitted = self._queue.popleft()
-            return cost, prepared, submitted
+            popped = self.admission.pop()
+            assert popped is not None and popped[0] is prepared  # only this thread takes from the queue
+            return cost, prepared, popped[1]
+        return None
 
     def _set_up_row(self, step: _Step, prepared: Prepared, submitted: float) -> _Row | None:
         """The request's row with everything that can fail for it alone tried for it alone (sampler
@@ -573,8 +517,7 @@ class Scheduler:
         self._forget(prepared.request_id, reason, 0)
 
     def _forget(self, request_id: str, reason: str, completion_tokens: int) -> None:
-        with self._cond:
-            self._known.discard(request_id)
+        self.admission.finish(request_id)
         if self._observer is not None:
             self._observer.on_finish(request_id, reason, completion_tokens)
 

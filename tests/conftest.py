@@ -17,12 +17,10 @@ PG_ADMIN_DSN = os.environ.get("TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny random-weight Qwen3-VL checkpoint (built offline on first use, then reused)."""
-    from services.model.tiny_checkpoint import build_tiny_checkpoint
+    from services.model.tiny_checkpoint import ensure_tiny_checkpoint
 
     path = Path(os.environ.get("TINY_MODEL_DIR", REPO / ".cache" / "tiny-qwen3-vl"))
-    if not (path / "config.json").exists():
-        build_tiny_checkpoint(path)
-    return path
+    return ensure_tiny_checkpoint(path)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -379,6 +380,21 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = SEED, cache_dir: Path | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("tiny checkpoint at %s (real Qwen BPE: %s)", out_dir, real)
+    return out_dir
+
+
+def ensure_tiny_checkpoint(out_dir: Path) -> Path:
+    """The checkpoint at ``out_dir``: built when missing; its chat template refreshed (atomic rename) when
+    ours changed since it was built (the weights and tokenizer do not depend on the template)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "config.json").exists():
+        return build_tiny_checkpoint(out_dir)
+    path, text = out_dir / "chat_template.jinja", chat_template_text()
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(f".chat_template.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
     return out_dir
 
 

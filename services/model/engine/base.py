@@ -53,6 +53,7 @@ class Prepared:
     sampling: SamplingParams  # defaults resolved: max_tokens, temperature, top_p, top_k set
     prompt_tokens: int
     inputs: Any = None  # engine-specific (processor output for hf, prompt text for fake)
+    grammar: Any = None  # the answer's grammar matcher (xgrammar, hf) or constraint (fake); None: free
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,6 +111,11 @@ class IncrementalDetokenizer:
         self._first = True
         self.stopped = False
 
+    @property
+    def in_reasoning(self) -> bool:
+        """True until the first ``</think>`` token (the answer follows it)."""
+        return self._in_reasoning
+
     def push(self, token_id: int) -> Piece:
         first, self._first = self._first, False
         if token_id == self._table.think_start_id and first:

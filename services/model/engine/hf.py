@@ -14,6 +14,7 @@ from typing import Any
 
 from services.model.engine.base import Admitted, EngineObserver, EngineStats, OutputSink, Prepared
 from services.model.engine.detokenize import TokenTable
+from services.model.engine.grammar import Grammars
 from services.model.engine.scheduler import Scheduler, SchedulerConfig
 from services.model.loading import Loaded
 from services.model.settings import ModelSettings
@@ -36,6 +37,8 @@ class HFEngine:
         self.settings = settings
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         self.table = TokenTable.from_tokenizer(loaded.processor.tokenizer, vocab)
+        eos = list(loaded.eos_token_ids or DEFAULT_EOS)
+        self.grammars = Grammars(loaded.processor.tokenizer, vocab, eos)
         config = SchedulerConfig(
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
@@ -88,11 +91,16 @@ class HFEngine:
         context, max_tokens = self.loaded.context_length, request.sampling.max_tokens
         check_prompt_text(self.loaded.processor.tokenizer, request.messages, context, max_tokens)
         limits = MediaLimits.from_settings(self.settings)
-        inputs = build_inputs(self.loaded.processor, request.messages, limits)
+        inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
+        grammar = self.grammars.matcher(request)  # compiled here, off the decode loop
         return Prepared(
-            request_id=request.request_id, sampling=sampling, prompt_tokens=prompt_tokens, inputs=inputs
+            request_id=request.request_id,
+            sampling=sampling,
+            prompt_tokens=prompt_tokens,
+            inputs=inputs,
+            grammar=grammar,
         )
 
     def submit(self, prepared: Prepared) -> None:

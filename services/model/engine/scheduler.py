@@ -29,6 +29,13 @@ some rows fails every row of the step, and the loop lives on.
 Queue, capacity, cancel, drain and the duplicate rule are the admission core's (``admission.py``, the
 same for every engine); this module is what a step does with the queue.
 
+Constrained answers and reasoning budgets (``_constrain``, before sampling, on the step's logits in place):
+a row still reasoning whose ``max_reasoning_tokens`` are spent gets ``</think>`` forced (every other logit
+-inf), as the model would close the block; a row in its answer with a grammar (``Prepared.grammar``, an
+xgrammar matcher compiled at prepare time) gets its matcher's token bitmask, filled for the constrained rows
+only, and accepts each sampled token afterwards. Unconstrained rows are never touched, so their tokens are
+what they would be alone. A matcher that raises fails its row alone.
+
 Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
 or shutdown), ``error`` (as above: the affected requests fail, the loop lives on).
 """
@@ -56,6 +63,7 @@ from services.model.engine.base import (
 )
 from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
+from services.model.engine.grammar import allocate_bitmask, apply_bitmasks
 from services.model.engine.isolate import Probe, culprits
 from services.model.engine.sampling import (
     BatchSampler,
@@ -86,6 +94,9 @@ class _Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     max_tokens: int
+    grammar: Any = None  # xgrammar GrammarMatcher over the answer, or None
+    reasoning_budget: int | None = None  # reasoning tokens before </think> is forced; None: no limit
+    reasoning_tokens: int = 0
     generated: int = 0
     unreported: int = 0  # generated tokens not yet covered by a TokenOutput
     finish_reason: str | None = None
@@ -141,6 +152,7 @@ class Scheduler:
         self._device = next(model.parameters()).device
         self._sampler = BatchSampler(model.get_output_embeddings().weight.shape[0], self._device)
         self._logits = kv.LogitsBuffer(model)  # every step's (B, V) logits, written in place
+        self._bitmask: torch.Tensor | None = None  # grammar masks, (max_batch, V/32) int32, made on first use
         self.admission: AdmissionQueue[Prepared] = AdmissionQueue(config.max_batch_size, config.max_queue)
         self._rows: list[_Row] = []
         self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
@@ -356,6 +368,8 @@ class Scheduler:
                 self._table, prepared.sampling.stop, in_reasoning=self._config.starts_in_reasoning
             ),
             max_tokens=prepared.sampling.max_tokens or 1,
+            grammar=prepared.grammar,
+            reasoning_budget=prepared.sampling.max_reasoning_tokens,
         )
 
     def _forward(
@@ -426,6 +440,7 @@ class Scheduler:
         return None
 
     def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
+        self._constrain(step, logits)
         draws = draw_step([r.sampler for r in self._rows])  # once per step, whatever is retried below
         sampled = self._sample(step, logits, draws)
         if sampled is None:
@@ -436,6 +451,8 @@ class Scheduler:
         self._batch.tokens = tokens.reshape(-1, 1)
         now = time.perf_counter()
         for row, token in zip(self._rows, token_ids, strict=True):
+            if row.finish_reason is not None:
+                continue  # failed in this step already (its grammar): nothing more to report
             try:
                 self._advance(step, row, token, now)
             except Exception as exc:  # the row's own detokenizing or bookkeeping: that row alone fails
@@ -476,9 +493,40 @@ class Scheduler:
         probe.set_rows([self._rows[i].sampler for i in idx])
         probe.sample(logits.index_select(0, torch.tensor(idx, device=logits.device)), [draws[i] for i in idx])
 
+    def _constrain(self, step: _Step, logits: torch.Tensor) -> None:
+        """Force ``</think>`` for rows whose reasoning budget is spent and mask grammar rows in their
+        answer (see the module docstring); a row whose matcher raises fails alone."""
+        masked: list[int] = []
+        for i, row in enumerate(self._rows):
+            if row.detok.in_reasoning:
+                budget, think_end = row.reasoning_budget, self._table.think_end_id
+                if budget is not None and row.reasoning_tokens >= budget and think_end is not None:
+                    logits[i].fill_(float("-inf"))
+                    logits[i, think_end] = 0.0
+            elif row.grammar is not None and row.finish_reason is None:
+                try:
+                    row.grammar.fill_next_token_bitmask(self._mask_buffer(), i)
+                except Exception as exc:
+                    log.exception("grammar of %s failed", row.request_id)
+                    self._fail_rows(step, [row], f"grammar failed: {exc}")
+                    continue
+                masked.append(i)
+        if masked:
+            assert self._bitmask is not None
+            apply_bitmasks(logits, self._bitmask, masked)
+
+    def _mask_buffer(self) -> torch.Tensor:
+        if self._bitmask is None:
+            self._bitmask = allocate_bitmask(self._config.max_batch_size + 1, self._sampler.vocab_size)
+        return self._bitmask
+
     def _advance(self, step: _Step, row: _Row, token: int, now: float) -> None:
         row.generated += 1
         row.unreported += 1
+        if row.detok.in_reasoning:
+            row.reasoning_tokens += 1
+        elif row.grammar is not None and not row.grammar.accept_token(token):
+            raise RuntimeError(f"the grammar refused token {token}")
         if row.generated == 1 and self._observer is not None:
             self._observer.on_first_token(row.request_id, now - row.submitted_at)
         if token in self._config.eos_token_ids:

@@ -14,7 +14,7 @@ from services.model.multimodal.images import decode_image
 from services.model.multimodal.limits import MediaLimits, check_media_counts
 from services.model.multimodal.video import DecodedVideo, decode_video
 from services.protocol.errors import InvalidMedia, InvalidRequest
-from services.protocol.generate import ImagePart, Message, TextPart, VideoPart
+from services.protocol.generate import ImagePart, Message, TextPart, Tool, VideoPart
 
 __all__ = ["MediaLimits", "build_inputs"]
 
@@ -31,8 +31,11 @@ class _Conversation:
             raise InvalidMedia(f"the request's media have more than {limit} decoded pixels in all")
 
 
-def build_inputs(processor: Any, messages: list[Message], limits: MediaLimits) -> Any:
-    """Render the chat template with the generation prompt and run the processor.
+def build_inputs(
+    processor: Any, messages: list[Message], limits: MediaLimits, tools: list[Tool] | None = None
+) -> Any:
+    """Render the chat template with the generation prompt and run the processor. ``tools`` go to the
+    template as ``tools=[{"type": "function", "function": {...}}]`` (what Qwen3 templates expect).
 
     Returns a ``transformers.BatchFeature`` with ``input_ids`` (1, L), ``attention_mask``,
     ``mm_token_type_ids`` and, when present, ``pixel_values``/``image_grid_thw`` and
@@ -56,6 +59,7 @@ def build_inputs(processor: Any, messages: list[Message], limits: MediaLimits) -
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
+            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
             # Control tokens typed by users (<|im_start|>, <|image_pad|>, ...) are encoded as plain text.
             sanitize_control_tokens=True,
             processor_kwargs=processor_kwargs,
@@ -71,11 +75,22 @@ def _to_conversation(messages: list[Message], limits: MediaLimits) -> _Conversat
     conv = _Conversation(messages=[], videos=[])
     for message in messages:
         if isinstance(message.content, str):
-            conv.messages.append({"role": message.role, "content": message.content})
-            continue
-        parts = [_part(p, limits, conv) for p in message.content]
-        conv.messages.append({"role": message.role, "content": parts})
+            content: Any = message.content
+        else:
+            content = [_part(p, limits, conv) for p in message.content]
+        conv.messages.append({"role": message.role, "content": content, **_tool_fields(message)})
     return conv
+
+
+def _tool_fields(message: Message) -> dict[str, Any]:
+    """A history turn's calls (``tool_calls`` with ``function.arguments`` as the JSON text sent) or the
+    id a tool result answers; nothing for other turns."""
+    out: dict[str, Any] = {}
+    if message.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in message.tool_calls]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _part(part: TextPart | ImagePart | VideoPart, limits: MediaLimits, conv: _Conversation) -> dict:

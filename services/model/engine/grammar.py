@@ -1,0 +1,182 @@
+"""Grammar-constrained answers with xgrammar: JSON response formats and forced tool calls.
+
+``Grammars`` belongs to one engine (one tokenizer). ``Grammars.matcher`` runs at prepare time in the request's
+worker thread: it compiles the request's grammar (xgrammar's compiler caches compiled grammars by their
+schema, bounded by ``CACHE_BYTES``) and returns a fresh ``GrammarMatcher`` for the row, or None when the
+request is unconstrained. A schema the compiler rejects raises ``InvalidSchema`` naming the parameter.
+
+What is constrained (the answer only: the scheduler applies the mask once the row left its reasoning):
+
+- ``response_format: json_object``: a JSON object; ``json_schema``: JSON matching the schema (strict: no
+  properties beyond the schema's);
+- ``tool_choice: required`` / a named function: one ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n
+  </tool_call>`` block whose arguments match the function's parameters (any of the tools for ``required``).
+
+Whitespace inside JSON is not free (``any_whitespace=False``): with flexible whitespace a model with weak
+preferences can emit blanks forever. When the grammar is complete only the end-of-sequence tokens remain.
+
+``apply_bitmask`` masks one row of logits with a row of xgrammar's packed bitmask (bit j of word w allows
+token 32*w + j): for the usual sparse masks it keeps the few allowed values and fills the row with -inf,
+for dense ones it writes -inf at the few disallowed ids; both much cheaper on CPU than a full unpacking.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.protocol.errors import InvalidSchema
+from services.protocol.generate import GenerateRequest, Tool
+
+CACHE_BYTES = 64 * 1024 * 1024
+_BITS = np.arange(32, dtype=np.int64)
+_LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[17:40:41] /path/file.cc:5088: "
+
+
+class Grammars:
+    """xgrammar's tokenizer info and compiler for one tokenizer, built on first use (about a second)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._stop = stop_token_ids
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    def compiler(self) -> Any:
+        """The shared ``GrammarCompiler`` (thread-safe; built once)."""
+        with self._lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer, vocab_size=self.vocab_size, stop_token_ids=self._stop
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
+            return self._compiler
+
+    def matcher(self, request: GenerateRequest) -> Any | None:
+        """A new ``GrammarMatcher`` for the request's answer, or None when it is unconstrained.
+
+        Raises:
+            InvalidSchema: the compiler rejects a schema (the message names ``response_format`` or
+                ``tools[i].function.parameters``).
+        """
+        if not request.structured():
+            return None
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(self._compile(request))
+
+    def _compile(self, request: GenerateRequest) -> Any:
+        compiler = self.compiler()
+        rf = request.response_format
+        if request.tools and request.tool_choice.mode in ("required", "function"):
+            return compiler.compile_grammar(tool_call_grammar(request))
+        assert rf is not None
+        with_schema = rf.type == "json_schema" and rf.json_schema is not None
+        schema = rf.json_schema if with_schema else {"type": "object"}
+        try:
+            # strict: a schema's objects get no properties beyond the schema's; any object for json_object
+            return compiler.compile_json_schema(
+                json.dumps(schema), any_whitespace=False, strict_mode=with_schema
+            )
+        except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own errors
+            raise InvalidSchema(f"response_format: the JSON schema cannot be used: {_clean(exc)}") from None
+
+
+def tool_call_grammar(request: GenerateRequest) -> Any:
+    """The grammar of one forced call: ``<tool_call>\\n`` + ``{"name": N, "arguments": A}``
+    + ``\\n</tool_call>``
+    where N is the named function (``function``) or any tool (``required``) and A matches its parameters.
+
+    Raises:
+        InvalidSchema: a tool's parameters cannot be compiled (naming ``tools[i].function.parameters``).
+    """
+    import xgrammar as xgr
+
+    chosen = [
+        (i, t)
+        for i, t in enumerate(request.tools)
+        if request.tool_choice.mode == "required" or t.function.name == request.tool_choice.name
+    ]
+    calls = [_call_grammar(i, tool) for i, tool in chosen]
+    body = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
+    head = xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"')
+    tail = xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"')
+    return xgr.Grammar.concat(head, body, tail)
+
+
+def _call_grammar(index: int, tool: Tool) -> Any:
+    import xgrammar as xgr
+
+    params = tool.function.parameters or {"type": "object", "properties": {}}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+    try:
+        return xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception as exc:
+        raise InvalidSchema(
+            f"tools[{index}].function.parameters: the JSON schema cannot be used: {_clean(exc)}"
+        ) from None
+
+
+def _clean(exc: BaseException) -> str:
+    """The compiler's message without its log prefix (time, source file), on one line, bounded."""
+    text = " ".join(str(exc).split())
+    return _LOG_PREFIX.sub("", text)[:300] or type(exc).__name__
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """An int32 (rows, ceil(vocab/32)) bitmask buffer for ``GrammarMatcher.fill_next_token_bitmask``."""
+    import xgrammar as xgr
+
+    return xgr.allocate_token_bitmask(rows, vocab_size)
+
+
+def apply_bitmasks(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Mask ``logits`` (B, V) in place at ``rows`` with the same rows of ``bitmask`` (CPU: ``apply_bitmask``
+    per row; an accelerator: xgrammar's kernel)."""
+    if logits.device.type == "cpu":
+        words = bitmask.numpy()
+        for i in rows:
+            apply_bitmask(logits[i], words[i])
+        return
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def apply_bitmask(row: torch.Tensor, words: np.ndarray) -> None:
+    """Set ``row`` (vocab,) to -inf where the packed bitmask ``words`` (int32) disallows the token."""
+    vocab = row.shape[0]
+    allowed_words = np.flatnonzero(words)
+    if len(allowed_words) * 4 <= len(words):  # few allowed: keep them, fill the rest
+        ids = _ids(words, allowed_words, vocab)
+        ids = ids.to(row.device)
+        kept = row.index_select(0, ids)
+        row.fill_(float("-inf"))
+        row.index_copy_(0, ids, kept)
+        return
+    partial = np.flatnonzero(words != -1)
+    if len(partial) * 4 <= len(words):  # few disallowed: write them
+        row.index_fill_(0, _ids(~words, partial, vocab).to(row.device), float("-inf"))
+        return
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab]
+    row.masked_fill_(torch.from_numpy(bits).view(torch.bool).logical_not(), float("-inf"))
+
+
+def _ids(words: np.ndarray, which: np.ndarray, vocab: int) -> torch.Tensor:
+    """Token ids of the set bits of ``words[which]``, below ``vocab``."""
+    bits = np.unpackbits(words[which].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
+    ids = (which[:, None] * 32 + _BITS)[bits]
+    return torch.from_numpy(ids[ids < vocab])

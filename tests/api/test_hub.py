@@ -4,6 +4,7 @@ expiry lookups, and a reader that takes over an orphaned session (lapsed lease) 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -101,30 +102,50 @@ def test_owner_is_dead_only_for_a_gone_process_of_this_host() -> None:
     import subprocess
     import sys
 
-    from services.api.streaming.owner import new_runner_id, owner_is_dead
+    from services.api.streaming.owner import new_runner_id, owner_is_dead, parse_runner_id
 
     mine = new_runner_id()
-    host, namespace, _pid, _suffix = mine.rsplit(":", 3)
+    me = parse_runner_id(mine)
+    assert me is not None and me.pid == os.getpid() and len(me.boot) == 12 and len(mine) <= 120
+    host, boot, namespace = me.host, me.boot, me.namespace
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    alive = f"{host}:{namespace}:{child.pid}:abcd1234"
+    alive = f"{host}:{boot}:{namespace}:{child.pid}:abcd1234"
     assert not owner_is_dead(mine) and not owner_is_dead(alive)
     child.kill()
     child.wait()
     assert owner_is_dead(alive)
-    assert not owner_is_dead(f"other-host:{namespace}:{child.pid}:abcd1234")  # another host: unsure
-    assert not owner_is_dead(f"{host}:1:{child.pid}:abcd1234")  # another pid namespace: unsure
+    assert not owner_is_dead(f"other-host:{boot}:{namespace}:{child.pid}:abcd1234")  # another host: unsure
+    # the same host name and root pid namespace on another machine (or after a reboot): unsure
+    assert not owner_is_dead(f"{host}:000000000000:{namespace}:{child.pid}:abcd1234")
+    assert not owner_is_dead(f"{host}::{namespace}:{child.pid}:abcd1234")  # boot id unknown there
+    assert not owner_is_dead(f"{host}:{boot}:1:{child.pid}:abcd1234")  # another pid namespace: unsure
+    assert not owner_is_dead(f"{host}:{namespace}:{child.pid}:abcd1234")  # the old 4-part shape: unsure
     assert not owner_is_dead("elsewhere") and not owner_is_dead(None)
+
+
+def test_runner_ids_stay_bounded_and_parseable_for_any_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from services.api.streaming.owner import new_runner_id, parse_runner_id
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "odd:host name/" + "x" * 300)
+    runner_id = new_runner_id()
+    parsed = parse_runner_id(runner_id)
+    assert parsed is not None and parsed.pid == os.getpid()
+    assert len(parsed.host) == 63 and ":" not in parsed.host and " " not in parsed.host
+    assert len(runner_id) <= 120
 
 
 async def test_a_reader_takes_over_at_once_from_a_dead_runner_process() -> None:
     import sys
 
-    from services.api.streaming.owner import new_runner_id
+    from services.api.streaming.owner import new_runner_id, parse_runner_id
 
-    host, namespace, _pid, _suffix = new_runner_id().rsplit(":", 3)
+    me = parse_runner_id(new_runner_id())
+    assert me is not None
     child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await child.wait()  # the runner's process is gone; its lease has a minute left
-    dead = f"{host}:{namespace}:{child.pid}:deadbeef"
+    dead = f"{me.host}:{me.boot}:{me.namespace}:{child.pid}:deadbeef"
     store = MemoryStore()
     enc = ChunkEncoder("chatcmpl-h", 1, "m")
     await store.create(record("orphan", runner_id=dead, lease_until=time.time() + 60))

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.api.streaming.owner import parse_runner_id
 from tests.api.sse import check_stream, iter_sse, read_sse
 from tests.e2e.tcp_proxy import TcpProxy
 from tests.helpers.env import free_port
@@ -47,7 +48,9 @@ def model(logs: Path) -> Iterator[Service]:
 def runner_pid(db: Path, sid: str) -> int:
     with sqlite3.connect(db) as conn:
         (runner_id,) = conn.execute("SELECT runner_id FROM sessions WHERE id = ?", (sid,)).fetchone()
-    return int(runner_id.rsplit(":", 3)[2])
+    parsed = parse_runner_id(runner_id)
+    assert parsed is not None, runner_id
+    return parsed.pid
 
 
 def test_resume_after_a_worker_is_killed_sees_new_events_within_3_seconds(logs: Path, model: Service) -> None:

@@ -188,5 +188,14 @@ def test_per_key_concurrency_limit_answers_429_json(nginx_bin: str, tmp_path: Pa
                 assert "limit 1" in error["message"]
                 assert other.status_code == 200
                 assert client.get("/v1/echo", headers=key_a).status_code == 200
+                # one key in another spelling of the header is the same key (the api reads it so too)
+                with client.stream("GET", "/v1/stream?n=3&gap=0.3", headers=key_a) as stream:
+                    assert stream.status_code == 200
+                    respelled = [
+                        client.get("/v1/echo", headers={"Authorization": spelling})
+                        for spelling in ("bearer a", "BEARER   a", "Bearer\ta")
+                    ]
+                    stream.read()
+                assert [r.status_code for r in respelled] == [429, 429, 429]
         finally:
             proc.stop()

@@ -72,7 +72,12 @@ header_bytes = st.binary(max_size=200).filter(lambda b: b"\r\n" not in b and not
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(name=st.sampled_from([b"Last-Event-ID", b"X-Request-Id", b"Authorization"]), value=header_bytes)
+@given(
+    name=st.sampled_from(
+        [b"Last-Event-ID", b"X-Request-Id", b"Authorization", b"X-Forwarded-For", b"Content-Type", b"Accept"]
+    ),
+    value=header_bytes,
+)
 def test_arbitrary_header_bytes_through_the_edge(
     stack: tuple[Service, str], session_id: str, name: bytes, value: bytes
 ) -> None:
@@ -100,6 +105,8 @@ def test_arbitrary_header_bytes_through_the_edge(
         (b"User-Agent: \x7f", 200),
         (b"Last-Event-ID: 1\x01", 400),  # forwarded headers are checked at the edge, answered as JSON
         (b"Authorization: Bearer \x1b[31m", 400),
+        (b"X-Forwarded-For: a\x01b", 400),  # forwarded (appended to) by the edge: checked too
+        (b"X-Forwarded-For: a\x7fb", 400),
     ],
 )
 def test_control_characters_in_headers_never_reach_the_api(
@@ -112,4 +119,18 @@ def test_control_characters_in_headers_never_reach_the_api(
     assert response.headers.get("x-request-id")
     assert response.headers.get("content-type", "").startswith("application/json"), response
     if status == 400:
+        check_error(json.loads(response.body))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(target=st.binary(min_size=1, max_size=60).filter(lambda b: not (set(b) & set(b" \r\n\t"))))
+def test_arbitrary_request_targets_through_the_edge(stack: tuple[Service, str], target: bytes) -> None:
+    """Bytes outside printable ASCII in the request target never reach the api (whose parser would answer a
+    plain-text 400): every answer is JSON with X-Request-Id."""
+    request = b"GET /v1/" + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response = raw_request(stack[1], request)
+    assert response.status < 500, response
+    assert response.headers.get("x-request-id"), response
+    if response.status >= 400:
+        assert response.headers.get("content-type", "").startswith("application/json"), response
         check_error(json.loads(response.body))

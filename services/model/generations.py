@@ -262,6 +262,13 @@ class GenerationRegistry:
         self._generations[request_id] = generation
         return generation
 
+    def admitted(self, generation: Generation, prompt_tokens: int) -> None:
+        """The engine admitted the request: its prompt size; its latencies count from now (unless a token
+        came first, which an engine process can report before ``admit`` returns)."""
+        generation.prompt_tokens = prompt_tokens
+        if generation.first_token_at is None:
+            generation.created = self._clock()
+
     def discard(self, request_id: str) -> None:
         """Forget a generation the engine never accepted."""
         self._generations.pop(request_id, None)

@@ -102,7 +102,7 @@ class ModelService:
 
     def _engine_failure(self) -> str | None:
         # An engine that can die on its own (ProcessEngine's child) says why; in-thread engines never do.
-        return getattr(self._engine, "failure", None)
+        return self._engine.failure if self._engine is not None else None
 
     def admitting_engine(self) -> Engine:
         """The engine, when new requests are admitted; else ``NotReady`` with the reason."""
@@ -144,9 +144,7 @@ class ModelService:
         with self._lock:
             installed = self._state == expected
             if installed:
-                watch = getattr(engine, "watch", None)
-                if callable(watch):
-                    watch(lambda reason: self._on_engine_exit(engine, reason))
+                engine.watch(lambda reason: self._on_engine_exit(engine, reason))
                 engine.start(self.registry.sink)
                 self._engine, self._state, self._reason = engine, "ready", "ready"
         if not installed:

@@ -89,6 +89,10 @@ class ModelMetrics:
     def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
         """Outcomes are counted by the generation registry, which also sees every FinalOutput."""
 
+    def on_memory(self, rows: dict[tuple[str, str], float]) -> None:
+        """An engine process's memory by ``(device, kind)`` in bytes: its RSS adds to ours at scrape."""
+        self.engine_process_memory.update(rows)
+
     # --- scrape -----------------------------------------------------------------------------------
     def render(self, queue_and_running: Callable[[], tuple[int, int]] | None) -> bytes:
         if queue_and_running is not None:

@@ -96,21 +96,23 @@ async def metrics(service: ServiceDep) -> Response:
 
 
 async def _admit(service: ModelService, body: GenerateRequest) -> Generation:
-    """Prepare and submit; a refusal for capacity or readiness counts as outcome "rejected"."""
+    """Admit into the engine; a refusal for capacity or readiness counts as outcome "rejected".
+
+    The generation exists before the engine is asked (its outputs may arrive before ``admit`` returns, from
+    an engine process) and is discarded when the engine refuses."""
     try:
         engine = service.admitting_engine()
-        service.registry.check_new(body.request_id)  # cheap, before the media work
-        prepared = await engine.prepare(body)
-        generation = service.registry.create(body.request_id, prepared.prompt_tokens)
+        generation = service.registry.create(body.request_id, prompt_tokens=0)
         try:
-            engine.submit(prepared)
+            admitted = await engine.admit(body)
         except BaseException:
             service.registry.discard(body.request_id)
             raise
     except (Overloaded, NotReady):
         service.metrics.requests.labels("rejected").inc()
         raise
-    service.metrics.prompt_tokens.inc(prepared.prompt_tokens)
+    service.registry.admitted(generation, admitted.prompt_tokens)
+    service.metrics.prompt_tokens.inc(admitted.prompt_tokens)
     return generation
 
 

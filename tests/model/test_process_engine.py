@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from services.model.engine.base import Engine, FinalOutput, Prepared, TokenOutput
+from services.model.engine.base import Engine, FinalOutput, TokenOutput
 from services.model.engine.hf import HFEngine
 from services.model.engine.process import ProcessEngine
 from services.model.metrics import ModelMetrics
 from services.model.settings import ModelSettings
 from services.protocol.errors import Conflict, InvalidMedia, NotReady, Overloaded, PromptTooLong
-from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
+from services.protocol.generate import GenerateRequest, ImagePart, Message, TextPart
 from tests.model.engine_support import Recorder, request, tiny_engine
 
 pytestmark = pytest.mark.slow
@@ -49,12 +49,11 @@ def _greedy_requests(tag: str) -> list[GenerateRequest]:
 def _run_one_at_a_time(engine: Engine, rec: Recorder, reqs: list[GenerateRequest]) -> list[object]:
     results: list[object] = []
     for r in reqs:
-        prepared = asyncio.run(engine.prepare(r))
-        engine.submit(prepared)
+        admitted = asyncio.run(engine.admit(r))
         rec.wait([r.request_id])
         final = rec.final(r.request_id)
         assert final is not None
-        results.append((prepared.prompt_tokens, rec.text(r.request_id), final))
+        results.append((admitted.prompt_tokens, rec.text(r.request_id), final))
     return results
 
 
@@ -71,17 +70,33 @@ def test_tokens_equal_the_in_thread_engine(
         expected = _run_one_at_a_time(local, local_rec, _greedy_requests("g"))
     finally:
         local.shutdown(5)
+    received, steps_before, calls_before = (
+        dict(engine.received),
+        _count(engine.observer, "step_duration"),
+        len(rec.calls),
+    )
     got = _run_one_at_a_time(engine, rec, _greedy_requests("g"))
     assert got == expected
     # one parent sink call per child step, with the same outputs as the in-thread engine's sink calls
     assert [c for c in rec.calls if c[0][0].startswith("g-")] == local_rec.calls
+    # one pipe message per step: the step's outputs, timing, first tokens and occupancy travel together
+    reports = engine.received["StepReport"] - received.get("StepReport", 0)
+    steps = _count(engine.observer, "step_duration") - steps_before
+    assert len(rec.calls) - calls_before <= reports <= steps
+    assert engine.received["Admitted"] - received.get("Admitted", 0) == 3
+    assert set(engine.received) <= {"StepReport", "Admitted"}
     assert engine.stats().running == 0 and engine.stats().queued == 0
     # the child's memory reaches the parent's metrics (this process's torch is not the child's)
-    metrics = engine._observer
+    metrics = engine.observer
     assert isinstance(metrics, ModelMetrics)
     assert metrics.engine_process_memory["cpu", "rss"] > 50_000_000
-    steps = [x.value for x in metrics.step_duration.collect()[0].samples if x.name.endswith("_count")]
-    assert steps[0] > 0  # on_step forwarded
+    assert _count(metrics, "step_duration") > 0  # on_step forwarded
+
+
+def _count(metrics: object, histogram: str) -> float:
+    assert isinstance(metrics, ModelMetrics)
+    family = getattr(metrics, histogram).collect()[0]
+    return next(x.value for x in family.samples if x.name.endswith("_count"))
 
 
 def test_prepare_errors_are_typed(started: tuple[ProcessEngine, Recorder]) -> None:
@@ -89,22 +104,22 @@ def test_prepare_errors_are_typed(started: tuple[ProcessEngine, Recorder]) -> No
     parts = [ImagePart(data=base64.b64encode(b"not an image").decode()), TextPart(text="look")]
     bad = GenerateRequest(request_id="bad", messages=[Message(role="user", content=parts)])
     with pytest.raises(InvalidMedia):
-        asyncio.run(engine.prepare(bad))
+        asyncio.run(engine.admit(bad))
     with pytest.raises(PromptTooLong):
-        asyncio.run(engine.prepare(request("long", "hi", max_tokens=10_000_000)))
+        asyncio.run(engine.admit(request("long", "hi", max_tokens=10_000_000)))
+    assert engine.stats().running == engine.stats().queued == 0  # refused: nothing held
 
 
 def test_cancel_overloaded_and_conflict(started: tuple[ProcessEngine, Recorder]) -> None:
     engine, rec = started
     ids = ["c-0", "c-1", "c-2"]
-    prepared = [asyncio.run(engine.prepare(request(rid, "Tell a long story", max_tokens=400))) for rid in ids]
-    for p in prepared:
-        engine.submit(p)
-    extra = asyncio.run(engine.prepare(request("c-extra", "hi", max_tokens=4)))
+    for rid in ids:
+        asyncio.run(engine.admit(request(rid, "Tell a long story", max_tokens=400)))
+    extra = request("c-extra", "hi", max_tokens=4)
     with pytest.raises(Overloaded):  # 2 running + 1 queued = max_batch_size + max_queue
-        engine.submit(extra)
+        asyncio.run(engine.admit(extra))
     with pytest.raises(Conflict):
-        engine.submit(prepared[0])
+        asyncio.run(engine.admit(request("c-0", "Tell a long story", max_tokens=400)))
     stats = engine.stats()
     assert stats.running + stats.queued == 3
     rec.wait_tokens("c-0", 2)
@@ -114,7 +129,7 @@ def test_cancel_overloaded_and_conflict(started: tuple[ProcessEngine, Recorder])
         final = rec.final(rid)
         assert final is not None and final.finish_reason == "cancelled"
     assert engine.cancel("c-0") is False and engine.stats().running == 0
-    engine.submit(extra)  # room again
+    asyncio.run(engine.admit(extra))  # room again
     rec.wait(["c-extra"])
 
 
@@ -124,7 +139,7 @@ def test_shutdown_ends_every_request_and_the_child(tiny_model_dir: Path) -> None
     engine.start(rec)
     ids = [f"s-{i}" for i in range(4)]  # 2 running, 2 queued
     for rid in ids:
-        engine.submit(asyncio.run(engine.prepare(request(rid, "Tell a long story", max_tokens=500))))
+        asyncio.run(engine.admit(request(rid, "Tell a long story", max_tokens=500)))
     rec.wait_tokens("s-0", 1)
     engine.shutdown(0.2)
     assert not engine.is_alive()
@@ -133,23 +148,22 @@ def test_shutdown_ends_every_request_and_the_child(tiny_model_dir: Path) -> None
         assert isinstance(final, FinalOutput) and final.finish_reason in {"cancelled", "length", "stop"}
     assert any(isinstance(o, TokenOutput) for o in rec.outputs("s-0"))
     with pytest.raises(NotReady):
-        engine.submit(Prepared("late", SamplingParams(), 1, inputs=0))
-    with pytest.raises(NotReady):
-        asyncio.run(engine.prepare(request("late", "hi")))
+        asyncio.run(engine.admit(request("late", "hi")))
 
 
 def test_a_dead_engine_process_fails_its_requests_and_reports_why(tiny_model_dir: Path) -> None:
     engine = ProcessEngine(_settings(tiny_model_dir))
     rec = Recorder()
     engine.start(rec)
-    engine.submit(asyncio.run(engine.prepare(request("d-0", "Tell a long story", max_tokens=2000))))
+    asyncio.run(engine.admit(request("d-0", "Tell a long story", max_tokens=2000)))
     rec.wait_tokens("d-0", 1)
     assert engine.failure is None
-    os.kill(engine._process.pid, signal.SIGKILL)  # an OOM kill, say
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)  # an OOM kill, say
     rec.wait(["d-0"])
     final = rec.final("d-0")
     assert isinstance(final, FinalOutput) and final.finish_reason == "error"
     assert engine.failure is not None and "exited" in engine.failure  # the service's /ready turns 503 on it
     with pytest.raises(NotReady):
-        engine.submit(Prepared("late", SamplingParams(), 1, inputs=0))
+        asyncio.run(engine.admit(request("late", "hi")))
     engine.shutdown(0.2)

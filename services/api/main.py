@@ -24,7 +24,7 @@ from services.api.metrics import ApiMetrics
 from services.api.middleware import RequestContextMiddleware
 from services.api.model_client import ModelClient
 from services.api.openapi import install_openapi
-from services.api.routes import chat, health, models, sessions
+from services.api.routes import chat, health, models, playground, sessions
 from services.api.settings import ApiSettings, load_settings
 from services.api.store.base import SessionStore, StoreUnavailable
 from services.api.store.factory import create_store
@@ -54,7 +54,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         max_body=settings.max_request_bytes,
         retry_after=settings.retry_after_seconds,
     )
-    for module in (chat, sessions, models, health):
+    for module in (chat, sessions, models, health, playground):
         app.include_router(module.router)
     install_openapi(app)
     return app

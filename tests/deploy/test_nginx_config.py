@@ -258,9 +258,21 @@ def test_request_id_and_auth_headers_reach_the_api(edge: EdgeFactory) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "path", ["/metrics", "/", "/internal/v1/generate", "/v1/../metrics", "/v1/%2e%2e/metrics", "/v2/x"]
+    "path",
+    [
+        "/metrics",
+        "/index.html",
+        "/playground",
+        "/internal/v1/generate",
+        "/v1/../metrics",
+        "/v1/%2e%2e/metrics",
+        "/v2/x",
+        "/playground/../metrics",
+        "/playground/",
+        "/playground/a/b.js",
+    ],
 )
-def test_only_v1_health_ready_are_routed(edge: EdgeFactory, path: str) -> None:
+def test_only_v1_health_ready_and_the_playground_are_routed(edge: EdgeFactory, path: str) -> None:
     with upstream_stub() as upstream:
         base = edge([upstream])
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200
@@ -268,6 +280,17 @@ def test_only_v1_health_ready_are_routed(edge: EdgeFactory, path: str) -> None:
         resp = httpx.get(base + path, timeout=10)
         assert_openai_error(resp, 404, "not_found_error")
         assert "secret" not in resp.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", ["/", "/?session=pg-1", "/playground/app.js"])
+def test_the_playground_page_and_assets_reach_the_api(edge: EdgeFactory, path: str) -> None:
+    with upstream_stub() as upstream:
+        base = edge([upstream])
+        resp = httpx.get(base + path, timeout=10)
+        assert (
+            resp.status_code == 404 and resp.json()["error"]["message"] == "stub: unknown"
+        )  # the api's answer
 
 
 @pytest.mark.integration

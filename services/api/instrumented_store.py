@@ -85,6 +85,14 @@ class InstrumentedStore:
                 session_id, runner_id, lease_seconds, now, takeover_from=takeover_from
             )
 
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        async with self._m.store_op("release"):
+            return await self._inner.release(session_id, runner_id)
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        async with self._m.store_op("orphans"):
+            return await self._inner.orphans(lapsed_before, limit)
+
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         async with self._m.store_op("delete_expired"):
             return await self._inner.delete_expired(now, ttl_seconds)

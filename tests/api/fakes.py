@@ -163,5 +163,11 @@ class FlakyStore:
             self.claims_while_down += 1
         return await self._call("claim", session_id, runner_id, lease_seconds, now, **kw)
 
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        return await self._call("release", session_id, runner_id)
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        return await self._call("orphans", lapsed_before, limit)
+
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         return await self._call("delete_expired", now, ttl_seconds)

@@ -471,6 +471,47 @@ async def test_append_naming_its_runner_is_fenced(store: SessionStore) -> None:
     assert [e.index for e in await store.read(record.id, -1)] == [0, 1, 2, 3]
 
 
+async def test_release_clears_only_its_own_lease(store: SessionStore) -> None:
+    record = new_record(status="running")
+    await store.create(record)
+    assert await store.claim(record.id, "a", lease_seconds=10, now=100.0)
+    assert await store.claim(record.id, "b", lease_seconds=10, now=111.0)  # a's lease lapsed; b holds it
+    assert not await store.release(record.id, "a")  # a never noticed: b's lease stays
+    got = await store.get(record.id)
+    assert got is not None and (got.runner_id, got.lease_until) == ("b", 121.0)
+    assert await store.release(record.id, "b")
+    got = await store.get(record.id)
+    assert got is not None and (got.runner_id, got.lease_until) == (None, 0.0)
+    assert got.updated == record.updated  # bookkeeping: the TTL does not restart
+    assert not await store.release(record.id, "b")  # already released
+    assert await store.claim(record.id, "c", lease_seconds=10, now=112.0)  # free at once
+    assert not await store.release("missing", "c")
+
+
+async def test_orphans_are_unfinished_sessions_whose_lease_lapsed_before_the_cutoff(
+    store: SessionStore,
+) -> None:
+    def make(status: str, runner: str | None, until: float) -> SessionRecord:
+        return new_record(status=status, runner_id=runner, lease_until=until)
+
+    held = make("running", "a", 200.0)  # lease still valid at the cutoff
+    recent = make("running", "a", 95.0)  # lapsed, but after the cutoff
+    lapsed = make("running", "a", 50.0)
+    queued = make("queued", "b", 20.0)  # a reservation whose opener died
+    released = make("running", None, 0.0)  # released at shutdown
+    done = make("completed", "a", 10.0)
+    failed = make("failed", None, 0.0)
+    for record in (held, recent, lapsed, queued, released, done, failed):
+        await store.create(record)
+    found = await store.orphans(lapsed_before=90.0, limit=10)
+    assert [r.id for r in found] == [released.id, queued.id, lapsed.id]  # longest lapsed first
+    assert found[2] == lapsed  # whole records
+    assert [r.id for r in await store.orphans(lapsed_before=90.0, limit=2)] == [released.id, queued.id]
+    assert await store.orphans(lapsed_before=90.0, limit=0) == []
+    assert await store.claim(lapsed.id, "c", lease_seconds=100, now=90.0)  # adopted: no longer an orphan
+    assert [r.id for r in await store.orphans(lapsed_before=90.0, limit=10)] == [released.id, queued.id]
+
+
 async def test_concurrent_claims_exactly_one_wins(make_store: StoreMaker) -> None:
     first, second = await make_store(), await make_store()
     for _ in range(15):

@@ -114,5 +114,15 @@ class SessionStore(Protocol):
         by ``takeover_from`` (a runner the caller knows is dead: compare-and-swap on the holder). Atomic
         across processes."""
 
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        """Give the lease up (runner_id None, lease_until 0) only when ``runner_id`` still holds it
+        (compare-and-swap): a runner that lost its lease without noticing never clears its successor's.
+        True when released; False when another runner (or none) holds it or the session is missing."""
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        """Unfinished sessions (queued or running) whose lease ended before ``lapsed_before`` (seconds
+        since the epoch; a released lease ends at 0), longest lapsed first, at most ``limit``: nobody runs
+        them, and no reader may come to take them over (the sweeper adopts them)."""
+
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         """Delete final sessions (and their events) whose ``updated`` is older than ttl. Returns count."""

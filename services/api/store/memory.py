@@ -120,6 +120,22 @@ class MemoryStore:
         record.lease_until = now + lease_seconds
         return True
 
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        record = self._sessions.get(session_id)
+        if record is None or record.runner_id != runner_id:
+            return False
+        record.runner_id, record.lease_until = None, 0.0
+        return True
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        found = [
+            r
+            for r in self._sessions.values()
+            if r.status not in FINAL_STATUSES and r.lease_until < lapsed_before
+        ]
+        found.sort(key=lambda r: r.lease_until)
+        return [_copy(r) for r in found[: max(limit, 0)]]
+
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         cutoff = now - ttl_seconds
         gone = [r.id for r in self._sessions.values() if r.status in FINAL_STATUSES and r.updated < cutoff]

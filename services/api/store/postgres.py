@@ -98,6 +98,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        2,
+        (
+            # orphans(): unfinished sessions by lease end. Partial, so finished sessions (nearly all rows)
+            # are not in it; only claims (every lease/3 per running session) touch its column.
+            """CREATE INDEX IF NOT EXISTS sessions_unfinished_lease ON sessions (lease_until)
+               WHERE status IN ('queued', 'running')""",
+        ),
+    ),
 )
 
 _APPEND_SQL = """
@@ -124,6 +133,12 @@ _CLAIM_SQL = """
 UPDATE sessions SET runner_id = %(runner)s, lease_until = %(until)s
 WHERE id = %(id)s AND status <> ALL(%(final)s)
   AND (runner_id IS NULL OR runner_id = %(runner)s OR lease_until < %(now)s OR runner_id = %(dead)s::text)
+"""
+
+_RELEASE_SQL = "UPDATE sessions SET runner_id = NULL, lease_until = 0 WHERE id = %s AND runner_id = %s"
+_ORPHANS_SQL = f"""
+SELECT {", ".join(COLUMNS)} FROM sessions
+WHERE status IN ('queued', 'running') AND lease_until < %s ORDER BY lease_until LIMIT %s
 """
 
 _DELETE_EXPIRED_SQL = """
@@ -309,6 +324,18 @@ class PostgresStore:
         async with self._connection() as conn:
             cursor = await conn.execute(_CLAIM_SQL, params)
             return cursor.rowcount == 1
+
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        async with self._connection() as conn:
+            cursor = await conn.execute(_RELEASE_SQL, (session_id, runner_id))
+            return cursor.rowcount == 1
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        async with self._connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(_ORPHANS_SQL, (lapsed_before, max(limit, 0)))
+            rows = await cursor.fetchall()
+        return [record_from_row(row, decode_json=False) for row in rows]
 
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         async with self._connection() as conn:

@@ -191,6 +191,12 @@ class SqliteStore:
         until = now + lease_seconds
         return await self._run(_claim_sync, session_id, runner_id, until, now, takeover_from)
 
+    async def release(self, session_id: str, runner_id: str) -> bool:
+        return await self._run(_release_sync, session_id, runner_id)
+
+    async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
+        return await self._run(_orphans_sync, lapsed_before, limit)
+
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
         count = await self._run(_delete_expired_sync, now - ttl_seconds)
         if count:
@@ -431,6 +437,23 @@ def _claim_sync(
         (runner_id, until, session_id, runner_id, now, dead),
     )
     return cursor.rowcount == 1
+
+
+def _release_sync(conn: sqlite3.Connection, session_id: str, runner_id: str) -> bool:
+    cursor = conn.execute(
+        "UPDATE sessions SET runner_id = NULL, lease_until = 0 WHERE id = ? AND runner_id = ?",
+        (session_id, runner_id),
+    )
+    return cursor.rowcount == 1
+
+
+def _orphans_sync(conn: sqlite3.Connection, lapsed_before: float, limit: int) -> list[SessionRecord]:
+    rows = conn.execute(
+        f"""SELECT {", ".join(COLUMNS)} FROM sessions
+            WHERE status NOT IN {_FINAL_SQL} AND lease_until < ? ORDER BY lease_until LIMIT ?""",
+        (lapsed_before, max(limit, 0)),
+    ).fetchall()
+    return [record_from_row(row, decode_json=True) for row in rows]
 
 
 def _delete_expired_sync(conn: sqlite3.Connection, cutoff: float) -> int:

@@ -213,11 +213,10 @@ class SessionRunner:
         return "failed"
 
     async def _release(self) -> None:
-        """Hand the session over at once (shutdown, store down) instead of after the lease lapses."""
+        """Hand the session over at once (shutdown) instead of after the lease lapses; only while the lease
+        is still ours (compare-and-swap in the store): a successor's lease is never cleared."""
         with contextlib.suppress(Exception):
-            await asyncio.shield(
-                self._d.store.update(self.session_id, now=time.time(), runner_id=None, lease_until=0.0)
-            )
+            await asyncio.shield(self._d.store.release(self.session_id, self._d.runner_id))
 
     async def _generate(self) -> None:
         attempts = 0

@@ -1,10 +1,10 @@
 """The browser playground: ``GET /`` (the page) and ``GET /playground/{name}`` (its scripts, styles, icon).
 
 The files live in ``services/api/playground/`` and are served as they are (no build step). Every answer
-carries a strict Content-Security-Policy: scripts and styles only from this origin (no inline script or style, no eval),
-requests only to this origin, images and media from this origin or the page's own data:/blob: URLs, no
-framing. Only plain files directly in that folder with a known suffix are served; anything else is the usual
-404 in the OpenAI error shape. The routes are not part of the OpenAPI document (``include_in_schema=False``).
+carries a strict Content-Security-Policy: scripts and styles only from this origin (no inline script or style,
+no eval), requests only to this origin, images and media from this origin or the page's own data:/blob: URLs,
+no framing. Only plain files directly in that folder with a known suffix are served; anything else is the
+usual 404 in the OpenAI error shape. The routes are not in the OpenAPI document (``include_in_schema=False``).
 """
 
 from __future__ import annotations

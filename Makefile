@@ -10,7 +10,7 @@ TINY := .cache/tiny-qwen3-vl
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run tiny-model bench up up-cpu down k8s-check clean
+.PHONY: help install test test-fast lint format run tiny-model bench up up-cpu down k8s-check clean playground-screenshot
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,7 +26,13 @@ endif
 	$(BIN)/pip install -q -r services/api/requirements.txt -r services/model/requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install everything (CPU torch pinned where there is no CUDA)
+# The playground's JS linter (eslint), from the committed lock file into ./node_modules.
+NODE_STAMP := node_modules/.installed
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+install: $(STAMP) $(NODE_STAMP) ## create .venv and node_modules, install everything (CPU torch pinned where there is no CUDA)
 
 tiny-model: $(STAMP) ## build the offline tiny Qwen3-VL checkpoint at .cache/tiny-qwen3-vl
 	HF_HUB_OFFLINE=1 $(BIN)/python -m services.model.tiny_checkpoint $(TINY)
@@ -37,9 +43,10 @@ test: $(STAMP) ## install when needed, then run the whole test suite
 test-fast: $(STAMP) ## unit tests only (no real processes)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not integration and not postgres"
 
-lint: $(STAMP) ## ruff lint + format check
+lint: $(STAMP) $(NODE_STAMP) ## ruff lint + format check, eslint on the playground's JS
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	node_modules/.bin/eslint --max-warnings 0 services/api/playground eslint.config.js
 
 format: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff check --fix .
@@ -64,6 +71,11 @@ down: ## docker compose down (volumes kept)
 
 k8s-check: $(STAMP) ## render the kustomize base and validate it strictly, offline
 	$(BIN)/kubectl kustomize deploy/k8s | $(BIN)/kubernetes-validate --strict -k 1.30.0 -
+
+playground-screenshot: $(STAMP) ## regenerate docs/playground.png (the browser test's mid-stream screenshot)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/browser/test_playground.py -k image_prompt
+	mkdir -p docs
+	cp tmp/playground/playground.png docs/playground.png
 
 clean: ## remove caches and build outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache tmp bench/results/*.json bench/results/*.png

@@ -27,9 +27,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from services.api.settings import SESSION_ID_PATTERN
+from services.protocol.generate import INT32_MAX, INT64_MAX, INT64_MIN
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-INT32_MAX = 2**31 - 1
 MAX_STOP_CHARS = 1000  # per stop string
 MAX_MODEL_CHARS = 256
 MAX_URL_CHARS = 64 * 1024 * 1024  # a data URL is bounded by MAX_REQUEST_BYTES anyway

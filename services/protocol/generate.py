@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function name rule
@@ -12,6 +12,21 @@ TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
+
+
+def _unicode(text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone UTF-16 surrogate): the tokenizer cannot encode it."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text contains an unpaired UTF-16 surrogate") from None
+    return text
+
+
+# Text as the model service accepts it from any caller (the api checks the same before sending).
+UnicodeText = Annotated[str, AfterValidator(_unicode)]
+StopString = Annotated[str, Field(max_length=1000), AfterValidator(_unicode)]
 
 
 class SamplingParams(BaseModel):
@@ -29,7 +44,7 @@ class SamplingParams(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    stop: list[str] = Field(default_factory=list, max_length=4)
+    stop: list[StopString] = Field(default_factory=list, max_length=4)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
@@ -39,7 +54,7 @@ class SamplingParams(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: UnicodeText
 
 
 class ImagePart(BaseModel):
@@ -103,7 +118,7 @@ class ResponseFormat(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[Part]
+    content: UnicodeText | list[Part]
     tool_calls: list[ToolCall] | None = None  # assistant turns of the history
     tool_call_id: str | None = None  # tool turns
 

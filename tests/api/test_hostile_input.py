@@ -21,7 +21,7 @@ import pytest
 from services.api.errors import BadRequest, public_text
 from services.api.json_body import MAX_DEPTH, parse_json_body
 from tests.api.openai_shapes import check_error
-from tests.api.sse import check_stream, finish_reason, read_sse
+from tests.api.sse import check_stream, finish_reason, iter_sse, read_sse
 from tests.helpers.stack import Service, start_api, start_model
 
 MESSAGE = '{"role":"user","content":"hi"}'
@@ -192,21 +192,36 @@ def test_non_finite_numbers_are_malformed_json(client: httpx.Client, literal: st
 
 
 @pytest.mark.integration
-def test_a_hostile_request_beside_running_streams_hurts_none_of_them(client: httpx.Client) -> None:
+def test_hostile_requests_beside_decoding_streams_are_refused_and_hurt_none(
+    client: httpx.Client, model: Service
+) -> None:
+    """The api refuses the values at its schema, and the model service refuses them again at its own (it never
+    trusts a caller), while four streams are decoding; every stream ends normally. (That the engine isolates a
+    row whose values got through: tests/model/test_isolation.py.)"""
     results: list[tuple[str, list]] = []
+    decoding = threading.Barrier(5, timeout=30)
 
     def run(i: int) -> None:
         s = f"n-{i}-{uuid.uuid4().hex[:8]}"
-        with client.stream(
-            "POST", "/v1/chat/completions", json={**chat(40), "stream": True, "session_id": s}
-        ) as r:
-            results.append((s, read_sse(r)))
+        payload = {**chat(200), "stream": True, "session_id": s}
+        with client.stream("POST", "/v1/chat/completions", json=payload) as r:
+            events = []
+            for event in iter_sse(r):
+                if event is not None:
+                    events.append(event)
+                    if len(events) == 3:  # role chunk + two text chunks: this stream is decoding
+                        decoding.wait()
+            results.append((s, events))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+    decoding.wait()
+    internal = {"request_id": "hostile-1", "messages": [{"role": "user", "content": "x"}]}
     for field, value, param in BAD_NUMBERS[:4]:
         assert_400(client.post("/v1/chat/completions", json=chat(**{field: value})), param)
+        r = httpx.post(f"{model.url}/internal/v1/generate", json={**internal, "sampling": {field: value}})
+        assert r.status_code == 400, r.text
     for t in threads:
         t.join(60)
     assert len(results) == 4

@@ -51,3 +51,25 @@ def test_arbitrary_bytes_decode_or_fail_as_invalid_media(data: bytes, prefix: by
             decode()
         except InvalidMedia as exc:
             assert not ADDRESS.search(exc.message) and "<" not in exc.message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user", "content": "a\ud83d b"},
+        {"role": "user", "content": [{"type": "text", "text": "\udc00"}]},
+    ],
+)
+def test_the_model_service_refuses_text_that_is_not_unicode(message: dict) -> None:
+    """The model service never trusts its caller: a lone surrogate is a validation error (400), not a 500
+    from the tokenizer."""
+    from pydantic import ValidationError
+
+    from services.protocol.generate import GenerateRequest
+
+    with pytest.raises(ValidationError):
+        GenerateRequest(request_id="r1", messages=[message])
+    with pytest.raises(ValidationError):
+        GenerateRequest(
+            request_id="r1", messages=[{"role": "user", "content": "x"}], sampling={"stop": ["\ud800"]}
+        )

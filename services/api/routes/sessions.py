@@ -22,7 +22,7 @@ _SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 async def _owned(hub: SessionHub, session_id: str, owner: str, request: Request) -> SessionRecord:
     # A malformed id cannot name a session: same 404 as an unknown one.
-    if not _SESSION_ID.match(session_id):
+    if not _SESSION_ID.fullmatch(session_id):
         raise session_not_found(session_id[:128])
     record = await hub.get_owned(session_id, owner)
     bind_session(request, record.id)

@@ -5,6 +5,7 @@ CPU work (media decoding, chat template, image/video processing): the engine run
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,8 @@ from services.protocol.errors import InvalidMedia, InvalidRequest
 from services.protocol.generate import ImagePart, Message, TextPart, Tool, VideoPart
 
 __all__ = ["MediaLimits", "build_inputs"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -64,10 +67,18 @@ def build_inputs(
             sanitize_control_tokens=True,
             processor_kwargs=processor_kwargs,
         )
-    except (ValueError, TemplateError) as exc:
-        # ValueError: the processor rejects an input; TemplateError: the checkpoint's chat template calls
-        # raise_exception (Qwen's does for a conversation without a user message, for example).
-        raise InvalidRequest(f"the prompt could not be processed: {str(exc)[:300]}") from None
+    except TemplateError as exc:
+        # the checkpoint's chat template calls raise_exception (Qwen's does for a conversation without a user
+        # message, for example): its text is written for users
+        raise InvalidRequest(
+            f"the conversation cannot be rendered by the model's chat template: {exc}"[:300]
+        ) from None
+    except ValueError as exc:
+        # the processor rejects an input; its text names internals (shapes, class names): logged, not sent
+        log.info("the processor refused a prompt: %s", str(exc)[:500])
+        raise InvalidRequest(
+            "the prompt could not be processed (an image or video the processor refuses)"
+        ) from None
 
 
 def _to_conversation(messages: list[Message], limits: MediaLimits) -> _Conversation:

@@ -54,6 +54,13 @@ class ApiSettings(BaseSettings):
     store_retry_seconds: float = Field(default=30.0, gt=0)
     # while the database is failing, a call waits at most this long for a connection (503 within ~1 s)
     store_fail_fast_seconds: float = Field(default=1.0, gt=0)
+    # a Postgres call whose connection gives no answer within this fails (StoreUnavailable, 503) instead of
+    # hanging on a stalled database; also the server-side statement_timeout of the pool's connections
+    store_call_timeout_seconds: float = Field(default=5.0, gt=0, le=600)
+    # sessions nobody runs (queued/running, lease lapsed more than this long ago: their process died, no
+    # client came back) are adopted by a sweep this often, at most ORPHAN_SWEEP_LIMIT per sweep and process
+    orphan_sweep_seconds: float = Field(default=10.0, gt=0, le=3600)
+    orphan_sweep_limit: int = Field(default=32, ge=1, le=10_000)
     cancel_wait_seconds: float = Field(default=10.0, gt=0)
 
     # limits and auth

@@ -158,3 +158,66 @@ async def test_a_reader_takes_over_at_once_from_a_dead_runner_process() -> None:
     assert model.reattached == [-1] and got[-1].data == "[DONE]"
     assert [e.index for e in got] == list(range(1, len(got) + 1))
     await hub.close()
+
+
+async def until_final(store: MemoryStore, sid: str, within: float) -> SessionRecord:
+    deadline = time.monotonic() + within
+    while True:
+        got = await store.get(sid)
+        assert got is not None
+        if got.status in ("completed", "failed", "cancelled"):
+            return got
+        assert time.monotonic() < deadline, f"{sid} still {got.status}"
+        await store.wait(sid, got.last_index, 0.2)
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["reattached", "generation-lost"])
+async def test_the_sweep_adopts_orphans_no_reader_comes_back_to(known: bool) -> None:
+    """Sessions whose runner's process died (or handed them over and then died) with no client: the sweep
+    claims them and completes them, or ends them visibly with generation_lost when the model forgot the
+    generation. Sessions with a live lease, or one that lapsed less than ORPHAN_SWEEP_SECONDS ago, are left
+    alone."""
+    now = time.time()
+    store = MemoryStore()
+    enc = ChunkEncoder("chatcmpl-h", 1, "m")
+    await store.create(record("orphan", lease_until=now - 60))  # lapsed a minute ago, nobody reads it
+    await store.append("orphan", [StoredEvent(0, enc.role())], model_seq=-1, now=now)
+    await store.create(record("queued", status="queued", runner_id=None, lease_until=0.0))  # opener died
+    await store.create(record("held", lease_until=now + 60))  # a live runner elsewhere
+    await store.create(record("just-lapsed", lease_until=now - 1))  # too recent: a reader may still come
+    model = FakeModel(script(REASONING, ["answer"]), known=known)
+    hub = make_hub(store, model, orphan_sweep_seconds=10, runner_lease_seconds=5)
+    try:
+        assert await hub.adopt_orphans() == 2
+        assert await hub.adopt_orphans() == 0  # running here now: not adopted twice
+        orphan = await until_final(store, "orphan", within=5)
+        queued = await until_final(store, "queued", within=5)
+        assert (orphan.runner_id, queued.runner_id) == (hub.runner_id, hub.runner_id)
+        for sid in ("orphan", "queued"):
+            stored = await store.read(sid, -1)
+            assert [e.index for e in stored] == list(range(len(stored))) and stored[-1].data == "[DONE]"
+        if known:
+            assert model.reattached == [-1, -1] and orphan.status == queued.status == "completed"
+            assert texts(await store.read("orphan", -1))[0] == "".join(REASONING)
+        else:
+            assert orphan.status == queued.status == "failed"
+            assert '"code":"generation_lost"' in (await store.read("orphan", -1))[-2].data.replace(" ", "")
+        for untouched in ("held", "just-lapsed"):
+            got = await store.get(untouched)
+            assert got is not None and got.status == "running" and got.runner_id == "elsewhere"
+    finally:
+        await hub.close()
+
+
+async def test_the_orphan_sweep_runs_by_itself() -> None:
+    store = MemoryStore()
+    await store.create(record("orphan", lease_until=time.time() - 60))
+    model = FakeModel(script(REASONING, ["answer"]))
+    hub = make_hub(store, model, orphan_sweep_seconds=0.5)
+    hub.start()
+    try:
+        started = time.monotonic()
+        assert (await until_final(store, "orphan", within=5)).status == "completed"
+        assert time.monotonic() - started < 3.0  # one sweep (0.375..0.5 s) and the generation
+    finally:
+        await hub.close()

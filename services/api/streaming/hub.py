@@ -4,6 +4,10 @@ cancels, and sweeps expired sessions. One per process, built in the lifespan (``
 Takeover: a session is taken over when its runner's lease lapsed, at once when its runner was a process of
 this host that is gone (``owner.owner_is_dead``: a killed worker, a crashed api), and when a runner of this
 process handed it over because the store was down (retried here with back-off until the store answers).
+Readers trigger takeovers; for sessions no reader comes back to (the process that ran or handed them over
+died), the orphan sweep adopts them: every ``ORPHAN_SWEEP_SECONDS`` each process claims up to
+``ORPHAN_SWEEP_LIMIT`` unfinished sessions whose lease lapsed more than that long ago and runs them (re-attach
+at the stored model seq, then complete, or fail visibly with ``generation_lost``).
 """
 
 from __future__ import annotations
@@ -63,6 +67,13 @@ class _Running:
 
 
 class SessionHub:
+    """This process's sessions: creates them (reserving the id in the store), runs one ``SessionRunner`` task
+    per session it runs, takes sessions over (readers, store hand-over, orphan sweep), cancels, and deletes
+    expired ones. Owns the runner tasks, their ``LiveLog``s, the ``Attachments`` of local readers, this
+    process's runner id, and two background loops (expiry every ``SESSIONS_TTL_SECONDS``/4, clamped to
+    1..300 s; orphan adoption every ``ORPHAN_SWEEP_SECONDS``). Built in the lifespan; ``start()`` then
+    ``close()`` (which stops runners without cancelling their generations)."""
+
     def __init__(
         self, settings: ApiSettings, store: SessionStore, model: ModelClient, metrics: ApiMetrics
     ) -> None:
@@ -77,20 +88,21 @@ class SessionHub:
         self._opening: set[str] = set()  # reserved here, generation still opening (no runner yet)
         self._background: set[asyncio.Task[None]] = set()  # takeover retries, reservation drops
         self._closing = False
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweepers: list[asyncio.Task[None]] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._sweepers = [
+            asyncio.create_task(self._sweep_forever(), name="session-expiry"),
+            asyncio.create_task(self._adopt_forever(), name="session-orphans"),
+        ]
 
     async def close(self) -> None:
         """Stop local runners without cancelling their generations: each releases its lease, so the next
         reader anywhere re-attaches at once."""
         self._closing = True
-        tasks = [r.task for r in self._running.values()] + list(self._background)
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
+        tasks = [r.task for r in self._running.values()] + list(self._background) + self._sweepers
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -343,6 +355,37 @@ class SessionHub:
                 continue
             if deleted:
                 log.info("deleted %d expired sessions", deleted)
+
+    async def _adopt_forever(self) -> None:
+        every = self.settings.orphan_sweep_seconds
+        while True:
+            await asyncio.sleep(every * random.uniform(0.75, 1.0))  # jitter: replicas do not sweep in step
+            try:
+                await self.adopt_orphans()
+            except StoreUnavailable:
+                continue
+            except Exception:  # never die: the next sweep retries
+                log.exception("orphan sweep failed")
+
+    async def adopt_orphans(self) -> int:
+        """Claim and run here the unfinished sessions whose lease lapsed more than ``ORPHAN_SWEEP_SECONDS``
+        ago (at most ``ORPHAN_SWEEP_LIMIT``): their process died or handed them over and no reader came
+        back. Each re-attaches to its model replica at the stored model seq, then completes, or ends with a
+        visible ``generation_lost`` error. Returns how many were adopted. Raises StoreUnavailable."""
+        s = self.settings
+        now = time.time()
+        records = await self.store.orphans(now - s.orphan_sweep_seconds, s.orphan_sweep_limit)
+        adopted = 0
+        for record in records:
+            if self._closing:
+                break
+            if self.runs_locally(record.id) or record.id in self._opening:
+                continue
+            await self.ensure_runner(record)
+            adopted += self.runs_locally(record.id)
+        if adopted:
+            log.info("adopted %d orphaned sessions", adopted)
+        return adopted
 
 
 def _new_record(

@@ -83,6 +83,11 @@ class _Retry:
 
 @dataclass(slots=True)
 class RunnerDeps:
+    """What every runner of one process shares (owned by the ``SessionHub``): the session store, the model
+    client, the metrics, the settings (EVENT_FLUSH_MS, RUNNER_LEASE_SECONDS, STORE_RETRY_SECONDS,
+    CANCEL_AFTER_DISCONNECT_SECONDS), the process's reader ``Attachments`` (auto-cancel) and its runner id
+    (the lease holder written to the store and named by every append: fencing)."""
+
     store: SessionStore
     model: GenerationBackend
     metrics: ApiMetrics
@@ -125,6 +130,15 @@ class _Final:
 
 
 class SessionRunner:
+    """Runs one session's generation in this process, independent of any client: reads the model stream
+    (re-attaching at the stored model seq after a break or a takeover), coalesces deltas into chunks,
+    stores them in one append per flush (every EVENT_FLUSH_MS; the first text and the final events at
+    once), publishes each stored batch to its ``LiveLog``, holds and renews the lease (every lease/3
+    seconds), and auto-cancels after CANCEL_AFTER_DISCONNECT_SECONDS without a reader. Owns the pending
+    chunks, the unwritten batch (retried through store outages) and the model stream; ``run()`` is its
+    whole life (the hub's task). Ends with the session final, ``handed_over`` (store down past
+    STORE_RETRY_SECONDS), or quietly when another runner took the lease."""
+
     def __init__(
         self,
         deps: RunnerDeps,

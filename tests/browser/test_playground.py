@@ -68,7 +68,7 @@ def test_an_image_prompt_streams_its_reasoning(browser_page: BrowserPage, stack:
         page, "d.status === 'streaming' && document.getElementById('reasoning').textContent.length > 40"
     )
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
     shown = wait_transcript(page, "d.status === 'completed'")
     assert re.search(r"[?&]session=" + re.escape(shown["session"]) + "$", page.url)
     check_same_as_server(page, stack)

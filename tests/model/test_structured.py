@@ -71,7 +71,7 @@ def test_json_schema_answers_validate_and_neighbours_are_unchanged(engine: Any) 
     for req in constrained:
         final = mixed.final(req.request_id)
         assert final is not None and final.finish_reason == "stop", final
-        reasoning, content = mixed.text(req.request_id)
+        _, content = mixed.text(req.request_id)
         jsonschema.validate(json.loads(content), SCHEMA)
         assert sched.tokens[req.request_id][3] == engine.table.think_end_id  # budget 3: closed by the server
     for req in free:
@@ -156,3 +156,36 @@ def test_the_fast_mask_equals_xgrammars_own() -> None:
         apply_bitmask(ours, mask.numpy()[0])
         xgr.apply_token_bitmask_inplace(theirs, mask, backend="cpu")
         assert torch.equal(ours, theirs[0]), fill
+
+
+def test_the_batched_mask_equals_xgrammars_own() -> None:
+    import torch
+    import xgrammar as xgr
+
+    vocab = 151936
+    mask = xgr.allocate_token_bitmask(8, vocab)
+    mask[1].zero_()
+    mask[1, 3], mask[1, 4747] = 5, -1  # sparse
+    mask[3, 3], mask[3, 100] = 5, 0  # dense
+    mask[4].random_(-(2**31), 2**31 - 1)  # neither
+    mask[6].zero_()
+    mask[6, 0] = -(2**31)  # one token, the sign bit
+    rows = [1, 3, 4, 6]
+    ours = torch.randn(8, vocab)
+    theirs = ours.clone()
+    from services.model.engine.grammar import apply_bitmasks
+
+    apply_bitmasks(ours, mask, rows)
+    xgr.apply_token_bitmask_inplace(theirs, mask, indices=rows, backend="cpu")
+    assert torch.equal(ours, theirs)
+
+
+def test_picking_among_allowed_ids_equals_masking(engine: Any) -> None:
+    fmt = ResponseFormat(type="json_schema", json_schema=SCHEMA)
+    reqs = [structured(f"p{i}", f"pick {i}", response_format=fmt) for i in range(6)]
+    reqs += [
+        structured("t", "call", tools=TOOLS, tool_choice=ToolChoice(mode="function", name="get_weather"))
+    ]
+    _, picked = run(engine, reqs)
+    _, masked = run(engine, reqs, pick_greedy=False)
+    assert dict(picked.tokens) == dict(masked.tokens)

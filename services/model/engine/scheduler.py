@@ -63,7 +63,7 @@ from services.model.engine.base import (
 )
 from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
-from services.model.engine.grammar import allocate_bitmask, apply_bitmasks
+from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
 from services.model.engine.isolate import Probe, culprits
 from services.model.engine.sampling import (
     BatchSampler,
@@ -85,6 +85,7 @@ class SchedulerConfig:
     max_step_tokens: int = 2048
     eos_token_ids: frozenset[int] = frozenset({151645, 151643})
     starts_in_reasoning: bool = True  # the Thinking template's prompt opens <think>
+    pick_greedy: bool = True  # constrained greedy rows: pick among the allowed ids (no full-row mask)
 
 
 @dataclass(slots=True, eq=False)
@@ -440,12 +441,16 @@ class Scheduler:
         return None
 
     def _sample_and_emit(self, step: _Step, logits: torch.Tensor) -> None:
-        self._constrain(step, logits)
+        picks = self._constrain(step, logits)
         draws = draw_step([r.sampler for r in self._rows])  # once per step, whatever is retried below
         sampled = self._sample(step, logits, draws)
         if sampled is None:
             return
         tokens, token_ids = sampled
+        for i, row in enumerate(self._rows):  # rows whose token was picked among their allowed ids
+            if row in picks:
+                token_ids[i] = picks[row]
+                tokens[i] = picks[row]
         self._sampler.record(token_ids)
         assert self._batch is not None
         self._batch.tokens = tokens.reshape(-1, 1)
@@ -493,16 +498,23 @@ class Scheduler:
         probe.set_rows([self._rows[i].sampler for i in idx])
         probe.sample(logits.index_select(0, torch.tensor(idx, device=logits.device)), [draws[i] for i in idx])
 
-    def _constrain(self, step: _Step, logits: torch.Tensor) -> None:
+    def _constrain(self, step: _Step, logits: torch.Tensor) -> dict[_Row, int]:
         """Force ``</think>`` for rows whose reasoning budget is spent and mask grammar rows in their
-        answer (see the module docstring); a row whose matcher raises fails alone."""
+        answer (see the module docstring); a row whose matcher raises fails alone. Greedy rows without
+        penalties whose choice is small get their token picked here (returned by row) instead of a
+        masked row: the same token, without a full-row write."""
         masked: list[int] = []
+        picks: dict[_Row, int] = {}
+        think_end = self._table.think_end_id
         for i, row in enumerate(self._rows):
             if row.detok.in_reasoning:
-                budget, think_end = row.reasoning_budget, self._table.think_end_id
+                budget = row.reasoning_budget
                 if budget is not None and row.reasoning_tokens >= budget and think_end is not None:
-                    logits[i].fill_(float("-inf"))
-                    logits[i, think_end] = 0.0
+                    if self._pickable(row, logits):
+                        picks[row] = think_end
+                    else:
+                        logits[i].fill_(float("-inf"))
+                        logits[i, think_end] = 0.0
             elif row.grammar is not None and row.finish_reason is None:
                 try:
                     row.grammar.fill_next_token_bitmask(self._mask_buffer(), i)
@@ -513,7 +525,17 @@ class Scheduler:
                 masked.append(i)
         if masked:
             assert self._bitmask is not None
-            apply_bitmasks(logits, self._bitmask, masked)
+            pickable = [i for i in masked if self._pickable(self._rows[i], logits)]
+            picked, rest = pick_greedy(logits, self._bitmask, pickable) if pickable else ({}, [])
+            picks.update({self._rows[i]: token for i, token in picked.items()})
+            rest += [i for i in masked if i not in pickable]
+            if rest:
+                apply_bitmasks(logits, self._bitmask, sorted(rest))
+        return picks
+
+    def _pickable(self, row: _Row, logits: torch.Tensor) -> bool:
+        config = row.sampler.config
+        return self._config.pick_greedy and config.greedy and not config.penalised and logits.is_cpu
 
     def _mask_buffer(self) -> torch.Tensor:
         if self._bitmask is None:

@@ -79,7 +79,9 @@ def chromium_path() -> str:
 def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Stack]:
     nginx = require_binary("nginx")
     logs = tmp_path_factory.mktemp("browser")
-    model = start_model(logs, model_dir=tiny_model_dir, env={"TORCH_THREADS": "1"})
+    # One generation at a time and no queue: the tests run one stream each, and a second one meets a real 429.
+    model_env = {"TORCH_THREADS": "1", "MAX_BATCH_SIZE": "1", "MAX_QUEUE": "0"}
+    model = start_model(logs, model_dir=tiny_model_dir, env=model_env)
     procs: list[Proc] = [model.proc]
     try:
         api = start_api(logs, model_urls=[model.url], env={"API_KEYS": KEY, "SSE_PING_SECONDS": "1"})

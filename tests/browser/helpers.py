@@ -100,7 +100,7 @@ def transcript(page: Any) -> dict[str, str]:
     return page.eval_on_selector("#transcript", "node => ({...node.dataset})")
 
 
-def wait_transcript(page: Any, condition: str, timeout_ms: int = 30_000) -> dict[str, str]:
+def wait_transcript(page: Any, condition: str, timeout_ms: int = 60_000) -> dict[str, str]:
     """Wait until ``condition`` (a JS expression over ``d``, the transcript's dataset) holds; its dataset."""
     page.wait_for_function(
         f"() => {{ const n = document.getElementById('transcript'); const d = n && n.dataset;"

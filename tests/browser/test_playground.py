@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.browser.conftest import EDGE_BODY_LIMIT, KEY, PageWatch, Stack
@@ -29,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 HOSTILE = "<img src=x onerror=alert(1)>"
 SCREENSHOT = Path(os.environ.get("PLAYGROUND_SCREENSHOT", REPO / "tmp" / "playground" / "playground.png"))
 BrowserPage = tuple[Any, PageWatch]
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def open_with_key(page: Any, key: str = KEY, path: str = "/") -> None:
@@ -170,3 +173,38 @@ def test_an_upload_over_the_edge_limit_shows_the_413_message(browser_page: Brows
     error = page.text_content("#error") or ""
     assert error.startswith("413 invalid_request_error: "), error
     assert f"limit {EDGE_BODY_LIMIT}" in error
+
+
+def occupy_the_model(stack: Stack, session_id: str, deadline_s: float = 20.0) -> None:
+    """Start a long generation on the model's only slot (retrying while an earlier one still holds it)."""
+    body = {
+        "messages": [{"role": "user", "content": "occupy"}],
+        "max_tokens": 4000,
+        "stream": True,
+        "session_id": session_id,
+    }
+    deadline = time.monotonic() + deadline_s
+    while True:
+        with httpx.stream(
+            "POST", f"{stack.base}/v1/chat/completions", json=body, headers=AUTH, timeout=30
+        ) as resp:
+            if resp.status_code == 200:
+                return  # the generation goes on after this client leaves
+        assert resp.status_code == 429 and time.monotonic() < deadline, resp.status_code
+        time.sleep(0.1)  # polling for the previous test's generation to leave the slot
+
+
+def test_a_full_model_shows_the_429_with_its_retry_after(browser_page: BrowserPage, stack: Stack) -> None:
+    page, _watch = browser_page
+    busy = "pg-occupant-429"
+    occupy_the_model(stack, busy)
+    try:
+        open_with_key(page)
+        send(page, "Anyone there?", max_tokens=8)
+        page.wait_for_selector("#error:not([hidden])")
+    finally:
+        httpx.post(f"{stack.base}/v1/cancel/{busy}", headers=AUTH, timeout=10)
+    error = page.text_content("#error") or ""
+    assert error.startswith("429 rate_limit_error: "), error
+    assert re.search(r"\nRetry after \d+ s\.$", error), error
+    assert page.get_attribute("#status", "data-state") == "error"

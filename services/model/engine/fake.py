@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from services.model.engine.base import (
     OutputSink,
     Prepared,
 )
+from services.model.engine.fake_structured import pieces, structured_answer
 from services.model.multimodal.limits import MediaLimits, check_media_counts
 from services.model.settings import ModelSettings
 from services.protocol.errors import PromptTooLong
@@ -79,7 +81,11 @@ class FakeEngine:
         prompt_tokens = len(text.split()) + media_tokens
         sampling = self._resolve_sampling(request.sampling, prompt_tokens)
         inputs = fake_text.fake_inputs(text, sampling.seed)
-        return Prepared(request.request_id, sampling, prompt_tokens, inputs)
+        answer = structured_answer(request, text, random.Random(f"{sampling.seed}\x00{text}"))
+        if answer is not None:
+            inputs.answer = pieces(answer)
+        inputs.reasoning_budget = sampling.max_reasoning_tokens
+        return Prepared(request.request_id, sampling, prompt_tokens, inputs, grammar=answer)
 
     def submit(self, prepared: Prepared) -> None:
         """Queue a prepared request (tests): reserve and enqueue in one."""

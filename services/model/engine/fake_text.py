@@ -8,6 +8,10 @@ Directives anywhere in the prompt, for tests:
 - ``[[fake:tokens=N]]``  N text tokens (``</think>`` included) before the end-of-sequence token, instead
                          of 14-44; completion_tokens is then N + 1 (EOS counts, as with the real model)
 - ``[[fake:error]]``     fail with finish_reason "error" after three tokens
+- ``[[fake:tool_call]]`` with tools and ``tool_choice: auto``: the answer calls the first tool
+
+A structured answer (``fake_structured.py``: JSON for a response format, a ``<tool_call>`` block for a forced
+call) replaces the answer words; ``max_reasoning_tokens`` caps the reasoning words before ``</think>``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class FakeInputs:
     text: str
     fail: bool
     length: int
+    answer: list[str] | None = None  # a structured answer's "tokens", replacing the answer words
+    reasoning_budget: int | None = None
 
 
 def fake_inputs(text: str, seed: int | None) -> FakeInputs:
@@ -72,7 +78,7 @@ class FakeRow:
 # --- rows: generation, stop strings, outputs -----------------------------------------------------------
 def new_row(prepared: Prepared, submitted_at: float) -> FakeRow:
     inputs: FakeInputs = prepared.inputs
-    words = _words(inputs.text, prepared.sampling.seed, inputs.length)
+    words = _words(inputs.text, prepared.sampling.seed, inputs.length, inputs.answer, inputs.reasoning_budget)
     stops = [s for s in prepared.sampling.stop if s]
     return FakeRow(prepared=prepared, submitted_at=submitted_at, words=words, stops=stops)
 
@@ -198,18 +204,31 @@ def _natural_length(text: str, seed: int | None) -> int:
     return rng.randint(8, 24) + 1 + rng.randint(5, 19)
 
 
-def _words(text: str, seed: int | None, length: int) -> Iterator[str]:
-    """``length`` tokens: reasoning words, ``</think>``, then answer words ending with a full stop."""
+def _words(
+    text: str,
+    seed: int | None,
+    length: int,
+    answer: list[str] | None = None,
+    reasoning_budget: int | None = None,
+) -> Iterator[str]:
+    """``length`` tokens: reasoning words (at most ``reasoning_budget``), ``</think>``, then answer words
+    ending with a full stop, or the structured ``answer``'s tokens."""
     rng = _rng(text, seed)
     thinking = max(0, (length - 1) // 2)
+    if reasoning_budget is not None:
+        thinking = min(thinking, reasoning_budget)
     for i in range(thinking):
         yield ("" if i == 0 else " ") + rng.choice(_VOCAB)
+    if answer is not None:
+        yield THINK_END
+        yield from answer
+        return
     if length > thinking:
         yield THINK_END
-    answer = length - thinking - 1
-    for i in range(answer):
+    count = length - thinking - 1
+    for i in range(count):
         word = rng.choice(_VOCAB)
         if i == 0:
             yield "\n\n" + word.capitalize()
         else:
-            yield " " + word + ("." if i == answer - 1 else "")
+            yield " " + word + ("." if i == count - 1 else "")

@@ -68,11 +68,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = InstrumentedStore(_build_store(settings), app.state.metrics)
     await _open_store(store, settings)
     model = ModelClient(settings)
-    limits = settings.media_limits()
+    limits = settings.fetch_limits()
     media_client = build_media_client(limits)
     hub = SessionHub(settings, store, model, app.state.metrics)
     hub.start()
-    app.state.hub, app.state.media_client, app.state.media_limits = hub, media_client, limits
+    app.state.hub, app.state.media_client, app.state.fetch_limits = hub, media_client, limits
     try:
         yield
     finally:

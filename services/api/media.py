@@ -15,8 +15,8 @@ Remote URLs go through an SSRF guard:
 * the body is streamed under a running size cap, the whole fetch under one total timeout, and the payload
   must be an image / video by its Content-Type or, for ``application/octet-stream``, by its magic bytes.
 
-``MediaLimits.allow_private`` switches the private-address refusal off (local use and tests only);
-``MediaLimits.allowed_networks`` opens chosen networks (an internal media store) without opening the rest.
+``FetchLimits.allow_private`` switches the private-address refusal off (local use and tests only);
+``FetchLimits.allowed_networks`` opens chosen networks (an internal media store) without opening the rest.
 Cloud metadata addresses and names are refused whatever these say.
 
 Error messages name the URL host at most: never the path or query (signed URLs carry secrets there).
@@ -61,8 +61,9 @@ _USER_AGENT = "qwen3vl-serve-media/1"
 
 
 @dataclass(frozen=True)
-class MediaLimits:
-    """Limits for media resolution.
+class FetchLimits:
+    """Limits for fetching remote media (``image_url``/``video_url``): bytes, time, redirects, networks.
+    (Not the model service's ``MediaLimits``, which bound decoding: pixels, frames, items per request.)
 
     ``allow_private`` is an operator escape hatch for local runs and tests: it lets remote URLs reach
     loopback and private networks. Off by default; never turn it on for a public deployment.
@@ -133,7 +134,7 @@ class SystemResolver:
         return [str(info[4][0]) for info in infos]
 
 
-def build_media_client(limits: MediaLimits) -> httpx.AsyncClient:
+def build_media_client(limits: FetchLimits) -> httpx.AsyncClient:
     """A client suited to :func:`resolve_media`: no environment proxies, no redirects, no keep-alive."""
     return httpx.AsyncClient(
         trust_env=False,
@@ -147,7 +148,7 @@ async def resolve_media(
     url: str,
     kind: MediaKind,
     client: httpx.AsyncClient,
-    limits: MediaLimits,
+    limits: FetchLimits,
     *,
     resolver: Resolver | None = None,
 ) -> bytes:
@@ -178,7 +179,7 @@ def _scheme_of(url: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- data URLs
 
 
-def decode_data_url(url: str, kind: MediaKind, limits: MediaLimits) -> bytes:
+def decode_data_url(url: str, kind: MediaKind, limits: FetchLimits) -> bytes:
     """Decode a ``data:<mime>;base64,<payload>`` URL, checking size before decoding."""
     header, sep, payload = url[5:].partition(",")
     if not sep or len(header) > 256:
@@ -354,7 +355,7 @@ def is_forbidden_address(ip: IPAddress) -> bool:
     )
 
 
-def _check_address(ip: IPAddress, host: str, limits: MediaLimits) -> None:
+def _check_address(ip: IPAddress, host: str, limits: FetchLimits) -> None:
     if is_metadata_address(ip):
         raise ForbiddenMediaAddress(f"media host {host!r} is a cloud metadata endpoint")
     if any(ip in ipaddress.ip_network(net, strict=False) for net in limits.allowed_networks):
@@ -364,7 +365,7 @@ def _check_address(ip: IPAddress, host: str, limits: MediaLimits) -> None:
     raise ForbiddenMediaAddress(f"media host {host!r} resolves to a non-public address")
 
 
-def _check_hostname(host: str, limits: MediaLimits) -> None:
+def _check_hostname(host: str, limits: FetchLimits) -> None:
     if host in _METADATA_NAMES:
         raise ForbiddenMediaAddress(f"media host {host!r} is a cloud metadata endpoint")
     labels = host.split(".")
@@ -393,7 +394,7 @@ def _normalised_host(url: httpx.URL) -> str:
     return host[:-1] if host.endswith(".") else host
 
 
-async def _pin(url: httpx.URL, limits: MediaLimits, resolver: Resolver) -> _Target:
+async def _pin(url: httpx.URL, limits: FetchLimits, resolver: Resolver) -> _Target:
     host = _normalised_host(url)
     if not host:
         raise UnsupportedMediaURL("media URL has no host")
@@ -443,7 +444,7 @@ def _parse_http_url(url: str | httpx.URL, base: httpx.URL | None = None) -> http
 
 
 async def _fetch_remote(
-    url: str, kind: MediaKind, client: httpx.AsyncClient, limits: MediaLimits, resolver: Resolver
+    url: str, kind: MediaKind, client: httpx.AsyncClient, limits: FetchLimits, resolver: Resolver
 ) -> bytes:
     current = _parse_http_url(url)
     host = _normalised_host(current)
@@ -457,7 +458,7 @@ async def _fetch_remote(
 
 
 async def _follow(
-    url: httpx.URL, kind: MediaKind, client: httpx.AsyncClient, limits: MediaLimits, resolver: Resolver
+    url: httpx.URL, kind: MediaKind, client: httpx.AsyncClient, limits: FetchLimits, resolver: Resolver
 ) -> bytes:
     for _ in range(limits.max_redirects + 1):
         target = await _pin(url, limits, resolver)
@@ -482,7 +483,7 @@ def _network_error(host: str, exc: Exception) -> MediaFetchError:
 
 
 async def _send(
-    client: httpx.AsyncClient, target: _Target, kind: MediaKind, limits: MediaLimits
+    client: httpx.AsyncClient, target: _Target, kind: MediaKind, limits: FetchLimits
 ) -> httpx.Response:
     headers = {
         "Accept": f"{kind}/*, application/octet-stream;q=0.5",
@@ -508,7 +509,7 @@ async def _send(
         raise _network_error(target.host, exc) from None
 
 
-async def _read_body(response: httpx.Response, kind: MediaKind, limits: MediaLimits, host: str) -> bytes:
+async def _read_body(response: httpx.Response, kind: MediaKind, limits: FetchLimits, host: str) -> bytes:
     origin = f"media host {host!r}"
     if not 200 <= response.status_code < 300:
         raise MediaFetchError(f"fetching media from {host!r} failed with HTTP {response.status_code}")

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.api.media import MediaLimits
+from services.api.media import FetchLimits
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -102,8 +102,8 @@ class ApiSettings(BaseSettings):
             ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad entry
         return value
 
-    def media_limits(self) -> MediaLimits:
-        return MediaLimits(
+    def fetch_limits(self) -> FetchLimits:
+        return FetchLimits(
             max_image_bytes=self.media_max_image_bytes,
             max_video_bytes=self.media_max_video_bytes,
             fetch_timeout_seconds=self.media_fetch_timeout_seconds,

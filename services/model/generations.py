@@ -26,11 +26,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from services.model.engine.base import FinalOutput, Output, TokenOutput
 from services.model.metrics import ModelMetrics
 from services.protocol.errors import Conflict, NotFound
-from services.protocol.events import Delta, ErrorInfo, Finished, Usage
+from services.protocol.events import Delta, ErrorInfo, Event, Finished, Usage
 
 log = logging.getLogger(__name__)
-
-Event = Delta | Finished
 
 
 # What a retained finished log costs beyond its buffers: the Generation object and its attributes, the

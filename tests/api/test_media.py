@@ -24,11 +24,11 @@ import pytest
 
 from services.api import media
 from services.api.media import (
+    FetchLimits,
     ForbiddenMediaAddress,
     InvalidMediaContent,
     MediaError,
     MediaFetchError,
-    MediaLimits,
     MediaTooLarge,
     UnsupportedMediaURL,
     build_media_client,
@@ -85,9 +85,9 @@ class RecordingTransport(httpx.AsyncBaseTransport):
 # ------------------------------------------------------------------------------------------ data URLs
 
 
-async def resolve_data(url: str, kind: media.MediaKind = "image", limits: MediaLimits | None = None) -> bytes:
+async def resolve_data(url: str, kind: media.MediaKind = "image", limits: FetchLimits | None = None) -> bytes:
     async with httpx.AsyncClient(transport=RecordingTransport()) as client:
-        return await resolve_media(url, kind, client, limits or MediaLimits(), resolver=FakeResolver())
+        return await resolve_media(url, kind, client, limits or FetchLimits(), resolver=FakeResolver())
 
 
 async def test_data_url_png() -> None:
@@ -140,7 +140,7 @@ async def test_data_url_not_base64_or_malformed() -> None:
 
 
 async def test_data_url_over_size_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    limits = MediaLimits(max_image_bytes=100)
+    limits = FetchLimits(max_image_bytes=100)
     with pytest.raises(MediaTooLarge, match="100 bytes"):
         await resolve_data(data_url("image/png", PNG + bytes(100)), limits=limits)
 
@@ -200,7 +200,7 @@ async def test_unsupported_schemes(url: str) -> None:
     transport, resolver = RecordingTransport(), FakeResolver()
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(UnsupportedMediaURL) as info:
-            await resolve_media(url, "image", client, MediaLimits(allow_private=True), resolver=resolver)
+            await resolve_media(url, "image", client, FetchLimits(allow_private=True), resolver=resolver)
     assert "passwd" not in str(info.value)
     assert transport.requests == [] and resolver.calls == []
 
@@ -257,7 +257,7 @@ async def test_guard_refuses_without_traffic(url: str) -> None:
     transport, resolver = RecordingTransport(), FakeResolver(GUARD_TABLE)
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(MediaError):
-            await resolve_media(url, "image", client, MediaLimits(), resolver=resolver)
+            await resolve_media(url, "image", client, FetchLimits(), resolver=resolver)
     assert transport.requests == []
     assert set(resolver.calls) <= set(GUARD_TABLE)  # literals and bad names never reach the resolver
 
@@ -274,7 +274,7 @@ async def test_guard_refuses_without_traffic(url: str) -> None:
 )
 async def test_metadata_refused_even_with_allow_private(url: str) -> None:
     transport = RecordingTransport()
-    limits = MediaLimits(allow_private=True, allowed_networks=("0.0.0.0/0", "::/0"))
+    limits = FetchLimits(allow_private=True, allowed_networks=("0.0.0.0/0", "::/0"))
     async with httpx.AsyncClient(transport=transport) as client:
         with pytest.raises(ForbiddenMediaAddress, match="metadata"):
             await resolve_media(url, "image", client, limits, resolver=FakeResolver())
@@ -285,11 +285,11 @@ async def test_errors_name_the_host_only() -> None:
     async with httpx.AsyncClient(transport=RecordingTransport()) as client:
         with pytest.raises(ForbiddenMediaAddress) as info:
             url = "http://10.0.0.1/private/path?token=SECRET"
-            await resolve_media(url, "image", client, MediaLimits(), resolver=FakeResolver())
+            await resolve_media(url, "image", client, FetchLimits(), resolver=FakeResolver())
         assert "10.0.0.1" in str(info.value) and "SECRET" not in str(info.value)
         with pytest.raises(UnsupportedMediaURL, match="credentials") as info:
             url = f"http://user:SECRET@{PUBLIC_IP}/cat.png"
-            await resolve_media(url, "image", client, MediaLimits(), resolver=FakeResolver())
+            await resolve_media(url, "image", client, FetchLimits(), resolver=FakeResolver())
         assert "SECRET" not in str(info.value)
 
 
@@ -297,7 +297,7 @@ async def test_unresolvable_host() -> None:
     async with httpx.AsyncClient(transport=RecordingTransport()) as client:
         with pytest.raises(MediaFetchError, match="could not resolve"):
             await resolve_media(
-                "https://nx.test/a.png", "image", client, MediaLimits(), resolver=FakeResolver()
+                "https://nx.test/a.png", "image", client, FetchLimits(), resolver=FakeResolver()
             )
 
 
@@ -314,7 +314,7 @@ async def test_request_is_pinned_to_the_validated_ip() -> None:
     resolver = RebindingResolver()
     async with httpx.AsyncClient(transport=transport) as client:
         url = "https://media.example/cats/1.png?sig=abc"
-        assert await resolve_media(url, "image", client, MediaLimits(), resolver=resolver) == PNG
+        assert await resolve_media(url, "image", client, FetchLimits(), resolver=resolver) == PNG
     (request,) = transport.requests
     assert resolver.calls == ["media.example"]
     assert str(request.url) == f"https://{PUBLIC_IP}/cats/1.png?sig=abc"
@@ -328,7 +328,7 @@ async def test_ipv6_pin_keeps_port_and_name() -> None:
     resolver = FakeResolver({"v6.example": ["2606:2800:220:1:248:1893:25c8:1946"]})
     async with httpx.AsyncClient(transport=transport) as client:
         url = "https://v6.example:8443/clip.mp4"
-        assert await resolve_media(url, "video", client, MediaLimits(), resolver=resolver) == MP4
+        assert await resolve_media(url, "video", client, FetchLimits(), resolver=resolver) == MP4
     (request,) = transport.requests
     assert request.url.host == "2606:2800:220:1:248:1893:25c8:1946" and request.url.port == 8443
     assert request.headers["host"] == "v6.example:8443"
@@ -339,7 +339,7 @@ async def test_idna_host_is_resolved_and_presented_encoded() -> None:
     resolver = FakeResolver({"xn--bcher-kva.example": [PUBLIC_IP]})
     async with httpx.AsyncClient(transport=transport) as client:
         url = "https://Bücher.example./a.png"
-        assert await resolve_media(url, "image", client, MediaLimits(), resolver=resolver) == PNG
+        assert await resolve_media(url, "image", client, FetchLimits(), resolver=resolver) == PNG
     (request,) = transport.requests
     assert resolver.calls == ["xn--bcher-kva.example"]
     assert request.extensions["sni_hostname"] == "xn--bcher-kva.example"
@@ -347,10 +347,10 @@ async def test_idna_host_is_resolved_and_presented_encoded() -> None:
 
 def test_limits_validation() -> None:
     with pytest.raises(ValueError):
-        MediaLimits(allowed_networks=("not-a-network",))
+        FetchLimits(allowed_networks=("not-a-network",))
     with pytest.raises(ValueError):
-        MediaLimits(max_redirects=-1)
-    assert MediaLimits().max_bytes("video") == 100 * 1024 * 1024
+        FetchLimits(max_redirects=-1)
+    assert FetchLimits().max_bytes("video") == 100 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------- a real server on 127.0.0.1
@@ -459,13 +459,13 @@ def local_server() -> Iterator[LocalServer]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with build_media_client(MediaLimits()) as media_client:
+    async with build_media_client(FetchLimits()) as media_client:
         yield media_client
 
 
-LOCAL = MediaLimits(allow_private=True, fetch_timeout_seconds=5)
+LOCAL = FetchLimits(allow_private=True, fetch_timeout_seconds=5)
 # A public-looking name that resolves to the test server; only 127.0.0.1 is opened, the guard stays on.
-PINNED = MediaLimits(allowed_networks=("127.0.0.1/32",), fetch_timeout_seconds=5)
+PINNED = FetchLimits(allowed_networks=("127.0.0.1/32",), fetch_timeout_seconds=5)
 
 
 def pinned_resolver() -> FakeResolver:
@@ -493,7 +493,7 @@ async def test_local_server_refused_without_allow_private(
 ) -> None:
     seen = len(local_server.seen)
     with pytest.raises(ForbiddenMediaAddress):
-        await resolve_media(local_server.url("/png"), "image", client, MediaLimits())
+        await resolve_media(local_server.url("/png"), "image", client, FetchLimits())
     assert len(local_server.seen) == seen
 
 
@@ -521,7 +521,7 @@ async def test_fetch_refusals(
 
 @pytest.mark.parametrize("path", ["/big-stream", "/big-length"])
 async def test_size_cap(local_server: LocalServer, client: httpx.AsyncClient, path: str) -> None:
-    limits = MediaLimits(allow_private=True, max_image_bytes=100_000, fetch_timeout_seconds=5)
+    limits = FetchLimits(allow_private=True, max_image_bytes=100_000, fetch_timeout_seconds=5)
     started = time.monotonic()
     with pytest.raises(MediaTooLarge, match="100000 bytes"):
         await resolve_media(local_server.url(path), "image", client, limits)
@@ -530,7 +530,7 @@ async def test_size_cap(local_server: LocalServer, client: httpx.AsyncClient, pa
 
 @pytest.mark.parametrize("path", ["/stall", "/drip"])
 async def test_total_timeout(local_server: LocalServer, client: httpx.AsyncClient, path: str) -> None:
-    limits = MediaLimits(allow_private=True, fetch_timeout_seconds=0.4)
+    limits = FetchLimits(allow_private=True, fetch_timeout_seconds=0.4)
     started = time.monotonic()
     with pytest.raises(MediaFetchError, match=r"timed out after 0\.4s"):
         await resolve_media(local_server.url(path), "image", client, limits)
@@ -548,7 +548,7 @@ async def test_connection_refused(client: httpx.AsyncClient) -> None:
 async def test_redirects_followed(local_server: LocalServer, client: httpx.AsyncClient) -> None:
     relative = local_server.url("/redirect?to=" + urllib.parse.quote("/png"))
     assert await resolve_media(relative, "image", client, LOCAL) == PNG
-    limits = MediaLimits(allow_private=True, max_redirects=3, fetch_timeout_seconds=5)
+    limits = FetchLimits(allow_private=True, max_redirects=3, fetch_timeout_seconds=5)
     assert await resolve_media(local_server.url("/chain/3"), "image", client, limits) == PNG
     with pytest.raises(MediaFetchError, match="too many redirects"):
         await resolve_media(local_server.url("/chain/4"), "image", client, limits)

@@ -59,7 +59,7 @@ async def _start(
     request: Request, hub: SessionHub, req: ChatCompletionRequest, owner: str, session_id: str, started: float
 ) -> tuple[SessionRecord, bool]:
     """Start a generation; when another request created the session meanwhile, attach to that one."""
-    client, limits = request.app.state.media_client, request.app.state.media_limits
+    client, limits = request.app.state.media_client, request.app.state.fetch_limits
 
     async def fetch(url: str, kind: MediaKind) -> bytes:
         return await resolve_media(url, kind, client, limits)

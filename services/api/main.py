@@ -91,6 +91,7 @@ def _build_store(settings: ApiSettings) -> SessionStore:
         sqlite_path=settings.sessions_db_path,
         database_url=database_url,
         fail_fast_seconds=settings.store_fail_fast_seconds,
+        call_timeout_seconds=settings.store_call_timeout_seconds,
     )
 
 

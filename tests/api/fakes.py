@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from services.api.model_client import StreamBroken
-from services.api.store.base import SessionRecord, SessionStore, StoredEvent, StoreUnavailable
+from services.api.store.base import (
+    AppendConflict,
+    SessionRecord,
+    SessionStore,
+    StoredEvent,
+    StoreUnavailable,
+)
 from services.protocol import paths
 from services.protocol.events import Delta, Finished, Usage
 
@@ -91,16 +98,25 @@ class FakeModel:
 class FlakyStore:
     """Wraps a real store and injects store failures: every call but ``wait`` fails while ``down``; the
     appends numbered in ``fail_appends`` (1-based) fail before writing; those in ``lose_answers`` are
-    written and then fail (a commit whose answer was lost). ``failures`` counts every StoreUnavailable the
-    caller saw, injected or real (SQLite locked past its busy timeout)."""
+    written and then fail (a commit whose answer was lost); those in ``late_commits`` fail at once and are
+    written just before the next append runs (a write abandoned at its deadline that reaches the database
+    later). ``failures`` counts every StoreUnavailable the caller saw, injected or real (SQLite locked past
+    its busy timeout)."""
 
     def __init__(
-        self, inner: SessionStore, *, fail_appends: Sequence[int] = (), lose_answers: Sequence[int] = ()
+        self,
+        inner: SessionStore,
+        *,
+        fail_appends: Sequence[int] = (),
+        lose_answers: Sequence[int] = (),
+        late_commits: Sequence[int] = (),
     ) -> None:
         self.inner = inner
         self.down = False
         self.fail_appends = set(fail_appends)
         self.lose_answers = set(lose_answers)
+        self.late_commits = set(late_commits)
+        self._late: tuple[str, Sequence[StoredEvent], dict[str, Any]] | None = None
         self.appends = 0
         self.failures = 0
         self.claims_while_down = 0
@@ -136,6 +152,14 @@ class FlakyStore:
     async def append(self, session_id: str, events: Sequence[StoredEvent], **kw: Any) -> None:
         self._check()
         self.appends += 1
+        if self._late is not None:
+            late, self._late = self._late, None
+            with contextlib.suppress(AppendConflict):  # a stale late write changes nothing, as in SQL
+                await self.inner.append(late[0], late[1], **late[2])
+        if self.appends in self.late_commits:
+            self._late = (session_id, list(events), dict(kw))
+            self.failures += 1
+            raise StoreUnavailable(f"injected deadline of append {self.appends} (it commits later)")
         if self.appends in self.fail_appends:
             self.failures += 1
             raise StoreUnavailable(f"injected failure of append {self.appends}")

@@ -67,26 +67,28 @@ async def run_runner(
 
 
 @pytest.mark.parametrize(
-    ("fail", "lose"),
+    ("fail", "lose", "late"),
     [
-        ((1,), ()),  # the role chunk
-        ((2,), ()),
-        ((3, 4, 5, 6), ()),  # the Nth..N+k-th
-        ((), (2,)),  # stored, answer lost
-        ((), (3,)),
-        ((4, 5), (3,)),  # a lost answer, then the retries fail too
+        ((1,), (), ()),  # the role chunk
+        ((2,), (), ()),
+        ((3, 4, 5, 6), (), ()),  # the Nth..N+k-th
+        ((), (2,), ()),  # stored, answer lost
+        ((), (3,), ()),
+        ((4, 5), (3,), ()),  # a lost answer, then the retries fail too
+        ((), (), (2,)),  # abandoned at its deadline, committed after the runner looked: one conflict
+        ((), (), (3, 4)),  # ... twice in a row
     ],
 )
 async def test_failed_writes_are_retried_until_every_event_is_stored_once(
-    tmp_path: Path, fail: tuple[int, ...], lose: tuple[int, ...]
+    tmp_path: Path, fail: tuple[int, ...], lose: tuple[int, ...], late: tuple[int, ...]
 ) -> None:
     inner = await sqlite_store(tmp_path)
-    store = FlakyStore(inner, fail_appends=fail, lose_answers=lose)
+    store = FlakyStore(inner, fail_appends=fail, lose_answers=lose, late_commits=late)
     try:
         runner, live = await run_runner(store, FakeStream(EVENTS, step_seconds=0.004))  # type: ignore[arg-type]
         events = await inner.read("s1", -1)
         check_complete(events)
-        assert store.failures == len(fail) + len(lose)
+        assert store.failures == len(fail) + len(lose) + len(late)
         assert [e.data for e in live.since(0)] == [e.data for e in events]  # readers saw each once
         record = await inner.get("s1")
         assert record is not None and record.status == "completed" and record.model_seq == 40

@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from services.api.metrics import ApiMetrics
+from services.api.settings import ApiSettings
 from services.api.store.base import StoredEvent, StoreUnavailable
-from services.api.store.postgres import LISTEN_APP_NAME, PostgresStore
+from services.api.store.postgres import LISTEN_APP_NAME, POOL_APP_NAME, PostgresStore
+from services.api.streaming.hub import SessionHub
+from tests.api.fakes import FakeModel, FakeStream
+from tests.api.test_runner import new_record as runner_record
 from tests.api.test_store_contract import new_record
+from tests.api.test_store_faults import EVENTS, check_complete, until
 from tests.e2e.tcp_proxy import TcpProxy
 from tests.helpers.env import free_port
 
@@ -109,3 +116,146 @@ async def test_a_store_down_at_start_connects_on_first_use(postgres_dsn: str, pr
         assert await eventually(store, within=5) < 2.0  # no ping needed: any call reconnects
     finally:
         await store.close()
+
+
+async def test_a_stalled_database_answers_unavailable_within_the_call_timeout_and_heals(
+    postgres_dsn: str, proxy: TcpProxy
+) -> None:
+    """Packets held, sockets open (the proxy stops forwarding): nothing errors, so only the call deadline
+    ends the wait. The first call fails after call_timeout, the next ones within the fail-fast bounds;
+    a wait() never hangs on its look either; once forwarding resumes the store serves again."""
+    store = PostgresStore(via(postgres_dsn, proxy), max_size=4, fail_fast_timeout=0.3, call_timeout=1.0)
+    await store.open()
+    try:
+        record = new_record(status="running")
+        await store.create(record)
+        proxy.stall()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="no answer within 1 s"):
+            await store.get(record.id)
+        took = time.monotonic() - started
+        assert 1.0 <= took < 2.0, took  # the deadline, not the 5 s pool timeout nor forever
+        assert store.failing
+        for call in (store.ping(), store.claim(record.id, "r", 5, time.time()), store.wait(record.id, 5, 30)):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await call
+            assert time.monotonic() - started < 1.0  # fail-fast: 0.3 s for a connection + 0.3 s answer
+        proxy.resume()
+        assert await eventually(store, within=10) < 5.0
+        assert not store.failing and (await store.get(record.id)) is not None
+    finally:
+        proxy.resume()
+        await store.close()
+
+
+async def test_a_saturated_pool_is_not_an_outage(postgres_dsn: str) -> None:
+    """Every pooled connection busy (slow calls behind a row lock): a call that cannot get a connection
+    fails after the pool timeout (503, back-pressure), but the store does not switch to fail-fast nor
+    replace its pool; the slow calls complete once the lock is gone."""
+    import psycopg
+
+    store = PostgresStore(postgres_dsn, max_size=2, pool_timeout=0.4, fail_fast_timeout=0.05, call_timeout=30)
+    await store.open()
+    locker = await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True)
+    try:
+        record = new_record(status="running")
+        await store.create(record)
+        await locker.execute("BEGIN")
+        await locker.execute("SELECT 1 FROM sessions WHERE id = %s FOR UPDATE", (record.id,))
+        slow = [
+            asyncio.create_task(store.update(record.id, now=5.0, reader_seen_at=float(i))) for i in range(2)
+        ]
+        await until_locks_waited(postgres_dsn, 2)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.get(record.id)
+            took = time.monotonic() - started
+            assert took >= 0.35, took  # the pool timeout every time, never the 0.05 s fail-fast
+            reviving = store._reviving  # the probe that tells saturation from an outage
+            if reviving is not None:
+                await reviving
+            assert not store.failing and store.pool_replacements == 0
+        await locker.execute("ROLLBACK")
+        await asyncio.wait_for(asyncio.gather(*slow), 10)
+        got = await store.get(record.id)
+        assert got is not None and got.reader_seen_at in (0.0, 1.0)
+        assert not store.failing and store.pool_replacements == 0
+    finally:
+        await locker.close()
+        await store.close()
+
+
+async def until_locks_waited(dsn: str, waiting: int) -> None:
+    """Poll pg_stat_activity until ``waiting`` pool connections wait for a lock."""
+    import psycopg
+
+    deadline = time.monotonic() + 10
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = %s AND wait_event_type = 'Lock'"
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = await (await conn.execute(query, (POOL_APP_NAME,))).fetchone()
+            if row and row[0] >= waiting:
+                return
+            assert time.monotonic() < deadline, "the slow calls did not start"
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("retry_seconds", [30.0, 0.6], ids=["retried", "handed-over"])
+async def test_a_runner_writing_through_a_stall_completes_once_forwarding_resumes(
+    postgres_dsn: str, proxy: TcpProxy, retry_seconds: float
+) -> None:
+    """The real runner and hub on the real store through a stalled proxy: its writes miss their deadline
+    and go through the retry path (or, past STORE_RETRY_SECONDS, the hand-over and the hub's own
+    takeover); when forwarding resumes (writes abandoned at their deadline may then commit late) the
+    session completes with every event stored exactly once."""
+    store = PostgresStore(via(postgres_dsn, proxy), max_size=4, fail_fast_timeout=0.3, call_timeout=0.5)
+    direct = PostgresStore(postgres_dsn, max_size=2)
+    await store.open()
+    await direct.open()
+    model = FakeModel(EVENTS)
+    settings = ApiSettings(
+        event_flush_ms=5,
+        runner_lease_seconds=5,
+        cancel_after_disconnect_seconds=0,
+        store_retry_seconds=retry_seconds,
+    )
+    hub = SessionHub(settings, store, model, ApiMetrics())  # type: ignore[arg-type]
+    record = runner_record(f"stall-{uuid.uuid4().hex[:8]}")
+    record.runner_id = hub.runner_id
+    await store.create(record)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    try:
+        hub._start(record, FakeStream(EVENTS, gate=gate), None)
+        first = hub._running[record.id]
+        for _ in range(10):
+            gate.put_nowait(None)
+        await until(lambda: first.live.next_index >= 2)
+        proxy.stall()
+        for _ in range(len(EVENTS) - 10):
+            gate.put_nowait(None)  # the rest of the generation, its end included, arrives during the stall
+        await until(lambda: store.failing, within=5)  # a write missed its deadline
+        if retry_seconds < 5:
+            await asyncio.wait_for(first.task, 10)
+            assert first.runner.handed_over and first.live.final_status is None
+        else:
+            await asyncio.sleep(2.0)  # a stall longer than the call timeout, shorter than the retry bound
+            assert not first.task.done()
+        proxy.resume()
+        deadline = time.monotonic() + 20
+        while (got := await direct.get(record.id)) is None or got.status != "completed":
+            assert time.monotonic() < deadline, f"not completed: {got}"
+            await direct.wait(record.id, got.last_index if got else -1, 0.5)
+        check_complete(await direct.read(record.id, -1))
+        # handed over: the hub's takeover re-attached once, or found the session already completed by the
+        # abandoned final write, which reached the server when forwarding resumed
+        assert len(model.reattached) <= (1 if retry_seconds < 5 else 0)
+    finally:
+        proxy.resume()
+        await hub.close()
+        await store.close()
+        await direct.close()

@@ -14,12 +14,19 @@ Concurrency design:
 - The schema is created/migrated at open() under a transaction-scoped advisory lock, so replicas starting
   together do not race on CREATE TABLE.
 
-Outages: after a failed call the store is "failing" until a call succeeds; meanwhile calls wait at most
-``fail_fast_timeout`` for a connection (503 within ~1 s instead of the pool timeout). The pool's own
-reconnection backs off to many seconds, so while failing the store probes the server itself (one direct
-connection at most every ``_PROBE_INTERVAL``) and, once it answers, swaps in a fresh pool: service resumes
-within about a second of the server's return. A store that could not connect at start (re)connects on the
-first call that needs it.
+Outages: every call gets its answer within ``call_timeout`` (STORE_CALL_TIMEOUT_SECONDS) or raises
+StoreUnavailable: a stalled server (packets held, sockets open) cannot hang a caller; the given-up query is
+cancelled in the background (``pg_conn.Abandoned``). libpq keepalives and ``tcp_user_timeout`` turn a
+vanished peer into an error, and the server's ``statement_timeout`` ends statements nobody waits for. After
+a connection-level failure (a dead connection, a missed deadline, a failed probe) the store is "failing"
+until a call succeeds; meanwhile calls wait at most ``fail_fast_timeout`` for a connection and for the
+answer (503 within ~1 s). A pool timeout alone is not an outage (a saturated pool under load): it starts a
+probe, and only a failed probe makes the store failing. The pool's own reconnection backs off to many
+seconds, so while failing the store probes the server itself (one direct connection at most every
+``_PROBE_INTERVAL``) and, once it answers, swaps in a fresh pool: service resumes within about a second of
+the server's return. A store that could not connect at start (re)connects on the first call that needs it.
+The LISTEN connection is checked with a trivial query after ``_LISTEN_CHECK_SECONDS`` without a
+notification and replaced when it does not answer within the call timeout.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -55,6 +62,7 @@ from services.api.store.common import (
     wait_event,
     with_updated,
 )
+from services.api.store.pg_conn import Abandoned, connection_kwargs, within_deadline
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,9 @@ _MIGRATION_LOCK = 0x71766C5F73746F72  # arbitrary advisory-lock key owned by thi
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 _FINAL = sorted(FINAL_STATUSES)
 _PROBE_INTERVAL = 0.5  # seconds between reconnection attempts while failing
+_LISTEN_CHECK_SECONDS = 5.0  # a LISTEN connection quiet this long is asked a trivial query
+_Conn = psycopg.AsyncConnection[Any]
+T = TypeVar("T")
 
 # Each entry: (version, statements), applied once, in order, in one transaction.
 # No index on sessions.updated: every append changes it, and an index would turn those frequent updates into
@@ -161,13 +172,20 @@ class PostgresStore:
         connect_timeout: float = 5.0,
         pool_timeout: float = 5.0,
         fail_fast_timeout: float = 1.0,
+        call_timeout: float = 5.0,
     ) -> None:
+        """``url``: a libpq URL. Seconds: ``connect_timeout`` (a new connection), ``pool_timeout`` (the wait
+        for a pooled connection), ``fail_fast_timeout`` (that wait, and the answer, while failing),
+        ``call_timeout`` (the answer to one call; also the server-side statement_timeout)."""
         self._url = url
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
         self._pool_timeout = pool_timeout
         self._fail_fast = fail_fast_timeout
+        self._call_timeout = call_timeout
+        self._abandoned = Abandoned()  # calls given up at their deadline, finishing in the background
+        self._replacements = 0
         self._pool: AsyncConnectionPool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._setup_lock = asyncio.Lock()
@@ -203,31 +221,39 @@ class PostgresStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
+        await self._abandoned.drain(within=2.0)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
         self._waiters.notify_all()
 
     async def ping(self) -> None:
-        async with self._connection() as conn:
+        async def op(conn: _Conn) -> None:
             await conn.execute("SELECT 1")
+
+        await self._call(op)
 
     # ---- protocol --------------------------------------------------------------------------------------
 
     async def create(self, record: SessionRecord) -> None:
         check_status(record.status)
         values = [_param(name, getattr(record, name)) for name in COLUMNS]
-        async with self._connection() as conn:
+
+        async def op(conn: _Conn) -> None:
             try:
                 await conn.execute(_INSERT_SQL, values)
             except psycopg.errors.UniqueViolation as exc:
                 raise SessionExists(record.id) from exc
 
+        await self._call(op)
+
     async def get(self, session_id: str) -> SessionRecord | None:
-        async with self._connection() as conn:
+        async def op(conn: _Conn) -> dict[str, Any] | None:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(_SELECT_SQL, (session_id,))
-            row = await cursor.fetchone()
+            return await cursor.fetchone()
+
+        row = await self._call(op)
         return None if row is None else record_from_row(row, decode_json=False)
 
     async def append(
@@ -259,10 +285,12 @@ class PostgresStore:
             "channel": CHANNEL,
             "runner": runner_id,
         }
-        async with self._connection() as conn:
+
+        async def op(conn: _Conn) -> Any:
             cursor = await conn.execute(_APPEND_SQL, params)
-            matched = await cursor.fetchone()
-        if matched is None:
+            return await cursor.fetchone()
+
+        if await self._call(op) is None:
             raise AppendConflict(
                 f"session {session_id} is missing, its last_index is not {prev}, or another runner holds it"
             )
@@ -280,26 +308,33 @@ class PostgresStore:
             # Readers wait on status changes too (a cancel, a failure without a final event).
             query = sql.SQL("WITH u AS ({} RETURNING id) SELECT pg_notify(%s, u.id) FROM u").format(query)
             values.append(CHANNEL)
-        async with self._connection() as conn:
+
+        async def op(conn: _Conn) -> None:
             await conn.execute(query, values)
+
+        await self._call(op)
         if "status" in fields:
             self._waiters.notify(session_id)
 
     async def read(self, session_id: str, after: int, limit: int = 1000) -> list[StoredEvent]:
-        async with self._connection() as conn:
+        async def op(conn: _Conn) -> list[tuple[int, str]]:
             cursor = await conn.execute(
                 "SELECT idx, data FROM events WHERE session_id = %s AND idx > %s ORDER BY idx LIMIT %s",
                 (session_id, after, limit),
             )
-            rows = await cursor.fetchall()
-        return [StoredEvent(idx, data) for idx, data in rows]
+            return await cursor.fetchall()
+
+        return [StoredEvent(idx, data) for idx, data in await self._call(op)]
 
     async def wait(self, session_id: str, after: int, timeout: float) -> None:  # noqa: ASYNC109
-        # Register first, then look: a notification arriving in between still wakes us.
+        async def op(conn: _Conn) -> Any:
+            cursor = await conn.execute("SELECT last_index FROM sessions WHERE id = %s", (session_id,))
+            return await cursor.fetchone()
+
+        # Register first, then look: a notification arriving in between still wakes us. The look is a
+        # bounded call; the wait itself holds no connection (the LISTEN task wakes it).
         with self._waiters.register(session_id, after) as waiter:
-            async with self._connection() as conn:
-                cursor = await conn.execute("SELECT last_index FROM sessions WHERE id = %s", (session_id,))
-                row = await cursor.fetchone()
+            row = await self._call(op)
             if row is None or row[0] > after:
                 return
             await wait_event(waiter.event, timeout)
@@ -321,51 +356,89 @@ class PostgresStore:
             "final": _FINAL,
             "dead": takeover_from,
         }
-        async with self._connection() as conn:
-            cursor = await conn.execute(_CLAIM_SQL, params)
-            return cursor.rowcount == 1
+        return await self._call(_rowcount(_CLAIM_SQL, params)) == 1
 
     async def release(self, session_id: str, runner_id: str) -> bool:
-        async with self._connection() as conn:
-            cursor = await conn.execute(_RELEASE_SQL, (session_id, runner_id))
-            return cursor.rowcount == 1
+        return await self._call(_rowcount(_RELEASE_SQL, (session_id, runner_id))) == 1
 
     async def orphans(self, lapsed_before: float, limit: int) -> list[SessionRecord]:
-        async with self._connection() as conn:
+        async def op(conn: _Conn) -> list[dict[str, Any]]:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(_ORPHANS_SQL, (lapsed_before, max(limit, 0)))
-            rows = await cursor.fetchall()
-        return [record_from_row(row, decode_json=False) for row in rows]
+            return await cursor.fetchall()
+
+        return [record_from_row(row, decode_json=False) for row in await self._call(op)]
 
     async def delete_expired(self, now: float, ttl_seconds: float) -> int:
-        async with self._connection() as conn:
+        async def op(conn: _Conn) -> Any:
             cursor = await conn.execute(_DELETE_EXPIRED_SQL, {"final": _FINAL, "cutoff": now - ttl_seconds})
-            row = await cursor.fetchone()
+            return await cursor.fetchone()
+
+        row = await self._call(op)
         count = int(row[0]) if row else 0
         if count:
             self._waiters.notify_all()  # waiters of a deleted session must not sleep to their timeout
         return count
 
+    # ---- state -----------------------------------------------------------------------------------------
+
+    @property
+    def failing(self) -> bool:
+        """The last call failed at the connection level (or a probe did): calls wait at most the fail-fast
+        timeout for a connection and for an answer until one succeeds."""
+        return self._failing
+
+    @property
+    def pool_replacements(self) -> int:
+        """How many times a probe found the server back and a fresh pool replaced the old one."""
+        return self._replacements
+
     # ---- plumbing --------------------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def _call(self, op: Callable[[_Conn], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection. The wait for a connection is bounded by the pool timeout
+        (fail-fast while failing), the answer by the call timeout (fail-fast while failing). Raises
+        StoreUnavailable; switches to failing (and probes) only on a connection-level error, a missed
+        deadline or a failed probe: a saturated pool is not an outage."""
         pool = self._pool or await self._reconnect()
-        timeout = self._fail_fast if self._failing else self._pool_timeout
-        try:
-            async with pool.connection(timeout=timeout) as conn:
-                yield conn
-        except _DB_ERRORS as exc:  # includes the pool's PoolTimeout and PoolClosed
+        failing = self._failing
+        wait = self._fail_fast if failing else self._pool_timeout
+        limit = self._fail_fast if failing else self._call_timeout
+
+        async def attempt(acquired: asyncio.Future[None]) -> T:
+            async with pool.connection(timeout=wait) as conn:
+                acquired.set_result(None)
+                return await op(conn)
+
+        task = await within_deadline(attempt, limit, self._abandoned)
+        if task is None:
             self._failing = True
-            if isinstance(exc, PoolTimeout):
-                self._revive()
-            elif not isinstance(exc, PoolClosed):
+            self._revive(replace=True)
+            raise StoreUnavailable(f"Postgres session store: no answer within {limit:g} s")
+        try:
+            result = task.result()
+        except PoolTimeout as exc:
+            self._revive(replace=self._failing)  # saturated, or the server gone: a probe tells
+            raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+        except psycopg.errors.QueryCanceled as exc:  # statement_timeout: slow, not unreachable
+            raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
+        except _DB_ERRORS as exc:  # includes PoolClosed (the pool was replaced or closed meanwhile)
+            self._failing = True
+            if not isinstance(exc, PoolClosed):
                 # A dead connection usually means a server restart: drop the pool's other dead idle
                 # connections now, so one request answers 503 instead of one per pooled connection.
-                with contextlib.suppress(Exception):
-                    await pool.check()
+                await self._check_pool(pool)
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
         self._failing = False
+        return result
+
+    async def _check_pool(self, pool: AsyncConnectionPool) -> None:
+        async def check(acquired: asyncio.Future[None]) -> None:
+            acquired.set_result(None)
+            await pool.check()
+
+        with contextlib.suppress(Exception):
+            await within_deadline(check, self._fail_fast, self._abandoned)
 
     async def _reconnect(self) -> AsyncConnectionPool:
         """No pool (the server was down at start): set up now, at most once per _PROBE_INTERVAL and within
@@ -385,25 +458,31 @@ class PostgresStore:
             raise StoreUnavailable("the Postgres session store is not connected")
         return self._pool
 
-    def _revive(self) -> None:
-        """The pool has no connection for us: probe the server in the background (rate limited) and, once it
-        answers, replace the pool, whose own reconnection may be backing off for many seconds."""
+    def _revive(self, *, replace: bool) -> None:
+        """Probe the server in the background (rate limited). Unreachable: the store is failing. Reachable
+        and ``replace`` (we were failing): swap in a fresh pool, since the old one's reconnection may be
+        backing off for many seconds. Reachable otherwise: the pool was only saturated; nothing changes."""
         loop = asyncio.get_running_loop()
         if self._reviving is not None and not self._reviving.done():
             return
         if loop.time() - self._probe_at < _PROBE_INTERVAL:
             return
         self._probe_at = loop.time()
-        self._reviving = asyncio.create_task(self._replace_pool(), name="session-store-revive")
+        self._reviving = asyncio.create_task(self._probe(replace), name="session-store-revive")
 
-    async def _replace_pool(self) -> None:
+    async def _probe(self, replace: bool) -> None:
         try:
             async with asyncio.timeout(max(self._fail_fast, 1.0)):
                 probe = await self._connect()
             await probe.close()
         except (StoreUnavailable, TimeoutError) as exc:
-            log.info("session store still unreachable: %s", _first_line(exc))
+            self._failing = True
+            log.info("session store unreachable: %s", _first_line(exc) if str(exc) else "probe timed out")
             return
+        if replace:
+            await self._replace_pool()
+
+    async def _replace_pool(self) -> None:
         fresh = self._new_pool()
         try:
             await fresh.open(wait=True, timeout=self._connect_timeout)
@@ -416,6 +495,7 @@ class PostgresStore:
             await fresh.close()
             return
         old, self._pool = self._pool, fresh  # one step on the loop: callers see the old or the new pool
+        self._replacements += 1
         log.warning("session store reachable again: connection pool replaced")
         if old is not None:
             with contextlib.suppress(Exception):
@@ -427,23 +507,25 @@ class PostgresStore:
             min_size=self._min_size,
             max_size=self._max_size,
             timeout=self._pool_timeout,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, round(self._connect_timeout)),
-                "application_name": POOL_APP_NAME,
-            },
+            kwargs=self._kwargs(POOL_APP_NAME, statements=True),
             open=False,
             name="session-store",
+        )
+
+    def _kwargs(self, application_name: str, *, statements: bool) -> dict[str, Any]:
+        return connection_kwargs(
+            self._url,
+            application_name=application_name,
+            connect_timeout=self._connect_timeout,
+            call_timeout=self._call_timeout,
+            statements=statements,
         )
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         """The migration/LISTEN connection (named, so operators can tell it from the pool's)."""
         try:
             return await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                connect_timeout=max(1, round(self._connect_timeout)),
-                application_name=LISTEN_APP_NAME,
+                self._url, **self._kwargs(LISTEN_APP_NAME, statements=False)
             )
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
@@ -464,7 +546,9 @@ class PostgresStore:
         self._listener = asyncio.create_task(self._listen_loop(listen_conn), name="session-store-listener")
 
     async def _listen_loop(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
-        """Dispatch NOTIFYs to waiters; reconnect with backoff when the connection drops."""
+        """Dispatch NOTIFYs to waiters; reconnect with backoff when the connection drops, or when it does
+        not answer a check (every ``_LISTEN_CHECK_SECONDS`` without a notification) within the call timeout:
+        a stalled connection would otherwise wait for notifications forever."""
         delay = 0.1
         try:
             while True:
@@ -474,12 +558,13 @@ class PostgresStore:
                         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
                         self._waiters.notify_all()  # notifications may have been missed meanwhile
                         delay = 0.1
-                    async for note in conn.notifies():
+                    async for note in conn.notifies(timeout=_LISTEN_CHECK_SECONDS):
                         self._waiters.notify(note.payload)
+                    await self._check_listener(conn)
                 except Exception as exc:  # never die: cross-process wake-ups depend on this task
                     level = logging.WARNING if delay <= 0.1 else logging.DEBUG  # once per outage
                     log.log(level, "session store LISTEN connection lost (%s); retrying", _first_line(exc))
-                    if conn is not None:
+                    if conn is not None and not conn.closed and not isinstance(exc, _Stalled):
                         await conn.close()
                     conn = None
                     await asyncio.sleep(delay)
@@ -487,6 +572,28 @@ class PostgresStore:
         finally:
             if conn is not None:
                 await conn.close()
+
+    async def _check_listener(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raise _Stalled (the connection is left to close in the background) when a trivial query gets no
+        answer within the call timeout."""
+        check = asyncio.create_task(conn.execute("SELECT 1"))
+        await asyncio.wait({check}, timeout=self._call_timeout)
+        if not check.done():
+            self._abandoned.add(check, close=conn)
+            raise _Stalled(f"no answer within {self._call_timeout:g} s")
+        check.result()
+
+
+class _Stalled(Exception):
+    """The LISTEN connection did not answer its check in time."""
+
+
+def _rowcount(query: Any, params: Any) -> Callable[[_Conn], Awaitable[int]]:
+    async def op(conn: _Conn) -> int:
+        cursor = await conn.execute(query, params)
+        return cursor.rowcount
+
+    return op
 
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:

@@ -111,6 +111,7 @@ class _Batch:
     usage: dict[str, int] | None
     final: bool
     uncertain: bool = False  # a write of it failed: a prefix may be stored after all
+    rechecked: bool = False  # an append of it conflicted once; the store was checked since
 
     def extend(self, later: _Batch) -> None:
         """Append a later batch (what arrived while this one could not be written)."""
@@ -367,8 +368,9 @@ class SessionRunner:
 
     async def _flush(self) -> None:
         """Store everything pending (one batch), retrying with back-off while the store is unavailable;
-        each retry includes what arrived meanwhile. Raises LeaseLost (another runner holds the session) or
-        HandOver (the store stayed down past STORE_RETRY_SECONDS)."""
+        each retry includes what arrived meanwhile. An append that conflicts is settled once (what the store
+        holds is compared with the batch) and retried. Raises LeaseLost (another runner holds the session)
+        or HandOver (the store stayed down past STORE_RETRY_SECONDS)."""
         retry = _Retry(self.session_id, self._d.settings.store_retry_seconds)
         self._merge_pending()
         while (batch := self._batch) is not None:
@@ -381,6 +383,13 @@ class SessionRunner:
                 batch.uncertain = True
                 await retry.pause(exc)
                 self._merge_pending()
+                continue
+            except AppendConflict as exc:
+                # A write abandoned at its deadline may commit late (a stalled database that resumes):
+                # look once at what is stored before concluding that another runner holds the session.
+                if batch.rechecked:
+                    raise LeaseLost from exc
+                batch.uncertain = batch.rechecked = True
                 continue
             self._batch = None
         if retry.failures:
@@ -396,19 +405,16 @@ class SessionRunner:
                 self._batch.extend(later)
 
     async def _append(self, batch: _Batch) -> None:
-        try:
-            await self._d.store.append(
-                self.session_id,
-                batch.events,
-                model_seq=batch.model_seq,
-                status=batch.status,
-                finish_reason=batch.finish_reason,
-                usage=batch.usage,
-                now=time.time(),
-                runner_id=self._d.runner_id,
-            )
-        except AppendConflict as exc:
-            raise LeaseLost from exc
+        await self._d.store.append(
+            self.session_id,
+            batch.events,
+            model_seq=batch.model_seq,
+            status=batch.status,
+            finish_reason=batch.finish_reason,
+            usage=batch.usage,
+            now=time.time(),
+            runner_id=self._d.runner_id,
+        )
         self._live.publish(batch.events)
         batch.events = []
         batch.final = False  # written: the loop's next look finds nothing left

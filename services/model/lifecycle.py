@@ -21,10 +21,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
-from services.model.engine.base import Engine, EngineStats
+from services.model.engine.base import Engine, EngineStats, Output
 from services.model.generations import GenerationRegistry
 from services.model.metrics import ModelMetrics
 from services.model.settings import ModelSettings
@@ -148,7 +148,8 @@ class ModelService:
                 engine.start(self.registry.sink)
                 self._engine, self._state, self._reason = engine, "ready", "ready"
         if not installed:
-            log.info("engine loaded after shutdown began; not starting it")
+            log.info("engine loaded after shutdown began; shutting it down")
+            _stop_unused(engine)
             return False
         self.metrics.ready.set(1)
         return True
@@ -234,6 +235,23 @@ class ModelService:
         self.begin_drain()
         if self._drain is not None:
             await self._drain
+
+
+def _stop_unused(engine: Engine) -> None:
+    """Release an engine that was built but will never serve (its child process, weights, GPU memory).
+
+    Started first with a sink that drops everything: ``shutdown`` is defined on a started engine (a
+    ``ProcessEngine`` learns that its child drained through its reader thread). It holds no requests, so
+    the drain is immediate. Runs in the loader thread, never on the event loop."""
+    try:
+        engine.start(_drop_outputs)
+        engine.shutdown(0.0)
+    except Exception:
+        log.exception("shutting down an engine that loaded after shutdown began failed")
+
+
+def _drop_outputs(batch: Sequence[tuple[str, Output]]) -> None:
+    """The sink of an engine that never serves: it has no requests, so nothing arrives."""
 
 
 def _describe_load_error(exc: Exception) -> str:

@@ -39,12 +39,19 @@ class MortalEngine(FakeEngine):
         super().__init__(settings, observer=observer)
         self.failure: str | None = None
         self._on_exit = None
+        self.started = False
+        self.stopped = False
 
     def watch(self, on_exit) -> None:  # type: ignore[no-untyped-def]
         self._on_exit = on_exit
 
     def start(self, sink: OutputSink) -> None:
         super().start(sink)
+        self.started = True
+
+    def shutdown(self, grace_seconds: float) -> None:
+        super().shutdown(grace_seconds)
+        self.stopped = True
 
     def die(self) -> None:
         self.failure = "the engine process exited (exit code -9)"
@@ -54,14 +61,20 @@ class MortalEngine(FakeEngine):
 
 
 class Factory:
-    """Counts the engines it built; ``fail_after`` builds, the next ones raise."""
+    """Counts the engines it built; ``fail_after`` builds, the next ones raise. With ``gate``, every build
+    sets ``building`` and then waits for the gate (a slow weight load the test controls)."""
 
-    def __init__(self, fail_after: int | None = None) -> None:
+    def __init__(self, fail_after: int | None = None, gate: threading.Event | None = None) -> None:
         self.engines: list[MortalEngine] = []
         self.fail_after = fail_after
+        self.gate = gate
+        self.building = threading.Event()
         self.lock = threading.Lock()
 
     def __call__(self, settings: ModelSettings, metrics: ModelMetrics) -> MortalEngine:
+        if self.gate is not None:
+            self.building.set()
+            assert self.gate.wait(30), "the test never opened the gate"
         with self.lock:
             if self.fail_after is not None and len(self.engines) >= self.fail_after:
                 raise OSError("CUDA error: device lost")
@@ -129,6 +142,18 @@ def test_a_drain_during_the_back_off_stops_the_restart() -> None:
         started = time.monotonic()
     # leaving the server drained it: the 30 s back-off was cut short and no engine was built
     assert time.monotonic() - started < 15 and len(factory.engines) == 1
+
+
+def test_an_engine_that_loads_after_the_drain_began_is_shut_down() -> None:
+    gate = threading.Event()
+    factory = Factory(gate=gate)
+    with serve_in_thread(_settings(), factory) as url, httpx.Client(base_url=url, timeout=10) as client:
+        assert factory.building.wait(15), "the engine load never began"
+        assert client.get("/ready").json()["status"] == "loading"
+    # the server drained while the weights were loading; now the load completes
+    gate.set()
+    wait_for(lambda: len(factory.engines) == 1 and factory.engines[0].stopped, what="the late engine stopped")
+    assert factory.engines[0].started  # started with a sink that drops everything, then shut down at once
 
 
 # --- the real thing: SIGKILL the engine child of a real model service ---------------------------------------

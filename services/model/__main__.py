@@ -1,4 +1,8 @@
-"""``python -m services.model``: one uvicorn worker on MODEL_HOST:MODEL_PORT with a draining shutdown."""
+"""``python -m services.model``: one uvicorn worker on MODEL_HOST:MODEL_PORT with a draining shutdown.
+
+Exit status: 0 after SIGTERM/SIGINT, 2 for an invalid setting, ``EXIT_ENGINE_GAVE_UP`` (69) when the engine
+could not be healed within ENGINE_MAX_RESTARTS: every supervisor then restarts the whole service.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 # the api's (gunicorn) setting; a shared .env must not switch the single-process model service into that mode.
 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
+import asyncio
 import logging
 import sys
 from types import FrameType
@@ -23,6 +28,10 @@ log = logging.getLogger("services.model")
 
 # Beyond the engine's grace: time for the last Finished events to be written and the sockets to close.
 CLOSE_MARGIN_SECONDS = 5.0
+# Past ENGINE_MAX_RESTARTS, /health answers 503 with the reason this long (a probe, the api or an operator can
+# read it), then the process exits so that make run, Docker's restart policy or Kubernetes starts it anew.
+GIVE_UP_EXIT_DELAY_SECONDS = 2.0
+EXIT_ENGINE_GAVE_UP = 69  # EX_UNAVAILABLE (sysexits.h)
 
 
 class DrainingServer(uvicorn.Server):
@@ -36,12 +45,28 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self._app = app
+        self.gave_up: str | None = None  # why the engine could not be healed, once the exit began
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         service = getattr(self._app.state, "service", None)
         if service is not None:
             service.request_drain_threadsafe()
         super().handle_exit(sig, frame)
+
+    def give_up(self, reason: str) -> None:
+        """On the event loop, when the engine cannot be healed: stop (draining, as on SIGTERM) after
+        ``GIVE_UP_EXIT_DELAY_SECONDS``; ``main`` then exits with ``EXIT_ENGINE_GAVE_UP``."""
+        log.error(
+            "exiting with status %d in %.0f s so that the supervisor restarts the service: %s",
+            EXIT_ENGINE_GAVE_UP,
+            GIVE_UP_EXIT_DELAY_SECONDS,
+            reason,
+        )
+        asyncio.get_running_loop().call_later(GIVE_UP_EXIT_DELAY_SECONDS, self._stop_after_giving_up, reason)
+
+    def _stop_after_giving_up(self, reason: str) -> None:
+        self.gave_up = reason
+        self.should_exit = True  # uvicorn's main loop sees it within 0.1 s
 
 
 def load_settings() -> ModelSettings:
@@ -59,7 +84,11 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+
+    def give_up(reason: str) -> None:
+        server.give_up(reason)  # the server exists before the lifespan can call this
+
+    app = create_app(settings, on_give_up=give_up)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -71,6 +100,9 @@ def main() -> None:
     )
     server = DrainingServer(config, app)
     server.run()
+    if server.gave_up is not None:
+        log.error("model service exits with status %d: %s", EXIT_ENGINE_GAVE_UP, server.gave_up)
+        raise SystemExit(EXIT_ENGINE_GAVE_UP)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ it through ``watch``; its requests have ended with an error by then. The service
 ``restarting`` (``/ready`` 503 "engine restarting") and loads a new engine after a back-off
 (ENGINE_RESTART_BACKOFF_SECONDS, doubling with each restart within ENGINE_RESTART_WINDOW_SECONDS, at most
 ``MAX_BACKOFF_SECONDS``). More than ENGINE_MAX_RESTARTS deaths or failed reloads within the window: the
-service gives up (``failed``, not ``live``): ``/health`` answers 503 and the orchestrator restarts it.
+service gives up (``failed``, not ``live``): ``/health`` answers 503 and ``on_give_up`` is told the reason on
+the loop; ``python -m services.model`` then exits non-zero, so any supervisor (``make run``, Docker's restart
+policy, Kubernetes) starts the whole service anew.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 State = Literal["loading", "ready", "restarting", "failed", "draining"]
 EngineFactory = Callable[[ModelSettings, ModelMetrics], Engine]
+GiveUpHook = Callable[[str], None]
 MAX_BACKOFF_SECONDS = 60.0
 
 
@@ -69,11 +72,15 @@ class ModelService:
         metrics: ModelMetrics,
         registry: GenerationRegistry,
         engine_factory: EngineFactory = build_engine,
+        on_give_up: GiveUpHook | None = None,
     ) -> None:
+        """``on_give_up(reason)``: called once, on the event loop, when the engine cannot be healed (the
+        process's owner decides what to do: ``__main__`` exits; tests only look at ``/health``)."""
         self.settings = settings
         self.metrics = metrics
         self.registry = registry
         self._factory = engine_factory
+        self._on_give_up = on_give_up
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()  # state is written by the loader thread and read by the loop
         self._state: State = "loading"
@@ -176,12 +183,19 @@ class ModelService:
             self._state, self.live = "failed", False
             self._reason = f"{reason}; gave up after {limit} engine restarts within {window:.0f} s"
             log.error("engine cannot be healed: %s (liveness now fails)", self._reason)
+            self._tell_give_up(self._reason)
             return
         delay = min(self.settings.engine_restart_backoff_seconds * 2 ** (recent - 1), MAX_BACKOFF_SECONDS)
         self._state = "restarting"
         self._reason = f"engine restarting ({reason}; restart {recent} of at most {limit}, in {delay:.1f} s)"
         log.warning("%s", self._reason)
         threading.Thread(target=self._restart, args=(delay,), name="engine-restart", daemon=True).start()
+
+    def _tell_give_up(self, reason: str) -> None:
+        if self._on_give_up is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: the process is ending anyway
+            self._loop.call_soon_threadsafe(self._on_give_up, reason)
 
     def _restart(self, delay: float) -> None:
         old = self._engine

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from services.model.auth import InternalTokenMiddleware
 from services.model.generations import GenerationRegistry
 from services.model.http_errors import install_error_handlers
-from services.model.lifecycle import EngineFactory, ModelService, build_engine
+from services.model.lifecycle import EngineFactory, GiveUpHook, ModelService, build_engine
 from services.model.metrics import ModelMetrics
 from services.model.routes import router
 from services.model.settings import ModelSettings
@@ -20,9 +20,14 @@ from services.model.settings import ModelSettings
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ModelSettings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+def create_app(
+    settings: ModelSettings | None = None,
+    engine_factory: EngineFactory | None = None,
+    on_give_up: GiveUpHook | None = None,
+) -> FastAPI:
     """``settings`` None: read the environment at startup (a bad value stops the service, naming it).
-    ``engine_factory`` None: ENGINE decides (tests pass their own to control loading)."""
+    ``engine_factory`` None: ENGINE decides (tests pass their own to control loading).
+    ``on_give_up(reason)``: called on the loop once the engine cannot be healed (``__main__`` exits)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -35,7 +40,7 @@ def create_app(settings: ModelSettings | None = None, engine_factory: EngineFact
             stream_interval_seconds=resolved.stream_interval_ms / 1000,
             retention_bytes=resolved.finished_retention_bytes,
         )
-        service = ModelService(resolved, metrics, registry, engine_factory or build_engine)
+        service = ModelService(resolved, metrics, registry, engine_factory or build_engine, on_give_up)
         app.state.settings = resolved
         app.state.service = service
         if resolved.internal_token is None:

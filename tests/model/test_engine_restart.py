@@ -1,11 +1,12 @@
 """A dead engine heals: the service restarts it after a back-off, says so on /ready, and gives up (liveness
-503) past ENGINE_MAX_RESTARTS. The policy runs on the fake engine; the real thing kills the engine child
-of a real model service process on the tiny checkpoint."""
+503, then the process exits non-zero) past ENGINE_MAX_RESTARTS. The policy runs on the fake engine; the
+real thing kills the engine child of a real model service process on the tiny checkpoint."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -81,6 +82,9 @@ class Factory:
             engine = MortalEngine(settings, observer=metrics)
             self.engines.append(engine)
             return engine
+
+
+EXIT_ENGINE_GAVE_UP = 69  # services/model/__main__.py (not imported: importing it edits os.environ)
 
 
 def _settings(**overrides: object) -> ModelSettings:
@@ -169,11 +173,11 @@ def _engine_child(pid: int) -> int:
     raise AssertionError(f"no engine child under {pid}")
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _real_service(tiny_model_dir: Path, log_dir: Path, name: str, **env: str) -> tuple[Proc, str]:
+    """``python -m services.model`` on the tiny checkpoint with its engine in a child process; started, not
+    yet ready (the caller waits)."""
     port = free_port()
-    env = {
+    base = {
         "ENGINE": "hf",
         "ENGINE_PROCESS": "1",
         "MODEL_REPO_ID": str(tiny_model_dir),
@@ -182,11 +186,16 @@ def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Pat
         "TORCH_THREADS": "1",
         "MODEL_HOST": "127.0.0.1",
         "MODEL_PORT": str(port),
-        "ENGINE_RESTART_BACKOFF_SECONDS": "0.5",
         "SHUTDOWN_GRACE_SECONDS": "2",
     }
-    proc = Proc("model-heal", [sys.executable, "-m", "services.model"], env, tmp_path, REPO)
-    url = f"http://127.0.0.1:{port}"
+    proc = Proc(name, [sys.executable, "-m", "services.model"], {**base, **env}, log_dir, REPO)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    proc, url = _real_service(tiny_model_dir, tmp_path, "model-heal", ENGINE_RESTART_BACKOFF_SECONDS="0.5")
     try:
         proc.wait_http(f"{url}/ready", timeout=180)
         first = _engine_child(proc.popen.pid)
@@ -218,3 +227,26 @@ def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Pat
     finally:
         proc.stop()
         assert proc.popen.returncode is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_past_the_restart_limit_a_real_service_exits_non_zero_saying_why(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # ENGINE_MAX_RESTARTS=0: the first death is past the limit. The process must end by itself (make run,
+    # Docker's restart policy and Kubernetes all restart a process that exits; none restarts a 503).
+    proc, url = _real_service(tiny_model_dir, tmp_path, "model-give-up", ENGINE_MAX_RESTARTS="0")
+    try:
+        proc.wait_http(f"{url}/ready", timeout=180)
+        os.kill(_engine_child(proc.popen.pid), signal.SIGKILL)
+        try:
+            returncode = proc.popen.wait(timeout=60)  # 2 s of 503 on /health, then a drain of a dead engine
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the service did not exit:\n{proc.log_tail()}") from None
+        assert returncode == EXIT_ENGINE_GAVE_UP, proc.log_tail()
+        log = proc.log_tail(200)
+        assert "gave up after 0 engine restarts" in log and "exit code -9" in log, log
+        assert f"model service exits with status {EXIT_ENGINE_GAVE_UP}" in log, log
+    finally:
+        proc.stop()

@@ -24,16 +24,23 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ModelMetrics:
+    """The model service's metrics on their own ``registry``; rendered by ``render`` at scrape."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._add_request_metrics(self.registry)
+        self._add_engine_metrics(self.registry)
+        # Reported by an engine in a child process (ENGINE_PROCESS): its RSS adds to ours, its devices' rows
+        # are set as they are (this process never imports torch then).
+        self.engine_process_memory: dict[tuple[str, str], float] = {}
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Per-request outcomes, tokens and latencies (seconds)."""
         self.requests = Counter(
             "model_requests", "Generation requests by outcome", ["outcome"], registry=r
         )  # exported as model_requests_total
         for outcome in OUTCOMES:
             self.requests.labels(outcome)  # every series exists from the start, so rate() sees the first one
-        self.queue_depth = Gauge("model_queue_depth", "Requests waiting for a batch slot", registry=r)
-        self.running = Gauge("model_running_generations", "Requests in the running batch", registry=r)
         self.ttft = Histogram(
             "model_time_to_first_token_seconds",
             "Submit to first generated token",
@@ -54,6 +61,11 @@ class ModelMetrics:
         self.cancellations = Counter(
             "model_cancellations", "Cancel calls that stopped a generation", registry=r
         )
+
+    def _add_engine_metrics(self, r: CollectorRegistry) -> None:
+        """The engine's state: queue, batch, steps (seconds), readiness, restarts, memory (bytes)."""
+        self.queue_depth = Gauge("model_queue_depth", "Requests waiting for a batch slot", registry=r)
+        self.running = Gauge("model_running_generations", "Requests in the running batch", registry=r)
         self.engine_restarts = Counter(
             "model_engine_restarts", "Engines started anew after the engine process died", registry=r
         )  # exported as model_engine_restarts_total
@@ -74,9 +86,6 @@ class ModelMetrics:
         self.device_memory = Gauge(
             "model_device_memory_bytes", "Memory in use by device and kind", ["device", "kind"], registry=r
         )
-        # Reported by an engine in a child process (ENGINE_PROCESS): its RSS adds to ours, its devices' rows
-        # are set as they are (this process never imports torch then).
-        self.engine_process_memory: dict[tuple[str, str], float] = {}
 
     # --- the scheduler observer -------------------------------------------------------------------
     def on_step(self, batch_size: int, seconds: float, prefill_tokens: int = 0) -> None:

@@ -13,12 +13,13 @@ import json
 import random
 from typing import Any
 
-from services.protocol.errors import InvalidSchema
+from services.protocol.errors import InvalidRequest, InvalidSchema
 from services.protocol.generate import GenerateRequest
 
 TOOL_DIRECTIVE = "[[fake:tool_call]]"
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 _DEPTH = 16
+_MAX_ITEMS = 64  # the fake writes at most this many array items (a real model is cut by max_tokens)
 
 
 def structured_answer(request: GenerateRequest, prompt: str, rng: random.Random) -> str | None:
@@ -36,17 +37,28 @@ def structured_answer(request: GenerateRequest, prompt: str, rng: random.Random)
             for i, t in enumerate(request.tools)
             if mode == "required" or t.function.name == request.tool_choice.name
         ]
+        if not chosen:
+            raise InvalidRequest("`tool_choice` names no function of `tools`")
         index, tool = chosen[0]
         param = f"tools[{index}].function.parameters"
         schema = tool.function.parameters or {"type": "object"}
-        arguments = instance(schema, rng, param)
+        arguments = _safe_instance(schema, rng, param)
         call = {"name": tool.function.name, "arguments": arguments}
         return "<tool_call>\n" + json.dumps(call, ensure_ascii=False) + "\n</tool_call>"
     rf = request.response_format
     if rf is None or rf.type == "text":
         return None
     schema = rf.json_schema if rf.type == "json_schema" and rf.json_schema else {"type": "object"}
-    return json.dumps(instance(schema, rng, "response_format"), ensure_ascii=False)
+    return json.dumps(_safe_instance(schema, rng, "response_format"), ensure_ascii=False)
+
+
+def _safe_instance(schema: Any, rng: random.Random, param: str) -> Any:
+    """``instance``, with a schema whose values it cannot use (a non-number bound, ...) refused like one
+    the real compiler rejects."""
+    try:
+        return instance(schema, rng, param)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise InvalidSchema(f"{param}: the JSON schema cannot be used: {type(exc).__name__}") from None
 
 
 def instance(schema: Any, rng: random.Random, param: str, depth: int = 0) -> Any:
@@ -73,7 +85,7 @@ def _value(kind: str, schema: dict[str, Any], rng: random.Random, param: str, de
         props = schema.get("properties") or {}
         return {name: instance(sub, rng, param, depth + 1) for name, sub in props.items()}
     if kind == "array":
-        count = max(int(schema.get("minItems", 1)), 0)
+        count = min(max(int(schema.get("minItems", 1)), 0), _MAX_ITEMS)
         return [instance(schema.get("items", {}), rng, param, depth + 1) for _ in range(count)]
     if kind in ("integer", "number"):
         low = int(schema.get("minimum", 0))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.protocol.errors import InvalidSchema
+from services.protocol.errors import InvalidRequest, InvalidSchema
 from services.protocol.generate import GenerateRequest, Tool
 
 CACHE_BYTES = 64 * 1024 * 1024
@@ -105,6 +105,8 @@ def tool_call_grammar(request: GenerateRequest) -> Any:
         for i, t in enumerate(request.tools)
         if request.tool_choice.mode == "required" or t.function.name == request.tool_choice.name
     ]
+    if not chosen:
+        raise InvalidRequest("`tool_choice` names no function of `tools`")
     calls = [_call_grammar(i, tool) for i, tool in chosen]
     body = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     head = xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"')

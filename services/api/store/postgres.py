@@ -424,6 +424,7 @@ class PostgresStore:
             raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
         except _DB_ERRORS as exc:  # includes PoolClosed (the pool was replaced or closed meanwhile)
             self._failing = True
+            self._revive(replace=True)
             if not isinstance(exc, PoolClosed):
                 # A dead connection usually means a server restart: drop the pool's other dead idle
                 # connections now, so one request answers 503 instead of one per pooled connection.
@@ -459,9 +460,10 @@ class PostgresStore:
         return self._pool
 
     def _revive(self, *, replace: bool) -> None:
-        """Probe the server in the background (rate limited). Unreachable: the store is failing. Reachable
-        and ``replace`` (we were failing): swap in a fresh pool, since the old one's reconnection may be
-        backing off for many seconds. Reachable otherwise: the pool was only saturated; nothing changes."""
+        """Probe the server in the background (one prober at a time, rate limited). Unreachable: the store
+        is failing, and the prober keeps probing until the server answers. Reachable after failing (or with
+        ``replace``): swap in a fresh pool, since the old one's reconnection may be backing off for many
+        seconds. Reachable at the first probe without ``replace``: the pool was only saturated."""
         loop = asyncio.get_running_loop()
         if self._reviving is not None and not self._reviving.done():
             return
@@ -471,35 +473,49 @@ class PostgresStore:
         self._reviving = asyncio.create_task(self._probe(replace), name="session-store-revive")
 
     async def _probe(self, replace: bool) -> None:
-        try:
-            async with asyncio.timeout(max(self._fail_fast, 1.0)):
-                probe = await self._connect()
-            await probe.close()
-        except (StoreUnavailable, TimeoutError) as exc:
-            self._failing = True
-            log.info("session store unreachable: %s", _first_line(exc) if str(exc) else "probe timed out")
+        """Probe until the server answers (every ``_PROBE_INTERVAL`` while it does not, so each process
+        heals within about a second of its return without a request paying for it); then, when we were
+        failing, replace the pool."""
+        failures = 0
+        while not self._closed:
+            try:
+                async with asyncio.timeout(max(self._fail_fast, 1.0)):
+                    probe = await self._connect()
+                await probe.close()
+            except (StoreUnavailable, TimeoutError) as exc:
+                self._failing = replace = True
+                failures += 1
+                level = logging.INFO if failures == 1 else logging.DEBUG
+                log.log(level, "session store unreachable: %s", _first_line(exc) if str(exc) else "timeout")
+                await asyncio.sleep(_PROBE_INTERVAL)
+                self._probe_at = asyncio.get_running_loop().time()
+                if not self._failing:  # a call succeeded meanwhile: the pool healed by itself
+                    return
+                continue
+            if replace and await self._replace_pool():
+                self._failing = False  # the fresh pool connected: calls get the normal bounds again
             return
-        if replace:
-            await self._replace_pool()
 
-    async def _replace_pool(self) -> None:
+    async def _replace_pool(self) -> bool:
+        """Open a fresh pool and swap it in; False when it could not connect (or the store closed)."""
         fresh = self._new_pool()
         try:
             await fresh.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
             await fresh.close()
             if isinstance(exc, _DB_ERRORS):
-                return
+                return False
             raise
         if self._pool is None:  # closed meanwhile
             await fresh.close()
-            return
+            return False
         old, self._pool = self._pool, fresh  # one step on the loop: callers see the old or the new pool
         self._replacements += 1
         log.warning("session store reachable again: connection pool replaced")
         if old is not None:
             with contextlib.suppress(Exception):
                 await old.close(timeout=1.0)
+        return True
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(

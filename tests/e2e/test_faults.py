@@ -3,8 +3,10 @@
 - a SIGKILLed gunicorn worker: a client that resumes sees new events within 3 s (the default 10 s lease is
   not waited out: the dead owner process is recognised);
 - the database unreachable (a TCP proxy in front of the real Postgres is cut): /ready, status and new
-  sessions answer 503 within ~1 s, and serve again within seconds of its return;
-- the model service restarted: /ready and requests agree, in every worker, with a long status cache.
+  sessions answer 503 well within the pool timeout (the fail-fast path), from whichever worker answers, and
+  serve again within seconds of its return;
+- the model service restarted: /ready and requests agree, from whichever worker answers, with a long
+  status cache.
 """
 
 from __future__ import annotations
@@ -81,11 +83,20 @@ def test_resume_after_a_worker_is_killed_sees_new_events_within_3_seconds(logs: 
         api.proc.stop()
 
 
-def expect_503(response: httpx.Response, started: float, within: float = 1.5) -> None:
+FAIL_FAST = 1.0  # STORE_FAIL_FAST_SECONDS given to the api below
+POOL_TIMEOUT = 5.0  # what a call would wait for a connection without fail-fast (the store's pool timeout)
+# Halfway between the two: a loaded 2-core box may add a second to a 1 s answer, but a call that waited out
+# the pool timeout can never pass.
+BOUND = (FAIL_FAST + POOL_TIMEOUT) / 2
+HEAL_WITHIN = 3.0  # seconds after the database's return: probes every 0.5 s, a fresh pool, a loaded box
+
+
+def expect_503(response: httpx.Response, started: float) -> float:
     took = time.monotonic() - started
     assert response.status_code == 503, response.text
     assert response.json()["error"]["type"] == "service_unavailable_error"
-    assert took < within, f"503 took {took:.2f} s"
+    assert took < BOUND, f"503 took {took:.2f} s (fail-fast {FAIL_FAST} s, pool timeout {POOL_TIMEOUT} s)"
+    return took
 
 
 @pytest.mark.postgres
@@ -95,33 +106,44 @@ def test_database_unreachable_answers_503_within_a_second_and_heals(
     proxy = TcpProxy("127.0.0.1", 5432, free_port()).start()
     dsn = postgres_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     assert dsn != postgres_dsn
-    api = start_api(logs, model_urls=[model.url], env={"DATABASE_URL": dsn}, name="api-db503")
+    env = {"DATABASE_URL": dsn, "STORE_FAIL_FAST_SECONDS": str(FAIL_FAST)}
+    api = start_api(logs, model_urls=[model.url], env=env, name="api-db503")
+    # A fresh connection per request: any worker may answer any of them (keep-alive would pin one), and
+    # each answer must meet the bound whichever worker it is, on its first failure or a later one.
+    fresh = httpx.Limits(max_keepalive_connections=0)
     try:
-        with httpx.Client(base_url=api.url, timeout=30) as c:
+        with httpx.Client(base_url=api.url, timeout=30, limits=fresh) as c:
             sid = f"db-{uuid.uuid4().hex[:8]}"
             assert c.post("/v1/chat/completions", json=body(3, session_id=sid)).status_code == 200
             proxy.down()
-            for _ in range(3):  # both workers, after their first failure too
+            took: list[float] = []
+            for _ in range(3):
                 for method, path, payload in (
                     ("GET", "/ready", None),
                     ("GET", f"/v1/sessions/{sid}", None),
                     ("POST", "/v1/chat/completions", body(3)),
                 ):
                     started = time.monotonic()
-                    expect_503(c.request(method, path, json=payload), started)
+                    took.append(expect_503(c.request(method, path, json=payload), started))
+            print(f"503s while the database is unreachable: max {max(took):.2f} s over {len(took)}")
             proxy.up()
-            started = time.monotonic()
+            returned = time.monotonic()
             while c.get("/ready").status_code != 200:
-                assert time.monotonic() - started < 5, "the api did not recover"
+                assert time.monotonic() - returned < HEAL_WITHIN, "the api did not recover"
+                time.sleep(0.05)
+            # Each worker's store probes by itself while failing: HEAL_WITHIN after the database's return
+            # every worker serves, whether or not a request reached it meanwhile.
+            time.sleep(max(0.0, returned + HEAL_WITHIN - time.monotonic()))
             for _ in range(4):
                 assert c.post("/v1/chat/completions", json=body(3)).status_code == 200
-                assert c.get(f"/v1/sessions/{sid}").json()["status"] == "completed"
+                got = c.get(f"/v1/sessions/{sid}")
+                assert got.status_code == 200 and got.json()["status"] == "completed", got.text
     finally:
         api.proc.stop()
         proxy.close()
 
 
-def test_after_a_model_restart_ready_and_requests_agree_in_every_worker(logs: Path) -> None:
+def test_after_a_model_restart_ready_and_requests_agree_whichever_worker_answers(logs: Path) -> None:
     port = free_port()
     env = {"FAKE_STEP_SECONDS": "0.001"}
     model = start_model(logs, name="model-restart", env=env, port=port)
@@ -132,7 +154,9 @@ def test_after_a_model_restart_ready_and_requests_agree_in_every_worker(logs: Pa
         with httpx.Client(
             base_url=api.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
         ) as c:
-            for _ in range(6):  # every worker has seen the replica ready
+            # fresh connections: whichever worker answers (the kernel picks), each answer must be right;
+            # several requests make it likely, not certain, that both workers' caches are exercised
+            for _ in range(6):
                 assert c.post("/v1/chat/completions", json=body(3)).status_code == 200
             model.proc.stop()
             for _ in range(6):

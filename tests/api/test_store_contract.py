@@ -649,3 +649,32 @@ def test_factory_picks_backend() -> None:
     assert isinstance(
         create_store(persist=False, sqlite_path="x.db", database_url="postgresql://h/d"), PostgresStore
     )
+
+
+def test_postgres_connection_settings_keep_what_the_url_says() -> None:
+    from services.api.store.pg_conn import connection_kwargs
+
+    url = "postgresql://u@h:5/d?options=-c%20search_path%3Dx&keepalives_idle=30"
+    kw = connection_kwargs(url, application_name="a", connect_timeout=2.4, call_timeout=1.5, statements=True)
+    assert kw["options"] == "-c search_path=x -c statement_timeout=1500"
+    assert "keepalives_idle" not in kw and kw["keepalives"] == 1 and kw["tcp_user_timeout"] == 1500
+    assert (kw["connect_timeout"], kw["autocommit"], kw["application_name"]) == (2, True, "a")
+    listen = connection_kwargs(
+        "postgresql://h/d", application_name="l", connect_timeout=5, call_timeout=5, statements=False
+    )
+    assert "options" not in listen and listen["tcp_user_timeout"] == 5000
+
+
+@pytest.mark.postgres
+def test_postgres_connections_carry_the_statement_timeout(postgres_dsn: str) -> None:
+    import psycopg
+
+    from services.api.store.pg_conn import connection_kwargs
+
+    kw = connection_kwargs(
+        postgres_dsn, application_name="t", connect_timeout=5, call_timeout=2.5, statements=True
+    )
+    with psycopg.connect(postgres_dsn, **kw) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("2500ms",)
+        params = conn.info.get_parameters()  # what libpq was given (client side)
+        assert params["tcp_user_timeout"] == "2500" and params["keepalives"] == "1"

@@ -203,8 +203,8 @@ def test_shutdown_cancels_what_outlives_the_grace(make_engine) -> None:
 
 def test_a_row_that_fails_in_a_step_fails_alone(make_engine) -> None:
     """A hostile prepared request (``max_tokens`` None, as if every check upstream were bypassed) and a
-    prompt with a lone surrogate join two running rows: the hostile one fails alone, the surrogate one
-    runs, and the running rows produce exactly the text of a run without them."""
+    normal prompt join two running rows: the hostile one fails alone, the other one runs, and the running
+    rows produce exactly the text of a run without them."""
     prompts = {rid: f"[[fake:tokens=200]] a long story {rid}" for rid in ("a", "b")}
     reference, ref_sink = make_engine(fake_step_seconds=0)
     for rid, text in prompts.items():
@@ -218,7 +218,9 @@ def test_a_row_that_fails_in_a_step_fails_alone(make_engine) -> None:
     base = asyncio.run(engine.prepare(request("hostile")))
     sampling = base.sampling.model_copy(update={"max_tokens": None})  # not validated: reaches the engine
     engine.submit(Prepared("hostile", sampling, base.prompt_tokens, base.inputs))
-    run(engine, request("surrogate", "a\ud83d b [[fake:tokens=6]]"))
+    # (a lone surrogate, which once failed its step here, is refused by the protocol at the boundary now:
+    # tests/model/test_media_messages.py)
+    run(engine, request("surrogate", "a b [[fake:tokens=6]]"))
     final = sink.final("hostile")
     assert final.finish_reason == "error" and final.error
     assert sink.final("surrogate").finish_reason == "stop"

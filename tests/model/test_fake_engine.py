@@ -205,7 +205,7 @@ def test_a_row_that_fails_in_a_step_fails_alone(make_engine) -> None:
     """A hostile prepared request (``max_tokens`` None, as if every check upstream were bypassed) and a
     normal prompt join two running rows: the hostile one fails alone, the other one runs, and the running
     rows produce exactly the text of a run without them."""
-    prompts = {rid: f"[[fake:tokens=200]] a long story {rid}" for rid in ("a", "b")}
+    prompts = {rid: f"[[fake:tokens=600]] a long story {rid}" for rid in ("a", "b")}  # ~3 s: room under load
     reference, ref_sink = make_engine(fake_step_seconds=0)
     for rid, text in prompts.items():
         run(reference, request(rid, text, seed=4))

@@ -23,7 +23,9 @@ from array import array
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from services.model.engine.base import FinalOutput, Output, TokenOutput
+from services.model.engine.base import FinalOutput, Output, TokenLogprobs, TokenOutput
+from services.model.engine.logprobs import merge as merge_logprobs
+from services.model.engine.logprobs import to_delta_logprobs
 from services.model.metrics import ModelMetrics
 from services.protocol.errors import Conflict, NotFound
 from services.protocol.events import Delta, ErrorInfo, Event, Finished, Usage
@@ -44,9 +46,11 @@ class CompactLog:
     32-bit ints. ``finished`` is the last event (seq n). A re-attach rebuilds only the events it asks for.
     """
 
-    __slots__ = ("_marks", "content", "finished", "reasoning")
+    __slots__ = ("_logprobs", "_marks", "content", "finished", "reasoning")
 
     def __init__(self, deltas: Sequence[Delta], finished: Finished) -> None:
+        # logprobs (requests that asked for them) are kept as they were, per delta: they are the bulk
+        self._logprobs = [d.logprobs for d in deltas] if any(d.logprobs for d in deltas) else None
         self.reasoning = "".join(d.reasoning for d in deltas)
         self.content = "".join(d.content for d in deltas)
         marks = array("I")
@@ -66,7 +70,15 @@ class CompactLog:
     def nbytes(self) -> int:
         """Approximate bytes held by this log (texts, marks and the fixed per-log overhead)."""
         marks = self._marks.buffer_info()[1] * self._marks.itemsize
-        return sys.getsizeof(self.reasoning) + sys.getsizeof(self.content) + marks + LOG_OVERHEAD_BYTES
+        texts = sys.getsizeof(self.reasoning) + sys.getsizeof(self.content)
+        return texts + marks + self._logprobs_bytes() + LOG_OVERHEAD_BYTES
+
+    def _logprobs_bytes(self) -> int:
+        """About what the kept logprob entries hold (~200 bytes per candidate as Python objects)."""
+        if self._logprobs is None:
+            return 0
+        entries = [e for d in self._logprobs if d is not None for e in (*d.reasoning, *d.content)]
+        return sum(200 * (1 + len(e.top_logprobs)) for e in entries)
 
     def events_from(self, index: int) -> list[Event]:
         """The events with seq >= ``index`` (``[]`` past the end), identical to the ones first streamed."""
@@ -76,7 +88,10 @@ class CompactLog:
             r_start, c_start = (marks[3 * i - 3], marks[3 * i - 2]) if i else (0, 0)
             r_end, c_end, tokens = marks[3 * i], marks[3 * i + 1], marks[3 * i + 2]
             reasoning, content = self.reasoning[r_start:r_end], self.content[c_start:c_end]
-            out.append(Delta(seq=i, reasoning=reasoning, content=content, tokens=tokens))
+            delta = Delta(seq=i, reasoning=reasoning, content=content, tokens=tokens)
+            if self._logprobs is not None:
+                delta.logprobs = self._logprobs[i]
+            out.append(delta)
         if index <= count:
             out.append(self.finished)
         return out
@@ -99,6 +114,7 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.pending_tokens = 0  # tokens of outputs that carried no text yet, folded into the next delta
+        self.pending_logprobs: TokenLogprobs | None = None  # their logprob entries, likewise
         self._waiters: list[asyncio.Future[None]] = []  # woken by every append
         self._final_waiters: list[asyncio.Future[None]] = []  # woken by Finished only
 
@@ -127,13 +143,19 @@ class Generation:
         return self._compact.nbytes
 
     def append_delta(self, out: TokenOutput) -> bool:
-        """False when the output carried no text (its tokens then travel with the next delta)."""
+        """False when the output carried no text and no logprobs (its tokens then travel with the next
+        delta); an output with logprobs always makes a delta (its tokens' entries are never dropped)."""
         self.pending_tokens += out.tokens
-        if not out.reasoning and not out.content:
+        self.pending_logprobs = merge_logprobs(self.pending_logprobs, out.logprobs)
+        if not out.reasoning and not out.content and self.pending_logprobs is None:
             return False
         tokens, self.pending_tokens = self.pending_tokens, 0
+        logprobs, self.pending_logprobs = self.pending_logprobs, None
         seq = len(self._live)
-        self._live.append(Delta(seq=seq, reasoning=out.reasoning, content=out.content, tokens=tokens))
+        delta = Delta(seq=seq, reasoning=out.reasoning, content=out.content, tokens=tokens)
+        if logprobs is not None:
+            delta.logprobs = to_delta_logprobs(logprobs)
+        self._live.append(delta)
         return True
 
     def append_finished(self, out: FinalOutput, now: float) -> Finished:

@@ -22,16 +22,42 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class TopLogprob(BaseModel):
+    """One candidate token: its text (special tokens by name), its natural-log probability (-9999.0 for a
+    token that could not be drawn) and its UTF-8 bytes (None for a special token, which has no text)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token with the most likely candidates of the same distribution, most likely first."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class DeltaLogprobs(BaseModel):
+    """The logprobs of the tokens a delta accounts for, in generation order: those generated while the
+    model was reasoning (``</think>`` included) and those of the answer."""
+
+    reasoning: list[TokenLogprob] = Field(default_factory=list)
+    content: list[TokenLogprob] = Field(default_factory=list)
+
+
 class Delta(BaseModel):
     """New text since the previous event. ``reasoning`` is text before ``</think>``, ``content`` after it;
     the model service splits on the token, so one delta may carry both (the tail of the thinking and
-    the head of the answer). ``tokens`` is how many generated tokens this delta accounts for."""
+    the head of the answer). ``tokens`` is how many generated tokens this delta accounts for; ``logprobs``
+    (requests with ``top_logprobs`` set) holds one entry per such token, so a delta may carry logprobs
+    and no text (e.g. the end-of-sequence token)."""
 
     type: Literal["delta"] = "delta"
     seq: int
     reasoning: str = ""
     content: str = ""
     tokens: int = 0
+    logprobs: DeltaLogprobs | None = None
 
 
 class Finished(BaseModel):

@@ -12,6 +12,7 @@ TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
+MAX_TOP_LOGPROBS = 20  # the OpenAI reference's bound
 
 
 def _unicode(text: str) -> str:
@@ -50,6 +51,9 @@ class SamplingParams(BaseModel):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     # tokens of reasoning before the server closes the thinking block itself (0: at once; None: no limit)
     max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    # per generated token, its log-probability and the ``top_logprobs`` most likely alternatives
+    # (see ``events.TokenLogprob``); None: no logprobs for this request (nothing computed for its row)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class TextPart(BaseModel):

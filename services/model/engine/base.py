@@ -19,15 +19,31 @@ from typing import Any, Protocol
 
 from services.protocol.generate import GenerateRequest, SamplingParams
 
+Candidate = tuple[str, float, bytes | None]
+"""A token's text (special tokens by name), its log-probability and its bytes (None: a special token)."""
+LogprobEntry = tuple[str, float, bytes | None, tuple[Candidate, ...]]
+"""A generated token as a ``Candidate`` followed by its distribution's top candidates, most likely first."""
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Logprob entries of the tokens a ``TokenOutput`` covers: generated while reasoning (``</think>``
+    included), then in the answer."""
+
+    reasoning: list[LogprobEntry]
+    content: list[LogprobEntry]
+
 
 @dataclass(slots=True)
 class TokenOutput:
     """Text produced for one request in one step (either field may be empty, e.g. a held-back partial
-    UTF-8 character or a possible stop-string prefix). ``tokens`` counts generated tokens it covers."""
+    UTF-8 character or a possible stop-string prefix). ``tokens`` counts generated tokens it covers;
+    ``logprobs`` (requests with ``top_logprobs`` set only) has one entry for each of them."""
 
     reasoning: str
     content: str
     tokens: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(slots=True)

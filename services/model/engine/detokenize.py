@@ -18,8 +18,8 @@ request is finished (``stopped``).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -43,6 +43,7 @@ class TokenTable:
     pieces: tuple[bytes, ...]
     think_start_id: int | None = None
     think_end_id: int | None = None
+    special_names: Mapping[int, str] = field(default_factory=dict)  # special tokens (no text) by id
 
     def piece(self, token_id: int) -> bytes:
         return self.pieces[token_id] if 0 <= token_id < len(self.pieces) else b""
@@ -63,6 +64,10 @@ class TokenTable:
             pieces=tuple(pieces),
             think_start_id=_token_id(tokenizer, "<think>"),
             think_end_id=_token_id(tokenizer, "</think>"),
+            special_names={
+                **{i: names[i] for i in special if 0 <= i < len(names) and names[i]},
+                **{i: tok.content for i, tok in added.items() if tok.special},
+            },
         )
 
 

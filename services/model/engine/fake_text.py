@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from services.model.engine.base import FinalOutput, Output, Prepared, TokenOutput
+from services.model.engine.base import FinalOutput, LogprobEntry, Output, Prepared, TokenLogprobs, TokenOutput
 from services.protocol.errors import InvalidMedia
 from services.protocol.generate import ImagePart, Message, TextPart
 
@@ -69,6 +69,7 @@ class FakeRow:
     generated: int = 0
     unreported: int = 0  # tokens not yet accounted for in a TokenOutput
     done: bool = False
+    logprobs: TokenLogprobs | None = None  # entries of the unreported tokens (top_logprobs set)
 
     @property
     def request_id(self) -> str:
@@ -91,6 +92,7 @@ def advance(row: FakeRow) -> list[tuple[str, Output]]:
     word = next(row.words, None)
     row.generated += 1
     row.unreported += 1
+    _keep_logprob(row, word)
     if word is None:  # end of sequence: the EOS token counts, like the real model's <|im_end|>
         return finish(row, "stop")
     row.text += word
@@ -111,7 +113,7 @@ def finish(row: FakeRow, reason: str, error: str | None = None) -> list[tuple[st
     """Flush held-back text (and unreported tokens), then the FinalOutput."""
     row.done = True
     out: list[tuple[str, Output]] = []
-    if row.emitted < len(row.text) or row.unreported:
+    if row.emitted < len(row.text) or row.unreported or row.logprobs is not None:
         out.append((row.request_id, _output(row, len(row.text))))
     out.append((row.request_id, final(row, reason, error)))
     return out
@@ -127,7 +129,38 @@ def _output(row: FakeRow, upto: int) -> TokenOutput:
         reasoning = row.text[start : min(row.emitted, marker)]
         content = row.text[max(start, marker + len(THINK_END)) : row.emitted]
     tokens, row.unreported = row.unreported, 0
-    return TokenOutput(reasoning=reasoning, content=content, tokens=tokens)
+    logprobs, row.logprobs = row.logprobs, None
+    return TokenOutput(reasoning=reasoning, content=content, tokens=tokens, logprobs=logprobs)
+
+
+def _keep_logprob(row: FakeRow, word: str | None) -> None:
+    """The fake's logprob entry of the token ``word`` (None: end of sequence), held until the row's next
+    output: a reasoning token until ``</think>`` (itself included), then an answer token."""
+    k = row.prepared.sampling.top_logprobs
+    if k is None:
+        return
+    if row.logprobs is None:
+        row.logprobs = TokenLogprobs([], [])
+    reasoning = THINK_END not in row.text
+    entry = fake_logprob(word, row.generated, k)
+    (row.logprobs.reasoning if reasoning else row.logprobs.content).append(entry)
+
+
+def fake_logprob(word: str | None, position: int, k: int) -> LogprobEntry:
+    """A deterministic entry: the token (``<|im_end|>``, a special token without bytes, for None) with a
+    log-probability from its text and position, and ``k`` candidates sorted most likely first, the token
+    itself first among them."""
+    digest = hashlib.blake2b(f"{position}\x00{word}".encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    logprob = -int.from_bytes(digest, "big") % 1000 / 400.0
+    token = (
+        (word, logprob, word.encode("utf-8", "surrogatepass"))
+        if word is not None
+        else ("<|im_end|>", logprob, None)
+    )
+    others = [w for w in _VOCAB if w != word][: max(k - 1, 0)]
+    tops = [token[:3]] if k else []
+    tops += [(" " + w, logprob - 0.5 * (i + 1), (" " + w).encode()) for i, w in enumerate(others)]
+    return (*token, tuple(tops))
 
 
 def final(row: FakeRow, reason: str, error: str | None = None) -> FinalOutput:

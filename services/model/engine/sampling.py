@@ -205,6 +205,7 @@ class BatchSampler:
         self.device = torch.device(device)
         self._rows: list[RowSampler] = []
         self._plain_greedy = True
+        self._drawn_from: torch.Tensor | None = None  # the last sample's (B, V) logits, penalties applied
 
     def set_rows(self, rows: Sequence[RowSampler]) -> None:
         """Group ``rows`` (the batch's rows in order) and build their parameter tensors."""
@@ -236,11 +237,13 @@ class BatchSampler:
         entries are ignored); ``None`` draws them here. Passing them lets a failed step be retried without
         drawing twice."""
         if self._plain_greedy:
+            self._drawn_from = logits
             return row_argmax(logits)
         # A copy only when penalties write into it: the caller's logits stay untouched.
         x = logits.to(torch.float32, copy=bool(self._penalised))
         if self._penalised:
             self._apply_penalties(x)
+        self._drawn_from = x
         if self._all_greedy:
             return row_argmax(x)
         out = row_argmax(x) if self._any_greedy else torch.zeros(len(self._rows), dtype=torch.long)
@@ -255,6 +258,27 @@ class BatchSampler:
                 gu = torch.tensor([u[i] for i in group.rows], dtype=torch.float32).to(x.device)
                 out.index_copy_(0, group.index, fn(part, group, gu))
         return out
+
+    def logprobs(
+        self, rows: Sequence[int], tokens: torch.Tensor, k: int
+    ) -> tuple[list[float], list[list[int]], list[list[float]]]:
+        """Log-probabilities of the last :meth:`sample` call for the rows at ``rows`` (indices in its row
+        order): of their tokens (``tokens`` (B,), what was picked for every row) and the ``k`` (0..vocab)
+        most likely ids of the same distribution, most likely first. The distribution is
+        :func:`log_distribution` of the logits that call drew from (penalties applied, and whatever the
+        caller wrote into them before: grammar masks, a forced ``</think>``). Only these rows are computed.
+
+        Returns (chosen (r,), top ids (r, k), top log-probs (r, k)) as Python lists; -inf stays -inf."""
+        x = self._drawn_from
+        assert x is not None, "sample() first"
+        idx = torch.tensor(list(rows), dtype=torch.long, device=x.device)
+        temps = [self._rows[i].config.temperature for i in rows]
+        lp = log_distribution(x.index_select(0, idx), temps)
+        chosen = lp.gather(1, tokens.to(x.device).index_select(0, idx)[:, None]).reshape(-1)
+        if k > 0:
+            values, ids = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+            return chosen.tolist(), ids.tolist(), values.tolist()
+        return chosen.tolist(), [[] for _ in rows], [[] for _ in rows]
 
     def record(self, tokens: Sequence[int]) -> None:
         """Account the step's tokens (one per row, in row order) for the penalties of the next steps."""
@@ -348,6 +372,15 @@ class BatchSampler:
         row_idx = torch.tensor(rows, dtype=torch.long)[:, None].expand_as(ids)
         # Padding entries point at token 0 with a zero delta; accumulate makes duplicates add up.
         x.index_put_((row_idx.to(x.device), ids.to(x.device)), -delta.to(x.device), accumulate=True)
+
+
+def log_distribution(x: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """(r, V) float32 log-probabilities: ``log_softmax(x / t)`` per row over the whole vocabulary, with
+    ``t`` the row's temperature, 1 for a greedy row (temperature 0: its token is the row's most likely
+    one). Top-k / top-p truncation is not applied. ``x`` (r, V) any float dtype; masked entries (-inf)
+    stay -inf."""
+    t = torch.tensor([v if v > 0.0 else 1.0 for v in temperatures], dtype=torch.float32, device=x.device)
+    return torch.log_softmax(x.to(torch.float32) / t[:, None], dim=-1)
 
 
 def draw_step(rows: Sequence[RowSampler]) -> list[float]:

@@ -56,15 +56,18 @@ from services.model.engine.base import (
     EngineObserver,
     EngineStats,
     FinalOutput,
+    LogprobEntry,
     Output,
     OutputSink,
     Prepared,
+    TokenLogprobs,
     TokenOutput,
 )
 from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
 from services.model.engine.isolate import Probe, culprits
+from services.model.engine.logprobs import entries as logprob_entries
 from services.model.engine.sampling import (
     BatchSampler,
     InvalidSampling,
@@ -100,6 +103,8 @@ class _Row:
     reasoning_tokens: int = 0
     generated: int = 0
     unreported: int = 0  # generated tokens not yet covered by a TokenOutput
+    top_logprobs: int | None = None  # None: no logprobs for this row
+    logprobs: TokenLogprobs | None = None  # entries of the unreported tokens (rows with top_logprobs)
     finish_reason: str | None = None
     error: str | None = None
 
@@ -371,6 +376,7 @@ class Scheduler:
             max_tokens=prepared.sampling.max_tokens or 1,
             grammar=prepared.grammar,
             reasoning_budget=prepared.sampling.max_reasoning_tokens,
+            top_logprobs=prepared.sampling.top_logprobs,
         )
 
     def _forward(
@@ -454,15 +460,51 @@ class Scheduler:
         self._sampler.record(token_ids)
         assert self._batch is not None
         self._batch.tokens = tokens.reshape(-1, 1)
+        entries = self._logprobs(step, tokens, token_ids)
         now = time.perf_counter()
         for row, token in zip(self._rows, token_ids, strict=True):
             if row.finish_reason is not None:
-                continue  # failed in this step already (its grammar): nothing more to report
+                continue  # failed in this step already (its grammar, its logprobs): nothing more to report
             try:
+                self._keep_logprob(row, entries.get(row))
                 self._advance(step, row, token, now)
             except Exception as exc:  # the row's own detokenizing or bookkeeping: that row alone fails
                 log.exception("output of %s failed", row.request_id)
                 self._fail_rows(step, [row], f"generation failed: {exc}")
+
+    def _logprobs(self, step: _Step, tokens: torch.Tensor, token_ids: list[int]) -> dict[_Row, LogprobEntry]:
+        """This step's logprob entry of every row that asks for them (computed for those rows only, from
+        the distribution the sampler drew from); when that raises, those rows fail and the others go on."""
+        wanted = [
+            i for i, r in enumerate(self._rows) if r.top_logprobs is not None and r.finish_reason is None
+        ]
+        if not wanted:
+            return {}
+        try:
+            k = max(self._rows[i].top_logprobs or 0 for i in wanted)
+            chosen, top_ids, top_values = self._sampler.logprobs(wanted, tokens, k)
+            ks = [self._rows[i].top_logprobs or 0 for i in wanted]
+            found = logprob_entries(
+                self._table,
+                [token_ids[i] for i in wanted],
+                chosen,
+                [ids[:n] for ids, n in zip(top_ids, ks, strict=True)],
+                [values[:n] for values, n in zip(top_values, ks, strict=True)],
+            )
+        except Exception as exc:
+            log.exception("logprobs failed for %d rows", len(wanted))
+            self._fail_rows(step, [self._rows[i] for i in wanted], f"logprobs failed: {exc}")
+            return {}
+        return {self._rows[i]: entry for i, entry in zip(wanted, found, strict=True)}
+
+    def _keep_logprob(self, row: _Row, entry: LogprobEntry | None) -> None:
+        """Hold the token's entry until the row's next output (it is a reasoning token while the row has
+        not closed its thinking: ``</think>`` itself included)."""
+        if entry is None:
+            return
+        if row.logprobs is None:
+            row.logprobs = TokenLogprobs([], [])
+        (row.logprobs.reasoning if row.detok.in_reasoning else row.logprobs.content).append(entry)
 
     def _sample(
         self, step: _Step, logits: torch.Tensor, draws: list[float]
@@ -535,7 +577,9 @@ class Scheduler:
 
     def _pickable(self, row: _Row, logits: torch.Tensor) -> bool:
         config = row.sampler.config
-        return self._config.pick_greedy and config.greedy and not config.penalised and logits.is_cpu
+        # A row with logprobs is masked instead: its numbers come from the masked distribution.
+        plain = config.greedy and not config.penalised and row.top_logprobs is None
+        return self._config.pick_greedy and plain and logits.is_cpu
 
     def _mask_buffer(self) -> torch.Tensor:
         if self._bitmask is None:
@@ -563,17 +607,18 @@ class Scheduler:
                 tail = row.detok.finish()
                 piece = Piece(piece.reasoning + tail.reasoning, piece.content + tail.content)
         if piece.reasoning or piece.content:
-            step.outputs.append((row.request_id, TokenOutput(piece.reasoning, piece.content, row.unreported)))
-            row.unreported = 0
+            output = TokenOutput(piece.reasoning, piece.content, row.unreported, row.logprobs)
+            step.outputs.append((row.request_id, output))
+            row.unreported, row.logprobs = 0, None
         if row.finish_reason is not None:
             self._final(step, row)
 
     def _final(self, step: _Step, row: _Row) -> None:
-        if row.unreported:
+        if row.unreported or row.logprobs is not None:
             # Tokens that released no text (eos, a held-back stop prefix, a cancelled partial character)
-            # still count in the token metrics.
-            step.outputs.append((row.request_id, TokenOutput("", "", row.unreported)))
-            row.unreported = 0
+            # still count in the token metrics (and still have their logprobs).
+            step.outputs.append((row.request_id, TokenOutput("", "", row.unreported, row.logprobs)))
+            row.unreported, row.logprobs = 0, None
         reason = row.finish_reason or "error"
         final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error)
         step.outputs.append((row.request_id, final))

@@ -22,15 +22,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.model.engine.base import Admitted, FinalOutput, MemoryRows, Output, TokenOutput
+from services.model.engine.base import (
+    Admitted,
+    FinalOutput,
+    MemoryRows,
+    Output,
+    TokenLogprobs,
+    TokenOutput,
+)
 from services.protocol.generate import GenerateRequest
 
 __all__ = ["Admitted"]  # re-exported: the same value is the child's answer and admit's result
 
 _TOKEN, _FINAL = 0, 1
-PackedOutput = tuple[str, int, str | int, str | int, int, str | None]
-"""``(request_id, 0, reasoning, content, tokens, None)`` or
-``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error)``."""
+PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | None]
+"""``(request_id, 0, reasoning, content, tokens, None, logprobs)`` or
+``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, None)``."""
 
 
 # ---- parent -> child --------------------------------------------------------------------------------
@@ -111,16 +118,16 @@ def pack_outputs(outputs: Sequence[tuple[str, Output]]) -> list[PackedOutput]:
     packed: list[PackedOutput] = []
     for rid, out in outputs:
         if isinstance(out, TokenOutput):
-            packed.append((rid, _TOKEN, out.reasoning, out.content, out.tokens, None))
+            packed.append((rid, _TOKEN, out.reasoning, out.content, out.tokens, None, out.logprobs))
         else:
             packed.append(
-                (rid, _FINAL, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error)
+                (rid, _FINAL, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error, None)
             )
     return packed
 
 
 def _unpack(p: PackedOutput) -> tuple[str, Output]:
-    rid, kind, a, b, n, error = p
+    rid, kind, a, b, n, error, logprobs = p
     if kind == _TOKEN:
-        return rid, TokenOutput(str(a), str(b), n)
+        return rid, TokenOutput(str(a), str(b), n, logprobs)
     return rid, FinalOutput(str(a), int(b), n, error)

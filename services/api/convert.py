@@ -45,6 +45,7 @@ def to_sampling(req: ChatCompletionRequest) -> SamplingParams:
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=req.repetition_penalty,
         max_reasoning_tokens=req.reasoning_budget(),
+        top_logprobs=req.logprob_candidates(),
     )
 
 

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from services.api.settings import SESSION_ID_PATTERN
-from services.protocol.generate import INT32_MAX, INT64_MAX, INT64_MIN
+from services.protocol.generate import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS
 
 MAX_STOP_CHARS = 1000  # per stop string
 MAX_MODEL_CHARS = 256
@@ -249,11 +249,13 @@ class ChatCompletionRequest(_Lenient):
     # extension: reasoning tokens before the server closes the thinking block itself (0: at once)
     max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
 
+    # per-token log-probabilities: choices[].logprobs.content (answer tokens) and .reasoning_content
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
     # accepted only so they can be refused by name (see unsupported_params)
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     logit_bias: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
@@ -274,6 +276,14 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("`stream_options` is only allowed when `stream` is true")
         return value
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # as the OpenAI API answers; `logprobs` is declared first, so it is validated already
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("`top_logprobs` is only allowed when `logprobs` is true")
+        return value
+
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, value: object) -> object:
@@ -288,6 +298,11 @@ class ChatCompletionRequest(_Lenient):
 
     def stop_list(self) -> list[str]:
         return list(self.stop or [])
+
+    def logprob_candidates(self) -> int | None:
+        """How many candidates per token when logprobs are asked for (``top_logprobs``, 0 by default);
+        None when they are not."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def effective_top_k(self) -> int | None:
         return 0 if self.top_k == -1 else self.top_k
@@ -354,10 +369,6 @@ def unsupported_params(req: ChatCompletionRequest) -> str | None:
         return "functions"
     if req.function_call not in (None, "none"):
         return "function_call"
-    if req.logprobs:
-        return "logprobs"
-    if req.top_logprobs:
-        return "top_logprobs"
     return _unsupported_outputs(req)
 
 

@@ -19,6 +19,8 @@ MESSAGE_KEYS = {"role", "content", "refusal"}
 CHUNK_KEYS = {"id", "object", "created", "model", "choices"}
 CHUNK_CHOICE_KEYS = {"index", "delta", "finish_reason"}
 ERROR_KEYS = {"message", "type", "param", "code"}
+TOKEN_LOGPROB_KEYS = {"token", "logprob", "bytes", "top_logprobs"}
+TOP_LOGPROB_KEYS = {"token", "logprob", "bytes"}
 
 
 def _sdk_view(body: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +38,23 @@ def check_completion(body: dict[str, Any]) -> ChatCompletion:
     for choice in body["choices"]:
         assert choice.keys() >= COMPLETION_CHOICE_KEYS, choice
         assert choice["message"].keys() >= MESSAGE_KEYS, choice["message"]
+        check_logprobs(choice["logprobs"])
     return ChatCompletion.model_validate(_sdk_view(body))
+
+
+def check_logprobs(logprobs: dict[str, Any] | None) -> None:
+    """A choice's ``logprobs``: null, or ``content`` (and this server's ``reasoning_content``) lists of
+    token entries with the reference's required keys, each with its candidates most likely first."""
+    if logprobs is None:
+        return
+    assert logprobs.keys() >= {"content", "refusal"}, logprobs
+    for entry in [*(logprobs["content"] or ()), *(logprobs.get("reasoning_content") or ())]:
+        assert entry.keys() >= TOKEN_LOGPROB_KEYS, entry
+        assert isinstance(entry["logprob"], float) and entry["logprob"] <= 0.0
+        assert entry["bytes"] is None or entry["bytes"] == list(bytes(entry["bytes"]))
+        values = [top["logprob"] for top in entry["top_logprobs"]]
+        assert values == sorted(values, reverse=True), entry
+        assert all(top.keys() >= TOP_LOGPROB_KEYS for top in entry["top_logprobs"])
 
 
 def check_chunk(chunk: dict[str, Any], include_usage: bool | None = None) -> ChatCompletionChunk:
@@ -46,6 +64,7 @@ def check_chunk(chunk: dict[str, Any], include_usage: bool | None = None) -> Cha
     assert chunk["object"] == "chat.completion.chunk"
     for choice in chunk["choices"]:
         assert choice.keys() >= CHUNK_CHOICE_KEYS, choice
+        check_logprobs(choice.get("logprobs"))
     if include_usage is True:
         assert "usage" in chunk and (chunk["usage"] is None) == bool(chunk["choices"]), chunk
     elif include_usage is False:

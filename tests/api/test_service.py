@@ -294,7 +294,7 @@ def test_auth_and_ownership(api: Service, client: httpx.Client) -> None:
     [
         ({"n": 2}, "n"),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"temperature": 5}, "temperature"),

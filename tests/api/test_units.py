@@ -109,7 +109,6 @@ def req(**body: object) -> ChatCompletionRequest:
         ({"n": 2}, "n"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
-        ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"15": 5}}, "logit_bias"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),

@@ -23,6 +23,7 @@ class _Folded:
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self.error: dict[str, Any] | None = None
+        self.logprobs: dict[str, list[dict[str, Any]]] | None = None  # once a chunk carried some
 
     def add(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
@@ -40,8 +41,23 @@ class _Folded:
                 self.content.append(delta["content"])
             for fragment in delta.get("tool_calls") or ():
                 self._add_call(fragment)
+            if choice.get("logprobs"):
+                self._add_logprobs(choice["logprobs"])
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+
+    def _add_logprobs(self, logprobs: dict[str, Any]) -> None:
+        if self.logprobs is None:
+            self.logprobs = {"content": [], "reasoning_content": []}
+        for key in ("content", "reasoning_content"):
+            self.logprobs[key].extend(logprobs.get(key) or ())
+
+    def choice_logprobs(self) -> dict[str, Any] | None:
+        """``{"content": [...], "reasoning_content": [...], "refusal": None}`` (answer tokens, reasoning
+        tokens) when logprobs were asked for, else None."""
+        if self.logprobs is None:
+            return None
+        return {**self.logprobs, "refusal": None}
 
     def _add_call(self, fragment: dict[str, Any]) -> None:
         """Fold one streamed tool-call fragment: the first of an index opens the call, later ones append
@@ -93,7 +109,7 @@ async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[st
             {
                 "index": 0,
                 "message": folded.message(),
-                "logprobs": None,
+                "logprobs": folded.choice_logprobs(),
                 "finish_reason": folded.finish_reason,
             }
         ],

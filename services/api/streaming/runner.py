@@ -22,7 +22,9 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.api.logs import session_id_var
 from services.api.metrics import ApiMetrics
@@ -40,7 +42,7 @@ from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
 from services.api.streaming.translate import DONE, ChunkEncoder, error_payload, final_chunks, usage_dict
 from services.protocol.errors import ModelServiceError
-from services.protocol.events import Delta, Finished
+from services.protocol.events import Delta, Finished, TokenLogprob
 
 log = logging.getLogger("api.runner")
 
@@ -100,6 +102,7 @@ class RunnerDeps:
 class _Text:
     kind: str  # "reasoning" | "content"
     parts: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None  # entries of the tokens folded in (logprobs requested)
 
 
 @dataclass(slots=True)
@@ -275,13 +278,15 @@ class SessionRunner:
             return  # already folded (a re-attach may repeat the boundary event)
         self._model_seq = delta.seq
         self._mark_text_started()
+        lp = delta.logprobs
         if self._parser is None:
-            _add_text(self._pending, "reasoning", delta.reasoning)
-            _add_text(self._pending, "content", delta.content)
+            _add_text(self._pending, "reasoning", delta.reasoning, lp.reasoning if lp else None)
+            _add_text(self._pending, "content", delta.content, lp.content if lp else None)
             self._safe_seq = delta.seq
         else:
-            _add_text(self._held, "reasoning", delta.reasoning)
+            _add_text(self._held, "reasoning", delta.reasoning, lp.reasoning if lp else None)
             self._add_answer(self._parser.feed(delta.content) if delta.content else [])
+            _add_text(self._held, "content", "", lp.content if lp else None)  # after the answer's text
             if self._parser.clean:
                 self._release_held(delta.seq)
         self._flush_wanted.set()
@@ -298,8 +303,7 @@ class SessionRunner:
     def _release_held(self, seq: int) -> None:
         for item in self._held:
             if isinstance(item, _Text):
-                for part in item.parts:
-                    _add_text(self._pending, item.kind, part)
+                _add_text(self._pending, item.kind, "".join(item.parts), item.logprobs)
             else:
                 self._pending.append(item)
         self._held = []
@@ -468,7 +472,9 @@ class SessionRunner:
         if isinstance(pending, str):
             return pending
         text = "".join(pending.parts)
-        return self._enc.reasoning(text) if pending.kind == "reasoning" else self._enc.content(text)
+        if pending.kind == "reasoning":
+            return self._enc.reasoning(text, pending.logprobs)
+        return self._enc.content(text, pending.logprobs)
 
     # ---- lease and auto-cancel ------------------------------------------------------------------------
 
@@ -524,15 +530,22 @@ class SessionRunner:
         return self._final is not None
 
 
-def _add_text(items: list[str | _Text], kind: str, text: str) -> None:
-    """Append ``text`` of ``kind`` to ``items``, merged into the last item when it is text of that kind."""
-    if not text:
+def _add_text(
+    items: list[str | _Text], kind: str, text: str, logprobs: Sequence[TokenLogprob] | None = None
+) -> None:
+    """Append ``text`` of ``kind`` (and the logprob entries of its tokens) to ``items``, merged into the
+    last item when it is text of that kind. Entries without text (a token that released none, such as
+    the end of sequence) still make an item: they are never dropped."""
+    if not text and not logprobs:
         return
     last = items[-1] if items else None
-    if isinstance(last, _Text) and last.kind == kind:
+    if not (isinstance(last, _Text) and last.kind == kind):
+        last = _Text(kind)
+        items.append(last)
+    if text:
         last.parts.append(text)
-    else:
-        items.append(_Text(kind, [text]))
+    if logprobs:
+        last.logprobs = (last.logprobs or []) + [e.model_dump() for e in logprobs]
 
 
 class _Done(Exception):

@@ -36,19 +36,26 @@ class ChunkEncoder:
         self._prefix = _dumps(head)[:-1] + ',"choices":'
         self._suffix = ',"usage":null}' if include_usage else "}"
 
-    def _chunk(self, delta: str, finish_reason: str | None) -> str:
+    def _chunk(self, delta: str, finish_reason: str | None, logprobs: str = "null") -> str:
         finish = "null" if finish_reason is None else _dumps(finish_reason)
-        choice = f'{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}'
+        choice = f'{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{finish}}}'
         return f"{self._prefix}[{choice}]{self._suffix}"
 
     def role(self) -> str:
         return self._chunk('{"role":"assistant"}', None)
 
-    def reasoning(self, text: str) -> str:
-        return self._chunk('{"reasoning_content":' + _dumps(text) + "}", None)
+    def reasoning(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> str:
+        """Reasoning text; its tokens' logprob entries (when asked for) go to ``logprobs.reasoning_content``
+        (an extension next to ``content``, as ``reasoning_content`` is next to ``content`` in the delta)."""
+        lp = "null" if logprobs is None else '{"content":null,"refusal":null,"reasoning_content":'
+        if logprobs is not None:
+            lp += _dumps(logprobs) + "}"
+        return self._chunk('{"reasoning_content":' + _dumps(text) + "}", None, lp)
 
-    def content(self, text: str) -> str:
-        return self._chunk('{"content":' + _dumps(text) + "}", None)
+    def content(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> str:
+        """Answer text; its tokens' logprob entries (when asked for) in ``logprobs.content``."""
+        lp = "null" if logprobs is None else '{"content":' + _dumps(logprobs) + ',"refusal":null}'
+        return self._chunk('{"content":' + _dumps(text) + "}", None, lp)
 
     def tool_call_start(self, index: int, call_id: str, name: str) -> str:
         """The first fragment of a call: its index, id, type and name (arguments follow)."""

@@ -151,7 +151,7 @@ def fake_logprob(word: str | None, position: int, k: int) -> LogprobEntry:
     log-probability from its text and position, and ``k`` candidates sorted most likely first, the token
     itself first among them."""
     digest = hashlib.blake2b(f"{position}\x00{word}".encode("utf-8", "surrogatepass"), digest_size=4).digest()
-    logprob = -int.from_bytes(digest, "big") % 1000 / 400.0
+    logprob = -(int.from_bytes(digest, "big") % 1000) / 400.0
     token = (
         (word, logprob, word.encode("utf-8", "surrogatepass"))
         if word is not None

@@ -9,6 +9,7 @@ from typing import Any
 
 from services.api.model_client import StreamBroken
 from services.api.store.base import (
+    AppendBatch,
     AppendConflict,
     SessionRecord,
     SessionStore,
@@ -116,7 +117,7 @@ class FlakyStore:
         self.fail_appends = set(fail_appends)
         self.lose_answers = set(lose_answers)
         self.late_commits = set(late_commits)
-        self._late: tuple[str, Sequence[StoredEvent], dict[str, Any]] | None = None
+        self._late: tuple[str, AppendBatch] | None = None
         self.appends = 0
         self.failures = 0
         self.claims_while_down = 0
@@ -149,21 +150,21 @@ class FlakyStore:
     async def get(self, session_id: str) -> SessionRecord | None:
         return await self._call("get", session_id)
 
-    async def append(self, session_id: str, events: Sequence[StoredEvent], **kw: Any) -> None:
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
         self._check()
         self.appends += 1
         if self._late is not None:
             late, self._late = self._late, None
             with contextlib.suppress(AppendConflict):  # a stale late write changes nothing, as in SQL
-                await self.inner.append(late[0], late[1], **late[2])
+                await self.inner.append(*late)
         if self.appends in self.late_commits:
-            self._late = (session_id, list(events), dict(kw))
+            self._late = (session_id, batch)
             self.failures += 1
             raise StoreUnavailable(f"injected deadline of append {self.appends} (it commits later)")
         if self.appends in self.fail_appends:
             self.failures += 1
             raise StoreUnavailable(f"injected failure of append {self.appends}")
-        await self._call("append", session_id, events, **kw)
+        await self._call("append", session_id, batch)
         if self.appends in self.lose_answers:
             self.failures += 1
             raise StoreUnavailable(f"injected lost answer of append {self.appends}")

@@ -13,7 +13,7 @@ import pytest
 from services.api.errors import NotFound
 from services.api.metrics import ApiMetrics
 from services.api.settings import ApiSettings
-from services.api.store.base import SessionRecord, StoredEvent
+from services.api.store.base import AppendBatch, SessionRecord, StoredEvent
 from services.api.store.memory import MemoryStore
 from services.api.streaming.hub import SessionHub
 from services.api.streaming.replay import follow
@@ -83,9 +83,11 @@ async def test_a_reader_takes_over_an_orphaned_session_and_follows_it_to_the_end
     await store.create(record("orphan", lease_until=time.time() - 1))  # its runner died
     await store.append(
         "orphan",
-        [StoredEvent(0, enc.role()), StoredEvent(1, enc.reasoning("r0 r1 "))],
-        model_seq=1,
-        now=time.time(),
+        AppendBatch(
+            [StoredEvent(0, enc.role()), StoredEvent(1, enc.reasoning("r0 r1 "))],
+            model_seq=1,
+            now=time.time(),
+        ),
     )
     model = FakeModel(events)
     hub = make_hub(store, model)
@@ -149,7 +151,7 @@ async def test_a_reader_takes_over_at_once_from_a_dead_runner_process() -> None:
     store = MemoryStore()
     enc = ChunkEncoder("chatcmpl-h", 1, "m")
     await store.create(record("orphan", runner_id=dead, lease_until=time.time() + 60))
-    await store.append("orphan", [StoredEvent(0, enc.role())], model_seq=-1, now=time.time())
+    await store.append("orphan", AppendBatch([StoredEvent(0, enc.role())], model_seq=-1, now=time.time()))
     model = FakeModel(script(REASONING, []))
     hub = make_hub(store, model, runner_lease_seconds=60)
     started = time.monotonic()
@@ -181,7 +183,7 @@ async def test_the_sweep_adopts_orphans_no_reader_comes_back_to(known: bool) -> 
     store = MemoryStore()
     enc = ChunkEncoder("chatcmpl-h", 1, "m")
     await store.create(record("orphan", lease_until=now - 60))  # lapsed a minute ago, nobody reads it
-    await store.append("orphan", [StoredEvent(0, enc.role())], model_seq=-1, now=now)
+    await store.append("orphan", AppendBatch([StoredEvent(0, enc.role())], model_seq=-1, now=now))
     await store.create(record("queued", status="queued", runner_id=None, lease_until=0.0))  # opener died
     await store.create(record("held", lease_until=now + 60))  # a live runner elsewhere
     await store.create(record("just-lapsed", lease_until=now - 1))  # too recent: a reader may still come

@@ -13,7 +13,7 @@ import pytest
 
 from services.api.metrics import ApiMetrics
 from services.api.settings import ApiSettings
-from services.api.store.base import SessionRecord, StoredEvent
+from services.api.store.base import AppendBatch, SessionRecord, StoredEvent
 from services.api.store.memory import MemoryStore
 from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.runner import RunnerDeps, SessionRunner
@@ -31,9 +31,9 @@ class CountingStore(MemoryStore):
         super().__init__()
         self.appends: list[int] = []
 
-    async def append(self, session_id: str, events: Sequence[StoredEvent], **kw: Any) -> None:
-        await super().append(session_id, events, **kw)
-        self.appends.append(len(events))
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
+        await super().append(session_id, batch)
+        self.appends.append(len(batch.events))
 
 
 def make_deps(store: MemoryStore, model: FakeModel, runner_id: str = "me", **overrides: Any) -> RunnerDeps:
@@ -152,7 +152,7 @@ async def test_takeover_continues_after_the_stored_model_seq_without_gap_or_dupl
     # what a runner that died had stored: the role chunk and the text of model seq 0..14
     enc = ChunkEncoder("chatcmpl-t", 1, "m")
     kept = [StoredEvent(0, enc.role()), StoredEvent(1, enc.reasoning("".join(REASONING[:15])))]
-    await store.append("s1", kept, model_seq=14, status="running", now=time.time())
+    await store.append("s1", AppendBatch(kept, model_seq=14, status="running", now=time.time()))
     stale = await store.get("s1")
     assert stale is not None
     model = FakeModel(events)

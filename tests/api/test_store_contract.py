@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from services.api.store.base import (
+    AppendBatch,
     AppendConflict,
     SessionExists,
     SessionRecord,
@@ -151,8 +152,8 @@ async def test_update_rejects_bad_fields(store: SessionStore) -> None:
 async def test_append_and_read(store: SessionStore) -> None:
     record = new_record()
     await store.create(record)
-    await store.append(record.id, events(0, 3), model_seq=2, now=2.0)
-    await store.append(record.id, events(3, 5), model_seq=4, now=3.0)
+    await store.append(record.id, AppendBatch(events(0, 3), model_seq=2, now=2.0))
+    await store.append(record.id, AppendBatch(events(3, 5), model_seq=4, now=3.0))
     assert await store.read(record.id, -1) == events(0, 5)
     assert await store.read(record.id, 2) == events(3, 5)
     assert await store.read(record.id, 4) == []
@@ -165,7 +166,7 @@ async def test_append_and_read(store: SessionStore) -> None:
 async def test_append_advances_session(store: SessionStore) -> None:
     record = new_record(status="running")
     await store.create(record)
-    await store.append(record.id, events(0, 2), model_seq=7, now=2.0)
+    await store.append(record.id, AppendBatch(events(0, 2), model_seq=7, now=2.0))
     got = await store.get(record.id)
     assert got is not None
     assert (got.last_index, got.model_seq, got.updated, got.status, got.finish_reason, got.usage) == (
@@ -178,7 +179,10 @@ async def test_append_advances_session(store: SessionStore) -> None:
     )
     usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
     await store.append(
-        record.id, events(2, 4), model_seq=9, status="completed", finish_reason="stop", usage=usage, now=3.0
+        record.id,
+        AppendBatch(
+            events(2, 4), model_seq=9, status="completed", finish_reason="stop", usage=usage, now=3.0
+        ),
     )
     got = await store.get(record.id)
     assert got is not None
@@ -195,8 +199,8 @@ async def test_append_advances_session(store: SessionStore) -> None:
 async def test_append_empty_batch_updates_session(store: SessionStore) -> None:
     record = new_record(status="running")
     await store.create(record)
-    await store.append(record.id, events(0, 1), model_seq=0, now=2.0)
-    await store.append(record.id, [], model_seq=1, status="failed", now=3.0)
+    await store.append(record.id, AppendBatch(events(0, 1), model_seq=0, now=2.0))
+    await store.append(record.id, AppendBatch([], model_seq=1, status="failed", now=3.0))
     got = await store.get(record.id)
     assert got is not None and (got.last_index, got.model_seq, got.status) == (0, 1, "failed")
 
@@ -204,7 +208,7 @@ async def test_append_empty_batch_updates_session(store: SessionStore) -> None:
 async def test_append_conflicts_store_nothing(store: SessionStore) -> None:
     record = new_record()
     await store.create(record)
-    await store.append(record.id, events(0, 2), model_seq=1, now=2.0)
+    await store.append(record.id, AppendBatch(events(0, 2), model_seq=1, now=2.0))
     bad_batches = [
         events(1, 3),  # overlap: another runner already wrote index 1
         events(3, 4),  # gap
@@ -212,9 +216,9 @@ async def test_append_conflicts_store_nothing(store: SessionStore) -> None:
     ]
     for batch in bad_batches:
         with pytest.raises(AppendConflict):
-            await store.append(record.id, batch, model_seq=99, status="completed", now=9.0)
+            await store.append(record.id, AppendBatch(batch, model_seq=99, status="completed", now=9.0))
     with pytest.raises(AppendConflict):
-        await store.append("missing", events(0, 1), model_seq=0, now=9.0)
+        await store.append("missing", AppendBatch(events(0, 1), model_seq=0, now=9.0))
     got = await store.get(record.id)
     assert got is not None and (got.last_index, got.model_seq, got.status) == (1, 1, "queued")
     assert await store.read(record.id, -1) == events(0, 2)
@@ -227,8 +231,8 @@ async def test_concurrent_appenders_one_wins(make_store: StoreMaker) -> None:
     await first.create(record)
     for start in range(0, 20, 2):
         outcomes = await asyncio.gather(
-            first.append(record.id, events(start, start + 2), model_seq=start, now=2.0),
-            second.append(record.id, events(start, start + 2), model_seq=start, now=2.0),
+            first.append(record.id, AppendBatch(events(start, start + 2), model_seq=start, now=2.0)),
+            second.append(record.id, AppendBatch(events(start, start + 2), model_seq=start, now=2.0)),
             return_exceptions=True,
         )
         assert sum(isinstance(o, AppendConflict) for o in outcomes) == 1, outcomes
@@ -241,7 +245,7 @@ async def test_concurrent_appenders_one_wins(make_store: StoreMaker) -> None:
 async def test_wait_returns_at_once_when_behind_or_unknown(store: SessionStore) -> None:
     record = new_record()
     await store.create(record)
-    await store.append(record.id, events(0, 1), model_seq=0, now=2.0)
+    await store.append(record.id, AppendBatch(events(0, 1), model_seq=0, now=2.0))
     started = time.monotonic()
     await store.wait(record.id, -1, timeout=5.0)
     await store.wait("missing", -1, timeout=5.0)
@@ -263,7 +267,7 @@ async def test_wait_wakes_on_append_from_another_task(store: SessionStore) -> No
     await asyncio.sleep(0.1)  # let the waiter park (a wake before that would be too easy)
     assert not waiter.done()
     appended = time.monotonic()
-    await store.append(record.id, events(0, 1), model_seq=0, now=2.0)
+    await store.append(record.id, AppendBatch(events(0, 1), model_seq=0, now=2.0))
     await asyncio.wait_for(waiter, 2.0)
     assert time.monotonic() - appended < 0.5
 
@@ -287,7 +291,7 @@ async def test_second_instance_sees_appends_and_wakes(make_store: StoreMaker) ->
     await asyncio.sleep(0.1)
     assert not waiter.done()
     appended = time.monotonic()
-    await writer.append(record.id, events(0, 3), model_seq=2, now=2.0)
+    await writer.append(record.id, AppendBatch(events(0, 3), model_seq=2, now=2.0))
     await asyncio.wait_for(waiter, 2.0)
     assert time.monotonic() - appended < 0.5
     assert await reader.read(record.id, -1) == events(0, 3)
@@ -303,7 +307,7 @@ async def test_second_instance_sees_appends_and_wakes(make_store: StoreMaker) ->
 
 _CHILD_WRITER = """
 import asyncio, sys, time
-from services.api.store.base import SessionRecord, StoredEvent
+from services.api.store.base import AppendBatch, SessionRecord, StoredEvent
 from tests.api.conftest import new_store
 
 async def main(backend, target, sid, total, batch, pause, create):
@@ -316,7 +320,7 @@ async def main(backend, target, sid, total, batch, pause, create):
             stop = min(start + batch, total)
             chunk = [StoredEvent(i, "e%d" % i) for i in range(start, stop)]
             status = "completed" if stop == total else None
-            await store.append(sid, chunk, model_seq=stop, status=status, now=time.time())
+            await store.append(sid, AppendBatch(chunk, model_seq=stop, status=status, now=time.time()))
             await asyncio.sleep(pause)
     finally:
         await store.close()
@@ -414,7 +418,7 @@ async def test_reader_never_sees_a_gap(make_store: StoreMaker) -> None:
         index = 0
         while index < total:
             stop = min(total, index + rng.randint(1, 7))
-            await writer.append(record.id, events(index, stop), model_seq=stop, now=2.0)
+            await writer.append(record.id, AppendBatch(events(index, stop), model_seq=stop, now=2.0))
             index = stop
             if rng.random() < 0.3:
                 await asyncio.sleep(0.002)
@@ -460,14 +464,15 @@ async def test_claim_takes_over_from_a_named_dead_runner_only(store: SessionStor
 async def test_append_naming_its_runner_is_fenced(store: SessionStore) -> None:
     record = new_record(status="running", runner_id="a", lease_until=50.0)
     await store.create(record)
-    await store.append(record.id, events(0, 2), model_seq=1, now=2.0, runner_id="a")
+    await store.append(record.id, AppendBatch(events(0, 2), model_seq=1, now=2.0, runner_id="a"))
     assert await store.claim(record.id, "b", lease_seconds=10, now=60.0)  # a's lease lapsed
     with pytest.raises(AppendConflict):
-        await store.append(record.id, events(2, 3), model_seq=2, now=61.0, runner_id="a")
+        await store.append(record.id, AppendBatch(events(2, 3), model_seq=2, now=61.0, runner_id="a"))
     got = await store.get(record.id)
     assert got is not None and got.last_index == 1 and len(await store.read(record.id, -1)) == 2
-    await store.append(record.id, events(2, 3), model_seq=2, now=62.0, runner_id="b")
-    await store.append(record.id, events(3, 4), model_seq=3, now=63.0)  # unfenced (a reservation's end)
+    await store.append(record.id, AppendBatch(events(2, 3), model_seq=2, now=62.0, runner_id="b"))
+    # unfenced (a reservation's end)
+    await store.append(record.id, AppendBatch(events(3, 4), model_seq=3, now=63.0))
     assert [e.index for e in await store.read(record.id, -1)] == [0, 1, 2, 3]
 
 
@@ -534,7 +539,7 @@ async def test_delete_expired(store: SessionStore) -> None:
     old_running = new_record(status="running", updated=100.0)
     for record in (old_done, old_cancelled, recent_failed, old_running):
         await store.create(record)
-        await store.append(record.id, events(0, 3), model_seq=2, now=record.updated)
+        await store.append(record.id, AppendBatch(events(0, 3), model_seq=2, now=record.updated))
     assert await store.delete_expired(now=1000.0, ttl_seconds=500.0) == 2
     for gone in (old_done, old_cancelled):
         assert await store.get(gone.id) is None
@@ -553,7 +558,7 @@ async def test_data_survives_reopen(make_store: StoreMaker) -> None:
     first = await make_store()
     record = new_record(status="running")
     await first.create(record)
-    await first.append(record.id, events(0, 2), model_seq=1, now=2.0)
+    await first.append(record.id, AppendBatch(events(0, 2), model_seq=1, now=2.0))
     await first.close()
     second = await make_store()  # opening again must not trip over the existing schema
     assert await second.read(record.id, -1) == events(0, 2)
@@ -598,7 +603,7 @@ async def test_postgres_recovers_from_dropped_connections(store_target: str, mak
     waiter = asyncio.create_task(reader.wait(record.id, -1, timeout=10.0))
     await asyncio.sleep(0.1)
     assert not waiter.done()
-    await writer.append(record.id, events(0, 1), model_seq=0, now=2.0)
+    await writer.append(record.id, AppendBatch(events(0, 1), model_seq=0, now=2.0))
     await asyncio.wait_for(waiter, 2.0)
 
 

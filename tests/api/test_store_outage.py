@@ -15,7 +15,7 @@ import pytest
 
 from services.api.metrics import ApiMetrics
 from services.api.settings import ApiSettings
-from services.api.store.base import StoredEvent, StoreUnavailable
+from services.api.store.base import AppendBatch, StoredEvent, StoreUnavailable
 from services.api.store.postgres import LISTEN_APP_NAME, POOL_APP_NAME, PostgresStore
 from services.api.streaming.hub import SessionHub
 from tests.api.fakes import FakeModel, FakeStream
@@ -98,7 +98,7 @@ async def test_calls_fail_fast_while_down_and_recover_within_a_second(
         await until_listening(postgres_dsn, listeners=2, within=3)  # this store's and the direct one's
         waiting = asyncio.create_task(store.wait(record.id, -1, 10))
         started = time.monotonic()
-        await direct.append(record.id, [StoredEvent(0, "{}")], model_seq=0, now=2.0)
+        await direct.append(record.id, AppendBatch([StoredEvent(0, "{}")], model_seq=0, now=2.0))
         await asyncio.wait_for(waiting, 5)
         assert time.monotonic() - started < 2.0
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from services.api.store.base import SessionRecord, StoredEvent
+from services.api.store.base import AppendBatch, SessionRecord, StoredEvent
 from services.api.store.sqlite import SqliteStore
 from tests.api.sse import read_sse, text_of
 
@@ -85,7 +85,8 @@ def store_finished_session(db_path: Path, key: str, session_id: str, reasoning: 
             )
             events = [StoredEvent(index, item) for index, item in enumerate(data)]
             await store.append(
-                session_id, events, model_seq=-1, status="completed", finish_reason="stop", now=time.time()
+                session_id,
+                AppendBatch(events, model_seq=-1, status="completed", finish_reason="stop", now=time.time()),
             )
         finally:
             await store.close()

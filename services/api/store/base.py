@@ -4,7 +4,8 @@ Implementations: ``sqlite.py`` (default, ``SESSIONS_DB_PATH``), ``postgres.py`` 
 pool, LISTEN/NOTIFY), ``memory.py`` (``PERSIST_SESSIONS=0``). One contract test suite runs against all three.
 
 Events are the exact SSE ``data:`` payloads (already-encoded JSON strings), written in index order with no
-gaps. The runner batches appends (one call per flush, many events), so a chunk is never one round trip.
+gaps. The runner batches appends (one call per flush, many events, one ``AppendBatch``), so a chunk is never
+one round trip.
 """
 
 from __future__ import annotations
@@ -42,6 +43,32 @@ class StoredEvent:
     data: str
 
 
+@dataclass(frozen=True, slots=True)
+class AppendBatch:
+    """One atomic write of ``SessionStore.append``: stored events plus the session fields they advance.
+
+    ``events`` are consecutive (each ``index`` one more than the previous; the first must follow the
+    session's ``last_index``), possibly empty (then only the session fields change). ``model_seq`` is the
+    last model-service event seq that these events cover (re-attach point; -1 when none). ``now`` becomes
+    the session's ``updated`` (seconds since the epoch). ``status``, ``finish_reason`` and ``usage``
+    (token counts: prompt_tokens, completion_tokens, total_tokens, ...) are written only when not None;
+    ``status`` must be one of ``STATUSES`` (ValueError otherwise, raised by the store). ``runner_id``
+    fences the write: when given, the store refuses it (AppendConflict) unless that runner holds the
+    session; None writes unfenced (a reservation's end). ``events`` is copied into a tuple: a caller that
+    keeps changing its own list afterwards (the runner's retry buffer) cannot change a batch in flight."""
+
+    events: Sequence[StoredEvent]
+    model_seq: int
+    now: float
+    status: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    runner_id: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "events", tuple(self.events))
+
+
 class SessionExists(Exception):
     pass
 
@@ -69,23 +96,13 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> SessionRecord | None: ...
 
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[StoredEvent],
-        *,
-        model_seq: int,
-        status: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-        now: float,
-        runner_id: str | None = None,
-    ) -> None:
-        """Atomically store ``events`` (consecutive, starting at last_index + 1) and advance the session:
-        last_index, model_seq, updated, and optionally status/finish_reason/usage. Then wake waiters.
-        An empty batch only updates the session. Raises AppendConflict (storing nothing) when the session is
-        missing or the batch does not continue it exactly, or (fencing) when ``runner_id`` is given and the
-        session's runner is another one: a runner that lost its lease can never write after its successor."""
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
+        """Atomically store ``batch.events`` (consecutive, starting at last_index + 1) and advance the
+        session: last_index, model_seq, updated (= ``batch.now``), and optionally status/finish_reason/usage.
+        Then wake waiters. An empty batch only updates the session. Raises AppendConflict (storing nothing)
+        when the session is missing or the batch does not continue it exactly, or (fencing) when
+        ``batch.runner_id`` is given and the session's runner is another one: a runner that lost its lease
+        can never write after its successor; ValueError for an unknown status."""
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         """Set plain fields of the session (status, model_url, model_request_id, reader_seen_at, ...).

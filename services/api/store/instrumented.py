@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from services.api.metrics import ApiMetrics
-from services.api.store.base import SessionRecord, SessionStore, StoredEvent
+from services.api.store.base import AppendBatch, SessionRecord, SessionStore, StoredEvent
 
 
 class InstrumentedStore:
@@ -35,30 +34,10 @@ class InstrumentedStore:
         async with self._m.store_op("get"):
             return await self._inner.get(session_id)
 
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[StoredEvent],
-        *,
-        model_seq: int,
-        status: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-        now: float,
-        runner_id: str | None = None,
-    ) -> None:
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
         async with self._m.store_op("append"):
-            await self._inner.append(
-                session_id,
-                events,
-                model_seq=model_seq,
-                status=status,
-                finish_reason=finish_reason,
-                usage=usage,
-                now=now,
-                runner_id=runner_id,
-            )
-        self._m.events_written.inc(len(events))
+            await self._inner.append(session_id, batch)
+        self._m.events_written.inc(len(batch.events))
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:
         async with self._m.store_op("update"):

@@ -7,10 +7,9 @@ atomic with respect to other tasks without a lock.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
-from services.api.store.base import FINAL_STATUSES, SessionExists, SessionRecord, StoredEvent
+from services.api.store.base import FINAL_STATUSES, AppendBatch, SessionExists, SessionRecord, StoredEvent
 from services.api.store.common import (
     Waiters,
     check_batch,
@@ -50,33 +49,22 @@ class MemoryStore:
             return None
         return _copy(record)
 
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[StoredEvent],
-        *,
-        model_seq: int,
-        status: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-        now: float,
-        runner_id: str | None = None,
-    ) -> None:
-        check_status(status)
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
+        check_status(batch.status)
         record = self._sessions.get(session_id)
-        check_batch(session_id, events, record.last_index if record else None)
+        check_batch(session_id, batch.events, record.last_index if record else None)
         assert record is not None
-        check_runner(session_id, runner_id, record.runner_id)
-        self._events[session_id].extend(event.data for event in events)
-        record.last_index += len(events)
-        record.model_seq = model_seq
-        record.updated = now
-        if status is not None:
-            record.status = status
-        if finish_reason is not None:
-            record.finish_reason = finish_reason
-        if usage is not None:
-            record.usage = dict(usage)
+        check_runner(session_id, batch.runner_id, record.runner_id)
+        self._events[session_id].extend(event.data for event in batch.events)
+        record.last_index += len(batch.events)
+        record.model_seq = batch.model_seq
+        record.updated = batch.now
+        if batch.status is not None:
+            record.status = batch.status
+        if batch.finish_reason is not None:
+            record.finish_reason = batch.finish_reason
+        if batch.usage is not None:
+            record.usage = dict(batch.usage)
         self._waiters.notify(session_id)
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -45,6 +45,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from services.api.store.base import (
     FINAL_STATUSES,
+    AppendBatch,
     AppendConflict,
     SessionExists,
     SessionRecord,
@@ -256,19 +257,9 @@ class PostgresStore:
         row = await self._call(op)
         return None if row is None else record_from_row(row, decode_json=False)
 
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[StoredEvent],
-        *,
-        model_seq: int,
-        status: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-        now: float,
-        runner_id: str | None = None,
-    ) -> None:
-        check_status(status)
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
+        check_status(batch.status)
+        events = batch.events
         prev = events[0].index - 1 if events else -1
         check_batch(session_id, events, prev)  # the batch itself is consecutive; the database checks prev
         params = {
@@ -277,13 +268,13 @@ class PostgresStore:
             "prev": prev,
             "idxs": [e.index for e in events],
             "datas": [e.data for e in events],
-            "model_seq": model_seq,
-            "now": now,
-            "status": status,
-            "finish_reason": finish_reason,
-            "usage": None if usage is None else Jsonb(usage),
+            "model_seq": batch.model_seq,
+            "now": batch.now,
+            "status": batch.status,
+            "finish_reason": batch.finish_reason,
+            "usage": None if batch.usage is None else Jsonb(batch.usage),
             "channel": CHANNEL,
-            "runner": runner_id,
+            "runner": batch.runner_id,
         }
 
         async def op(conn: _Conn) -> Any:

@@ -26,13 +26,14 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.api.store.base import (
     FINAL_STATUSES,
+    AppendBatch,
     SessionExists,
     SessionRecord,
     StoredEvent,
@@ -142,22 +143,11 @@ class SqliteStore:
     async def get(self, session_id: str) -> SessionRecord | None:
         return await self._run(_get_sync, session_id)
 
-    async def append(
-        self,
-        session_id: str,
-        events: Sequence[StoredEvent],
-        *,
-        model_seq: int,
-        status: str | None = None,
-        finish_reason: str | None = None,
-        usage: dict[str, Any] | None = None,
-        now: float,
-        runner_id: str | None = None,
-    ) -> None:
-        check_status(status)
-        changes = {"model_seq": model_seq, "status": status, "finish_reason": finish_reason}
-        changes["usage"] = None if usage is None else json.dumps(usage)
-        await self._run(_append_sync, session_id, list(events), changes, now, runner_id)
+    async def append(self, session_id: str, batch: AppendBatch) -> None:
+        check_status(batch.status)
+        changes = {"model_seq": batch.model_seq, "status": batch.status, "finish_reason": batch.finish_reason}
+        changes["usage"] = None if batch.usage is None else json.dumps(batch.usage)
+        await self._run(_append_sync, session_id, list(batch.events), changes, batch.now, batch.runner_id)
         self._waiters.notify(session_id)
 
     async def update(self, session_id: str, *, now: float, **fields: Any) -> None:

@@ -28,6 +28,7 @@ from services.api.model_client import EventStream, ModelClient
 from services.api.settings import ApiSettings
 from services.api.store.base import (
     FINAL_STATUSES,
+    AppendBatch,
     SessionExists,
     SessionRecord,
     SessionStore,
@@ -184,9 +185,10 @@ class SessionHub:
         error = to_api_error(exc, self.settings.retry_after_seconds)
         payload = error_json(error or InternalError("the generation could not be started"))
         events = [StoredEvent(0, payload), StoredEvent(1, DONE)]
+        batch = AppendBatch(events, model_seq=-1, now=0.0, status="failed")
 
         async def write() -> None:
-            await self.store.append(session_id, events, model_seq=-1, status="failed", now=0.0)
+            await self.store.append(session_id, batch)
 
         try:
             await asyncio.shield(write())

@@ -32,6 +32,7 @@ from services.api.model_client import EventStream, GenerationBackend, StreamBrok
 from services.api.settings import ApiSettings
 from services.api.store.base import (
     FINAL_STATUSES,
+    AppendBatch,
     AppendConflict,
     SessionRecord,
     SessionStore,
@@ -106,7 +107,11 @@ class _Text:
 
 
 @dataclass(slots=True)
-class _Batch:
+class _Unwritten:
+    """The runner's write buffer: the events of one or more flushes not yet stored, with the session
+    fields they advance, plus its retry state. Grows while the store is unavailable (``extend``); each
+    attempt sends it as one ``AppendBatch`` (``to_append``)."""
+
     events: list[StoredEvent]
     model_seq: int
     status: str | None
@@ -116,14 +121,26 @@ class _Batch:
     uncertain: bool = False  # a write of it failed: a prefix may be stored after all
     rechecked: bool = False  # an append of it conflicted once; the store was checked since
 
-    def extend(self, later: _Batch) -> None:
-        """Append a later batch (what arrived while this one could not be written)."""
+    def extend(self, later: _Unwritten) -> None:
+        """Append a later flush (what arrived while this one could not be written)."""
         self.events.extend(later.events)
         self.model_seq = later.model_seq
         if later.status is not None:
             self.status = later.status
         if later.final:
             self.finish_reason, self.usage, self.final = later.finish_reason, later.usage, True
+
+    def to_append(self, runner_id: str, now: float) -> AppendBatch:
+        """The store write of this buffer, fenced by ``runner_id``, ``now`` in seconds since the epoch."""
+        return AppendBatch(
+            events=self.events,
+            model_seq=self.model_seq,
+            now=now,
+            status=self.status,
+            finish_reason=self.finish_reason,
+            usage=self.usage,
+            runner_id=runner_id,
+        )
 
 
 @dataclass(slots=True)
@@ -173,7 +190,7 @@ class SessionRunner:
         self._safe_seq = record.model_seq
         self._calls = 0  # calls emitted so far (the next one's index); recounted on takeover
         self._recount = bool(tools) and record.last_index > 0
-        self._batch: _Batch | None = None
+        self._batch: _Unwritten | None = None
         self._final: _Final | None = None
         self._mark_running = record.status == "queued"
         self._saw_text = record.last_index > 0
@@ -408,22 +425,13 @@ class SessionRunner:
             else:
                 self._batch.extend(later)
 
-    async def _append(self, batch: _Batch) -> None:
-        await self._d.store.append(
-            self.session_id,
-            batch.events,
-            model_seq=batch.model_seq,
-            status=batch.status,
-            finish_reason=batch.finish_reason,
-            usage=batch.usage,
-            now=time.time(),
-            runner_id=self._d.runner_id,
-        )
+    async def _append(self, batch: _Unwritten) -> None:
+        await self._d.store.append(self.session_id, batch.to_append(self._d.runner_id, time.time()))
         self._live.publish(batch.events)
         batch.events = []
         batch.final = False  # written: the loop's next look finds nothing left
 
-    async def _settle(self, batch: _Batch) -> None:
+    async def _settle(self, batch: _Unwritten) -> None:
         """After a failed write: re-claim the lease (nobody may take over between the outage and our next
         write), then drop from ``batch`` the prefix that the failed attempt stored after all (the commit
         happened, its answer was lost). Raises LeaseLost when the session is someone else's now."""
@@ -446,7 +454,7 @@ class SessionRunner:
                 batch.final = False  # the final batch itself was stored
         batch.uncertain = False
 
-    def _take_batch(self) -> _Batch | None:
+    def _take_batch(self) -> _Unwritten | None:
         """The pending chunks as a new batch (indexes from ``_next_index``); None when nothing is pending."""
         if not self._pending:
             return None
@@ -459,7 +467,7 @@ class SessionRunner:
         status = final.status if final else ("running" if self._mark_running and self._saw_text else None)
         if status == "running":
             self._mark_running = False
-        return _Batch(
+        return _Unwritten(
             events=events,
             model_seq=self._safe_seq,
             status=status,

@@ -10,7 +10,7 @@ TINY := .cache/tiny-qwen3-vl
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format run tiny-model bench up up-cpu down k8s-check clean playground-screenshot
+.PHONY: help install test test-fast lint format run tiny-model bench gpu-check gpu-wheels up up-cpu down k8s-check clean playground-screenshot
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,26 @@ run: $(STAMP) ## start model + api (gunicorn) + nginx edge on loopback, in the f
 
 bench: $(STAMP) ## benchmark: raw engine vs full stack vs transformers serve (writes bench/results/)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench
+
+# The GPU check runs where a bare python3 has torch, torchvision and transformers (the lent GPU machines) or in
+# .venv; when that python lacks the service's packages, the wheels in .whl/ (make gpu-wheels, on a machine with
+# network) are installed into GPU_SITE first.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_SITE ?= /tmp/gpu-check-site
+GPU_OUT ?= bench/results/gpu-check.md
+GPU_CHECK_ARGS ?=
+
+gpu-check: ## GPU readiness: Qwen3-VL-2B's architecture (random weights) on CUDA; report in GPU_OUT (< 8 min)
+	@if ! $(GPU_PY) -c "import fastapi, uvicorn, pydantic_settings, av" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then \
+	  echo "installing .whl/*.whl into $(GPU_SITE)"; \
+	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	    --target $(GPU_SITE) .whl/*.whl || exit 1; \
+	  export PYTHONPATH=$(GPU_SITE); \
+	fi; \
+	HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 $(GPU_PY) -m bench.gpu --out $(GPU_OUT) $(GPU_CHECK_ARGS)
+
+gpu-wheels: $(STAMP) ## download the wheels a bare GPU machine lacks (cp312 manylinux x86_64) into .whl/
+	$(BIN)/python -m bench.gpu.wheels --dest .whl
 
 COMPOSE := docker compose --env-file $(if $(wildcard .env),.env,.env.example) -f deploy/docker/compose.yaml
 

@@ -31,7 +31,7 @@ from services.api.settings import ApiSettings
 from services.protocol import paths
 from services.protocol.codec import decode_event
 from services.protocol.errors import NotReady, error_from_body
-from services.protocol.events import Delta, Finished
+from services.protocol.events import Event, Finished
 from services.protocol.generate import GenerateRequest
 
 log = logging.getLogger("api.model_client")
@@ -44,7 +44,7 @@ class StreamBroken(Exception):
 
 
 class EventStream(Protocol):
-    def events(self) -> AsyncIterator[Delta | Finished]: ...
+    def events(self) -> AsyncIterator[Event]: ...
 
     async def aclose(self) -> None: ...
 
@@ -84,7 +84,7 @@ class ModelStream:
         self._response = response
         self.url = url
 
-    async def events(self) -> AsyncIterator[Delta | Finished]:
+    async def events(self) -> AsyncIterator[Event]:
         try:
             async for line in self._response.aiter_lines():
                 if not line.strip():

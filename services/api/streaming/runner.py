@@ -329,10 +329,10 @@ class SessionRunner:
     async def _count_stored_calls(self) -> int:
         """After a takeover: the calls the stored chunks hold already (the next call's index)."""
         count, after = 0, -1
-        while batch := await self._d.store.read(self.session_id, after):
-            for event in batch:
-                count += event.data.count('"type":"function"')
-            after = batch[-1].index
+        while page := await self._d.store.read(self.session_id, after):
+            for stored in page:
+                count += stored.data.count('"type":"function"')
+            after = page[-1].index
         return count
 
     def _mark_text_started(self) -> None:

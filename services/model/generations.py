@@ -183,26 +183,27 @@ class Generation:
             _resolve_all(waiters)
 
     async def follow(self, after: int, interval: float = 0.0) -> AsyncIterator[list[Event]]:
-        """Batches of the events with seq > ``after`` (all that are there at each wake-up), up to Finished.
+        """Lists of the events with seq > ``after`` (all that are there at each wake-up: one stream write
+        each), up to Finished.
 
-        ``interval`` > 0: at least that many seconds between two batches, so that a fast engine costs one
-        write per interval rather than one per step. The first batch and the one with Finished are never
+        ``interval`` > 0: at least that many seconds between two writes, so that a fast engine costs one
+        write per interval rather than one per step. The first write and the one with Finished are never
         held back."""
         loop = asyncio.get_running_loop()
         index = after + 1  # seq is the index in the log
-        next_batch = 0.0
+        next_write = 0.0
         while True:
             if index < self.count:
-                delay = next_batch - loop.time()
+                delay = next_write - loop.time()
                 if delay > 0 and self.finished is None:
                     await self._wait(self._final_waiters, delay)
                     continue
-                batch = self.events_from(index)
-                index += len(batch)
-                yield batch
-                if isinstance(batch[-1], Finished):
+                ready = self.events_from(index)
+                index += len(ready)
+                yield ready
+                if isinstance(ready[-1], Finished):
                     return
-                next_batch = loop.time() + interval if interval > 0 else 0.0
+                next_write = loop.time() + interval if interval > 0 else 0.0
                 continue
             if self.finished is not None:
                 return  # the reader already had everything

@@ -120,7 +120,7 @@ def _stream(generation: Generation, after: int, interval: float) -> StreamingRes
     async def frames() -> AsyncIterator[bytes]:
         # Everything already there goes out in one write; then one write per engine step, or per
         # STREAM_INTERVAL_MS when steps come faster (the first and the last event are never held back).
-        async for batch in generation.follow(after, interval):
-            yield b"".join(encode_event(event) for event in batch)
+        async for ready in generation.follow(after, interval):
+            yield b"".join(encode_event(event) for event in ready)
 
     return StreamingResponse(frames(), media_type=MEDIA_TYPE, headers=STREAM_HEADERS)

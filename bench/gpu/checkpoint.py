@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -129,11 +130,11 @@ def build_checkpoint(
 
 
 def tokenizer_source(repo: Path, wheel_dir: Path) -> Path:
-    """The tiny checkpoint (built when missing; its tokenizer from the dashscope wheel in ``wheel_dir`` when
-    there is no network, as on the GPU machines)."""
+    """The tiny checkpoint at ``TINY_MODEL_DIR`` or ``repo/.cache/tiny-qwen3-vl`` (built when missing; its
+    tokenizer from the dashscope wheel in ``wheel_dir`` when there is no network, as on the GPU machines)."""
     from services.model.tiny_checkpoint import build_tiny_checkpoint, ensure_tiny_checkpoint
 
-    tiny = repo / ".cache" / "tiny-qwen3-vl"
+    tiny = Path(os.environ.get("TINY_MODEL_DIR", repo / ".cache" / "tiny-qwen3-vl"))
     if (tiny / "config.json").exists():
         return ensure_tiny_checkpoint(tiny)
     return build_tiny_checkpoint(tiny, cache_dir=wheel_dir)

@@ -2,9 +2,11 @@
 
 (a) the raw engine in-process at 1 and 16 streams; (b) the full stack (nginx -> api -> model) single stream,
 which is (c)'s first level; (c) the full stack at 1, 4, 16 and 64 streams; (d) ``transformers serve`` on the
-same checkpoint and workload. All targets are started first and stay up (idle ones cost nothing); then,
-level by level, each target runs its load back to back, so that drifting machine load skews the ratios as
-little as possible. Prints the table and the target ratios, writes bench/results/.
+same checkpoint and workload; (e) structured outputs (bench/structured.py); (f) how long one 4095x4095 image
+stalls a running stream, at the service's default MAX_IMAGE_TOKENS vs the model's own 16384. All targets are
+started first and stay up (idle ones cost nothing); then, level by level, each target runs its load back to
+back, so that drifting machine load skews the ratios as little as possible. Prints the table and the target
+ratios, writes bench/results/.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--skip-structured",
         action="store_true",
         help="leave out (e): raw engine @16, half the rows grammar-constrained vs none",
+    )
+    p.add_argument(
+        "--skip-stall",
+        action="store_true",
+        help="leave out (f): a running stream's worst stall while a 4095x4095 image is prefilled, "
+        "at MAX_IMAGE_TOKENS' default vs the model's own 16384",
     )
     p.add_argument("--model-dir", type=Path, default=REPO / ".cache" / "tiny-qwen3-vl")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
@@ -223,6 +231,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out_dir}/results.json, bench.png, README.md in {meta['duration_s']} s")
     if not args.skip_structured:
         await run_structured(args, model_dir)
+    if not args.skip_stall:
+        await asyncio.to_thread(run_stall, args.out_dir, model_dir)
     return 0
 
 
@@ -235,6 +245,26 @@ async def run_structured(args: argparse.Namespace, model_dir: Path) -> None:
     )
     (args.out_dir / "structured.json").write_text(json.dumps(result, indent=2) + "\n")
     print(structured.report(result))
+
+
+def run_stall(out_dir: Path, model_dir: Path) -> None:
+    """(f) How long one 4095x4095 image stalls a running stream (the in-process engine on the checkpoint),
+    with the service's default per-image visual-token cap and with the model's own maximum, side by side."""
+    from dataclasses import asdict
+
+    from bench.report import MODEL_MAX_IMAGE_TOKENS, stall_table
+    from services.model.engine.hf import HFEngine
+    from services.model.settings import ModelSettings
+    from tests.model.engine_support import load_tiny
+    from tests.model.image_stall import measure_stall
+
+    default = ModelSettings.model_fields["max_image_tokens"].default
+    rows = []
+    for cap in (default, MODEL_MAX_IMAGE_TOKENS):
+        loaded, settings = load_tiny(model_dir, max_image_tokens=cap)
+        rows.append({"max_image_tokens": cap, **asdict(measure_stall(HFEngine(loaded, settings)))})
+    (out_dir / "stall.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(stall_table(rows, default))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from typing import Any
 from bench.loadgen import LevelResult
 
 RAW = "raw engine"
+MODEL_MAX_IMAGE_TOKENS = 16384  # Qwen3-VL's own per-image maximum (its processor's longest_edge / 32x32)
+GPU_SECTION = "## GPU check"  # kept from the previous README.md: it comes from `make gpu-check` on a GPU
 STACK = "full stack"
 TFS = "transformers serve"
 
@@ -149,6 +151,32 @@ def error_lines(results: Sequence[LevelResult]) -> list[str]:
     ]
 
 
+def stall_table(rows: Sequence[dict[str, Any]], default_cap: int) -> str:
+    """(f) One row per MAX_IMAGE_TOKENS value: the image's visual tokens, its preparation (off the scheduler),
+    the running stream's worst gap and the image's own first token, all in seconds."""
+    head = (
+        "(f) a running stream while a 4095x4095 image is prefilled (in-process engine)\n"
+        "| MAX_IMAGE_TOKENS | visual tokens | prepare s | worst stream gap s | image first token s |\n"
+        "|---|---:|---:|---:|---:|\n"
+    )
+    names = {default_cap: f"{default_cap} (service default)", MODEL_MAX_IMAGE_TOKENS: "16384 (model's own)"}
+    body = [
+        f"| {names.get(r['max_image_tokens'], r['max_image_tokens'])} | {r['image_tokens']} | "
+        f"{r['prepare_seconds']:.2f} | {r['worst_gap_seconds']:.2f} | {r['image_first_token_seconds']:.2f} |"
+        for r in rows
+    ]
+    return head + "\n".join(body) + "\n"
+
+
+def keep_gpu_section(new: str, old: str) -> str:
+    """``new`` README text plus the GPU-check section (to the end) of the ``old`` one, if it had one: a CPU
+    run of ``make bench`` must not erase the table a GPU run committed."""
+    start = old.find("\n" + GPU_SECTION)
+    if start < 0:
+        return new
+    return new.rstrip("\n") + "\n\n" + old[start + 1 :]
+
+
 def render_markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratios: Sequence[Ratio]) -> str:
     notes = [f"- {n}" for n in meta.get("notes", [])]
     config = ", ".join(f"{k}={v}" for k, v in meta.get("config", {}).items())
@@ -229,4 +257,6 @@ def write_outputs(
     }
     (out_dir / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     plot(results, out_dir / "bench.png")
-    (out_dir / "README.md").write_text(render_markdown(meta, results, ratios))
+    readme = out_dir / "README.md"
+    old = readme.read_text() if readme.exists() else ""
+    readme.write_text(keep_gpu_section(render_markdown(meta, results, ratios), old))

@@ -14,6 +14,7 @@ from services.protocol.generate import (
     FunctionCall,
     FunctionDef,
     ImagePart,
+    MediaOptions,
     Message,
     Part,
     ResponseFormat,
@@ -103,16 +104,34 @@ async def _message(message: ChatMessage, index: int, fetch: MediaFetcher) -> Mes
 async def _part(part: ContentPart, index: int, j: int, fetch: MediaFetcher) -> Part:
     if part.kind == "text":
         return TextPart(text=part.text or "")
+    frames = part.frame_urls()
+    if frames is not None:  # a video given as its frames: each fetched as an image
+        where = f"messages[{index}].content[{j}].video"
+        encoded = await asyncio.gather(
+            *(_fetched(u, "image", f"{where}[{k}]", fetch) for k, u in enumerate(frames))
+        )
+        return VideoPart(frames=list(encoded), fps=part.fps)
     source = part.media_source()
     assert source is not None  # ContentPart validation guarantees it
     where, url = source
+    encoded_one = await _fetched(url, part.kind, f"messages[{index}].content[{j}].{where}", fetch)
+    if part.kind == "image":
+        return ImagePart(data=encoded_one, detail=part.detail())
+    return VideoPart(data=encoded_one)
+
+
+async def _fetched(url: str, kind: MediaKind, param: str, fetch: MediaFetcher) -> str:
+    """The media at ``url`` as base64; a fetch or decode failure is a 400 naming ``param``."""
     try:
-        data = await fetch(url, part.kind)
+        data = await fetch(url, kind)
     except MediaError as exc:
-        param = f"messages[{index}].content[{j}].{where}"
         raise BadRequest(exc.message, param=param, code="invalid_media") from None
     if len(data) > _OFFLOAD_BYTES:  # large media: encode off the event loop
-        encoded = await asyncio.to_thread(_b64, data)
-    else:
-        encoded = _b64(data)
-    return ImagePart(data=encoded) if part.kind == "image" else VideoPart(data=encoded)
+        return await asyncio.to_thread(_b64, data)
+    return _b64(data)
+
+
+def to_media(req: ChatCompletionRequest) -> MediaOptions | None:
+    """The request's ``mm_processor_kwargs`` as the internal media options (None when not given)."""
+    kwargs = req.mm_processor_kwargs
+    return None if kwargs is None else MediaOptions(**kwargs.model_dump())

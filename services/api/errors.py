@@ -138,6 +138,8 @@ def from_model_error(exc: model_errors.ModelServiceError, retry_after: int) -> A
         return BadRequest(message, param="messages", code="invalid_media")
     if isinstance(exc, model_errors.InvalidSchema):
         return BadRequest(message, param=exc.param, code="invalid_schema")
+    if isinstance(exc, model_errors.InvalidValue):
+        return BadRequest(message, param=exc.param, code="invalid_value")
     if isinstance(exc, model_errors.InvalidRequest):
         return BadRequest(message, param="messages", code="invalid_request")
     if isinstance(exc, model_errors.Overloaded):
@@ -188,12 +190,14 @@ def validation_error(errors: Sequence[Any], fields: frozenset[str] = frozenset()
     if not errors:
         return BadRequest("invalid request")
     best = max(errors, key=lambda e: len(e.get("loc", ())))  # max keeps the first of equals
+    where = tuple(best.get("loc", ()))
+    unknown = where[-1:] if best.get("type") == "extra_forbidden" else ()  # a refused key: named too
     loc = [
         p
-        for p in best.get("loc", ())
+        for p in where[: len(where) - len(unknown)]
         if isinstance(p, int)
         or (p not in ("body", "query", "path", "header") and (not fields or p in fields))
-    ]
+    ] + list(unknown)
     param = param_path(loc) or None
     msg = str(best.get("msg", "invalid value")).removeprefix("Value error, ")
     return BadRequest(f"{param or 'request'}: {msg}", param=param)

@@ -27,12 +27,19 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from services.api.settings import SESSION_ID_PATTERN
-from services.protocol.generate import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TOP_LOGPROBS
+from services.protocol.generate import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_FPS,
+    MAX_FRAME_ITEMS,
+    MAX_TOP_LOGPROBS,
+)
 
 MAX_STOP_CHARS = 1000  # per stop string
 MAX_MODEL_CHARS = 256
 MAX_URL_CHARS = 64 * 1024 * 1024  # a data URL is bounded by MAX_REQUEST_BYTES anyway
-PART_TYPES = ("text", "input_text", "image_url", "input_image", "video_url", "input_video")
+PART_TYPES = ("text", "input_text", "image_url", "input_image", "video_url", "input_video", "video")
 MAX_TOOLS = 128  # the OpenAI reference's limit
 MAX_SCHEMA_CHARS = 64 * 1024  # one JSON schema (a tool's parameters, a response format), serialized
 MAX_DESCRIPTION_CHARS = 8192
@@ -49,7 +56,8 @@ class _Lenient(BaseModel):
 
 class MediaUrl(_Lenient):
     url: str = Field(min_length=1, max_length=MAX_URL_CHARS)
-    detail: str | None = Field(default=None, max_length=32)
+    # images: "low" -> the small pixel budget (LOW_DETAIL_IMAGE_TOKENS); "high"/"auto" -> the default
+    detail: Literal["low", "high", "auto"] | None = None
 
 
 def _url_object(value: object) -> object:
@@ -63,13 +71,24 @@ class ContentPart(_Lenient):
     whose URL may sit under ``image_url``/``video_url``/``input_image``/``input_video``/``url`` as a string
     or an object with ``url``."""
 
-    type: Literal["text", "input_text", "image_url", "input_image", "video_url", "input_video"]
+    type: Literal["text", "input_text", "image_url", "input_image", "video_url", "input_video", "video"]
     text: str | None = None
     image_url: MediaUrl | None = None
     video_url: MediaUrl | None = None
     input_image: MediaUrl | None = None
     input_video: MediaUrl | None = None
     url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    # ``{"type": "video", "video": [url, ...]}`` (Qwen's examples): a video given as its frames, taken
+    # ``fps`` per second (else ``mm_processor_kwargs.fps``, else 2); one URL is a video file
+    video: list[Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_FRAME_ITEMS
+    )
+    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+
+    @field_validator("video", mode="before")
+    @classmethod
+    def _one_video_url(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("type", mode="before")
     @classmethod
@@ -94,12 +113,26 @@ class ContentPart(_Lenient):
             return "text"
         return "image" if self.type in ("image_url", "input_image") else "video"
 
+    def detail(self) -> Literal["low", "high", "auto"] | None:
+        """An image's ``detail`` (None when not given)."""
+        for name in ("image_url", "input_image"):
+            value = getattr(self, name)
+            if value is not None:
+                return value.detail
+        return None
+
     def media_url(self) -> str | None:
         found = self.media_source()
         return found[1] if found else None
 
+    def frame_urls(self) -> list[str] | None:
+        """A ``video`` part given as a list of 2 or more frames: their URLs; None otherwise."""
+        return self.video if self.video is not None and len(self.video) > 1 else None
+
     def media_source(self) -> tuple[str, str] | None:
         """(the URL's place within the part, e.g. ``image_url.url``; the URL), or None."""
+        if self.video is not None:
+            return "video[0]", self.video[0]
         for name in ("image_url", "video_url", "input_image", "input_video"):
             value = getattr(self, name)
             if value is not None:
@@ -108,6 +141,12 @@ class ContentPart(_Lenient):
 
     @model_validator(mode="after")
     def _has_payload(self) -> ContentPart:
+        if self.type == "video" and self.video is None:
+            raise ValueError("a video part needs `video` (a URL or a list of frame URLs)")
+        if self.fps is not None and self.frame_urls() is None:
+            raise ValueError(
+                "`fps` is the rate of a list of frames; sample a video file with mm_processor_kwargs.fps"
+            )
         if self.kind == "text" and self.text is None:
             raise ValueError("a text part needs `text`")
         if self.kind != "text" and self.media_url() is None:
@@ -219,6 +258,20 @@ class ChatMessage(_Lenient):
         return self
 
 
+class MmProcessorKwargs(BaseModel):
+    """The media budgets of a request (vLLM's name), each bounded by the service's caps (checked by the
+    model service: 400 naming the field): ``fps`` frames sampled per second of a video (the rate of a
+    frame list without its own), ``max_frames`` per video, ``min_pixels``/``max_pixels`` per image and
+    video frame. Unknown keys are refused: they would be silently ignored otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+    max_frames: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    min_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
+
+
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
@@ -248,6 +301,8 @@ class ChatCompletionRequest(_Lenient):
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # extension: reasoning tokens before the server closes the thinking block itself (0: at once)
     max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    # extension: per-request media budgets
+    mm_processor_kwargs: MmProcessorKwargs | None = None
 
     # per-token log-probabilities: choices[].logprobs.content (answer tokens) and .reasoning_content
     logprobs: StrictBool | None = None

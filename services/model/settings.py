@@ -49,6 +49,8 @@ class ModelSettings(BaseSettings):
     max_image_tokens: int = Field(default=1280, ge=4, le=16384)
     # visual tokens per video temporal patch (2 frames); the model's reference is 768
     max_video_frame_tokens: int = Field(default=256, ge=4, le=16384)
+    # visual tokens of an image sent with `detail: "low"` (64 = 65,536 pixels, e.g. 256 x 256)
+    low_detail_image_tokens: int = Field(default=64, ge=4, le=16384)
 
     # scheduling and limits
     max_batch_size: int = Field(default=16, ge=1, le=512)

@@ -50,6 +50,18 @@ class InvalidSchema(InvalidRequest):
         return param_of(self.message)
 
 
+class InvalidValue(InvalidRequest):
+    """A request value over one of the service's caps (``mm_processor_kwargs``). The message starts with
+    the public parameter path and ``": "`` (``param``)."""
+
+    code = "invalid_value"
+
+    @property
+    def param(self) -> str:
+        head = self.message.split(": ", 1)[0]
+        return head if re.fullmatch(r"mm_processor_kwargs\.[a-z_]{1,32}", head) else "mm_processor_kwargs"
+
+
 def param_of(message: str) -> str:
     """The parameter path an ``InvalidSchema`` message starts with; ``response_format`` when none."""
     head = message.split(": ", 1)[0]
@@ -97,6 +109,7 @@ _BY_CODE: dict[str, type[ModelServiceError]] = {
         InvalidMedia,
         PromptTooLong,
         InvalidSchema,
+        InvalidValue,
         NotFound,
         Unauthorized,
         Overloaded,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function name rule
@@ -13,6 +13,8 @@ TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 MAX_TOP_LOGPROBS = 20  # the OpenAI reference's bound
+MAX_FPS = 60.0  # frames per second a request may ask a video to be sampled at (or say its frames were taken)
+MAX_FRAME_ITEMS = 1024  # images in one frame-list video (then sampled down to the frame cap)
 
 
 def _unicode(text: str) -> str:
@@ -62,17 +64,44 @@ class TextPart(BaseModel):
 
 
 class ImagePart(BaseModel):
-    """An image the api service already fetched/decoded from its URL; ``data`` is base64 of the file bytes."""
+    """An image the api service already fetched/decoded from its URL; ``data`` is base64 of the file bytes.
+    ``detail`` ``low``: the small pixel budget (LOW_DETAIL_IMAGE_TOKENS); ``high``/``auto``/None: the
+    request's or the service's."""
 
     type: Literal["image"] = "image"
     data: str
+    detail: Literal["low", "high", "auto"] | None = None
 
 
 class VideoPart(BaseModel):
-    """A video file (any container PyAV reads); ``data`` is base64 of the file bytes."""
+    """A video: a file (any container PyAV reads; ``data`` is base64 of its bytes), or its frames as
+    images (``frames``, base64 of each image file, in order) taken ``fps`` per second (None: the
+    request's ``media.fps``, else 2), which sets their timestamps. Exactly one of ``data``/``frames``."""
 
     type: Literal["video"] = "video"
-    data: str
+    data: str = ""
+    frames: list[str] = Field(default_factory=list, max_length=MAX_FRAME_ITEMS)
+    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VideoPart:
+        if bool(self.data) == bool(self.frames):
+            raise ValueError("a video is either a file (`data`) or a list of frames (`frames`)")
+        return self
+
+
+class MediaOptions(BaseModel):
+    """Per-request media budgets (the public ``mm_processor_kwargs``), each None for the service default
+    and checked against the service's caps by the model service: ``fps`` frames per second sampled
+    from a video file (the rate of a frame list without its own), ``max_frames`` frames per video,
+    ``min_pixels``/``max_pixels`` per image and per video frame."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+    max_frames: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    min_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
@@ -137,6 +166,7 @@ class GenerateRequest(BaseModel):
     tool_choice: ToolChoice = Field(default_factory=ToolChoice)
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    media: MediaOptions | None = None
 
     def structured(self) -> bool:
         """True when the answer is grammar-constrained (a JSON response format or a forced tool call)."""

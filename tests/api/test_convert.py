@@ -43,6 +43,8 @@ def test_every_sampling_parameter_reaches_the_model() -> None:
         frequency_penalty=-0.25,
         repetition_penalty=1.1,
         max_reasoning_tokens=12,
+        logprobs=True,
+        top_logprobs=4,
     )
     assert on_the_wire(request).sampling.model_dump() == {
         "max_tokens": 9,  # max_completion_tokens wins
@@ -55,6 +57,7 @@ def test_every_sampling_parameter_reaches_the_model() -> None:
         "frequency_penalty": -0.25,
         "repetition_penalty": 1.1,
         "max_reasoning_tokens": 12,
+        "top_logprobs": 4,
     }
 
 

@@ -10,7 +10,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from services.api.convert import to_messages, to_sampling, to_structure
+from services.api.convert import to_media, to_messages, to_sampling, to_structure
 from services.api.deps import Hub, Owner
 from services.api.errors import BadRequest, request_id_of, session_not_found
 from services.api.media import MediaKind, resolve_media
@@ -69,7 +69,7 @@ async def _start(
         owner=owner,
         messages=await to_messages(req.messages, fetch),
         sampling=to_sampling(req),
-        structure=to_structure(req),
+        structure={**to_structure(req), "media": to_media(req)},
         tool_names=req.called_tools(),
         include_usage=req.include_usage,
         stream=req.stream,

@@ -27,7 +27,7 @@ from services.model.engine.base import (
     Prepared,
 )
 from services.model.engine.fake_structured import pieces, structured_answer
-from services.model.multimodal.limits import MediaLimits, check_media_counts
+from services.model.multimodal.limits import MediaLimits, check_media_counts, check_media_options
 from services.model.settings import ModelSettings
 from services.protocol.errors import PromptTooLong
 from services.protocol.generate import GenerateRequest, SamplingParams
@@ -76,7 +76,9 @@ class FakeEngine:
     async def prepare(self, request: GenerateRequest) -> Prepared:
         """Prepare only (tests): media counts and base64, the prompt's words, sampling defaults."""
         await asyncio.sleep(0)  # a real engine does this in a worker thread; keep the await point
-        check_media_counts(request.messages, MediaLimits.from_settings(self._settings))
+        limits = MediaLimits.from_settings(self._settings)
+        check_media_counts(request.messages, limits)
+        check_media_options(request.media, limits)
         text, media_tokens = fake_text.render(request.messages)
         prompt_tokens = len(text.split()) + media_tokens
         sampling = self._resolve_sampling(request.sampling, prompt_tokens)

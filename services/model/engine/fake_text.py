@@ -208,7 +208,8 @@ def render(messages: list[Message]) -> tuple[str, int]:
             if isinstance(part, TextPart):
                 pieces.append(part.text)
                 continue
-            _check_base64(part.data, part.type)
+            for data in getattr(part, "frames", None) or [part.data]:  # a frame-list video: each frame
+                _check_base64(data, part.type)
             is_image = isinstance(part, ImagePart)
             media_tokens += IMAGE_TOKENS if is_image else VIDEO_TOKENS
             pieces.append("<image>" if is_image else "<video>")

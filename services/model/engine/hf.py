@@ -91,7 +91,7 @@ class HFEngine:
         context, max_tokens = self.loaded.context_length, request.sampling.max_tokens
         check_prompt_text(self.loaded.processor.tokenizer, request.messages, context, max_tokens)
         limits = MediaLimits.from_settings(self.settings)
-        inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools)
+        inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools, request.media)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
         grammar = self.grammars.matcher(request)  # compiled here, off the decode loop

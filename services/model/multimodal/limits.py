@@ -10,8 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from services.protocol.errors import InvalidMedia
-from services.protocol.generate import ImagePart, Message, VideoPart
+from services.protocol.errors import InvalidMedia, InvalidValue
+from services.protocol.generate import ImagePart, MediaOptions, Message, VideoPart
+
+PIXELS_PER_TOKEN = 32 * 32  # one Qwen3-VL visual token: a 2 x 2 merge of 16 x 16 patches
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +24,8 @@ class MediaLimits:
     max_images: int = 16  # per request
     max_videos: int = 2  # per request
     max_request_pixels: int = 128 * 1024 * 1024  # all decoded images and video frames of a request
+    max_image_tokens: int = 16384  # per image (MAX_IMAGE_TOKENS): the cap of mm_processor_kwargs pixels
+    low_detail_image_tokens: int = 64  # per image sent with detail "low"
 
     @classmethod
     def from_settings(cls, settings: Any) -> MediaLimits:
@@ -32,6 +36,8 @@ class MediaLimits:
             max_images=settings.max_images_per_request,
             max_videos=settings.max_videos_per_request,
             max_request_pixels=settings.max_request_pixels,
+            max_image_tokens=settings.max_image_tokens,
+            low_detail_image_tokens=min(settings.low_detail_image_tokens, settings.max_image_tokens),
         )
 
 
@@ -44,6 +50,26 @@ def check_media_counts(messages: list[Message], limits: MediaLimits) -> None:
         raise InvalidMedia(f"the request has {images} images; at most {limits.max_images} are allowed")
     if videos > limits.max_videos:
         raise InvalidMedia(f"the request has {videos} videos; at most {limits.max_videos} are allowed")
+
+
+def check_media_options(options: MediaOptions | None, limits: MediaLimits) -> None:
+    """Refuse per-request budgets over the service's caps: ``max_frames`` over MAX_VIDEO_FRAMES,
+    ``min_pixels``/``max_pixels`` over MAX_IMAGE_TOKENS visual tokens of 32 x 32 pixels, ``min_pixels``
+    over ``max_pixels``. Raises ``InvalidValue`` whose message starts with the public parameter."""
+    if options is None:
+        return
+    name = "mm_processor_kwargs"
+    if options.max_frames is not None and options.max_frames > limits.max_video_frames:
+        cap = limits.max_video_frames
+        raise InvalidValue(f"{name}.max_frames: at most {cap} frames per video on this server")
+    cap = limits.max_image_tokens * PIXELS_PER_TOKEN
+    for field in ("min_pixels", "max_pixels"):
+        value = getattr(options, field)
+        if value is not None and value > cap:
+            raise InvalidValue(f"{name}.{field}: at most {cap} pixels ({limits.max_image_tokens} tokens)")
+    low, high = options.min_pixels, options.max_pixels
+    if low is not None and high is not None and low > high:
+        raise InvalidValue(f"{name}.min_pixels: greater than max_pixels")
 
 
 def cap_visual_tokens(processor: Any, image_tokens: int, frame_tokens: int) -> tuple[int, int]:

@@ -9,13 +9,21 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from jinja2 import TemplateError
 
+from services.model.multimodal.budget import (
+    PixelBand,
+    processor_band,
+    request_band,
+    resize_frames,
+    resize_image,
+)
 from services.model.multimodal.images import decode_image
-from services.model.multimodal.limits import MediaLimits, check_media_counts
-from services.model.multimodal.video import DecodedVideo, decode_video
+from services.model.multimodal.limits import MediaLimits, check_media_counts, check_media_options
+from services.model.multimodal.video import SAMPLE_FPS, DecodedVideo, decode_video, frame_list_video
 from services.protocol.errors import InvalidMedia, InvalidRequest
-from services.protocol.generate import ImagePart, Message, TextPart, Tool, VideoPart
+from services.protocol.generate import ImagePart, MediaOptions, Message, TextPart, Tool, VideoPart
 
 __all__ = ["MediaLimits", "build_inputs"]
 
@@ -26,6 +34,9 @@ log = logging.getLogger(__name__)
 class _Conversation:
     messages: list[dict[str, Any]]
     videos: list[DecodedVideo]
+    limits: MediaLimits
+    band: PixelBand  # the processor's own pixel band (per-request budgets narrow it per item)
+    options: MediaOptions | None = None
     pixels: int = 0  # decoded so far, all media of the request
 
     def count(self, pixels: int, limit: int) -> None:
@@ -35,17 +46,23 @@ class _Conversation:
 
 
 def build_inputs(
-    processor: Any, messages: list[Message], limits: MediaLimits, tools: list[Tool] | None = None
+    processor: Any,
+    messages: list[Message],
+    limits: MediaLimits,
+    tools: list[Tool] | None = None,
+    options: MediaOptions | None = None,
 ) -> Any:
     """Render the chat template with the generation prompt and run the processor. ``tools`` go to the
-    template as ``tools=[{"type": "function", "function": {...}}]`` (what Qwen3 templates expect).
+    template as ``tools=[{"type": "function", "function": {...}}]`` (what Qwen3 templates expect);
+    ``options`` are the request's media budgets (``budget.py``; checked against ``limits``).
 
     Returns a ``transformers.BatchFeature`` with ``input_ids`` (1, L), ``attention_mask``,
     ``mm_token_type_ids`` and, when present, ``pixel_values``/``image_grid_thw`` and
     ``pixel_values_videos``/``video_grid_thw``. Raises ``InvalidMedia`` for bad media and
     ``InvalidRequest`` when the processor rejects the input.
     """
-    conv = _to_conversation(messages, limits)
+    check_media_options(options, limits)
+    conv = _to_conversation(messages, limits, processor_band(processor), options)
     processor_kwargs: dict[str, Any] = {}
     if conv.videos:
         processor_kwargs.update(
@@ -81,14 +98,16 @@ def build_inputs(
         ) from None
 
 
-def _to_conversation(messages: list[Message], limits: MediaLimits) -> _Conversation:
+def _to_conversation(
+    messages: list[Message], limits: MediaLimits, band: PixelBand, options: MediaOptions | None
+) -> _Conversation:
     check_media_counts(messages, limits)
-    conv = _Conversation(messages=[], videos=[])
+    conv = _Conversation(messages=[], videos=[], limits=limits, band=band, options=options)
     for message in messages:
         if isinstance(message.content, str):
             content: Any = message.content
         else:
-            content = [_part(p, limits, conv) for p in message.content]
+            content = [_part(p, conv) for p in message.content]
         conv.messages.append({"role": message.role, "content": content, **_tool_fields(message)})
     return conv
 
@@ -104,19 +123,43 @@ def _tool_fields(message: Message) -> dict[str, Any]:
     return out
 
 
-def _part(part: TextPart | ImagePart | VideoPart, limits: MediaLimits, conv: _Conversation) -> dict:
+def _part(part: TextPart | ImagePart | VideoPart, conv: _Conversation) -> dict:
+    limits = conv.limits
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
         image = decode_image(part.data, limits.max_image_pixels, limits.max_media_bytes)
         conv.count(image.width * image.height, limits.max_request_pixels)
-        return {"type": "image", "image": image}
+        band = request_band(conv.band, conv.options, part.detail == "low", limits)
+        return {"type": "image", "image": resize_image(image, band)}
     if isinstance(part, VideoPart):
-        video = decode_video(
-            part.data, limits.max_video_frames, limits.max_image_pixels, limits.max_media_bytes
-        )
+        video = _video(part, conv)
         frames, height, width = video.frames.shape[:3]
         conv.count(frames * height * width, limits.max_request_pixels)
+        video.frames = resize_frames(video.frames, request_band(conv.band, conv.options, False, limits))
         conv.videos.append(video)
         return {"type": "video", "video": video.frames}
     raise InvalidMedia(f"unsupported content part {type(part).__name__}")
+
+
+def _video(part: VideoPart, conv: _Conversation) -> DecodedVideo:
+    """Decode a video file (sampled at ``mm_processor_kwargs.fps``, default 2 per second) or a list of
+    frames (taken at the part's ``fps``, else the request's, else 2 per second)."""
+    limits, options = conv.limits, conv.options
+    max_frames = limits.max_video_frames
+    if options is not None and options.max_frames is not None:
+        max_frames = min(max_frames, options.max_frames)
+    fps = options.fps if options is not None and options.fps is not None else None
+    if part.frames:
+
+        def decode(data: str) -> np.ndarray:
+            return np.asarray(decode_image(data, limits.max_image_pixels, limits.max_media_bytes))
+
+        return frame_list_video(part.frames, part.fps or fps or SAMPLE_FPS, max_frames, decode)
+    return decode_video(
+        part.data,
+        max_frames,
+        limits.max_image_pixels,
+        limits.max_media_bytes,
+        sample_fps=fps or SAMPLE_FPS,
+    )

@@ -55,24 +55,28 @@ class _Picked:
 
 
 def decode_video(
-    data: str, max_frames: int, max_pixels: int, max_bytes: int, seek: bool = True
+    data: str,
+    max_frames: int,
+    max_pixels: int,
+    max_bytes: int,
+    seek: bool = True,
+    sample_fps: float = SAMPLE_FPS,
 ) -> DecodedVideo:
-    """Decode one base64 video; ``seek=False`` decodes sequentially (kept for tests and odd files)."""
+    """Decode one base64 video, about ``sample_fps`` frames per second of it (at most ``max_frames``);
+    ``seek=False`` decodes sequentially (kept for tests and odd files)."""
     raw = decode_base64(data, max_bytes, "video")
     try:
-        return _decode(raw, max_frames, max_pixels, seek)
+        return _decode(raw, max_frames, max_pixels, seek, sample_fps)
     except InvalidMedia:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError):
         # PyAV's messages name internal objects and paths: the kind of failure only
-        raise InvalidMedia(
-            "video could not be decoded (corrupt data or unsupported codec)"
-        ) from None
+        raise InvalidMedia("video could not be decoded (corrupt data or unsupported codec)") from None
 
 
-def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool) -> DecodedVideo:
+def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool, sample_fps: float) -> DecodedVideo:
     probe = _probe(raw, max_pixels)
-    count = frames_to_sample(probe.total, probe.duration, max_frames)
+    count = frames_to_sample(probe.total, probe.duration, max_frames, sample_fps)
     wanted = sorted(set(np.linspace(0, probe.total - 1, count).round().astype(int).tolist()))
     picked = None
     if seek and probe.pts is not None:
@@ -100,14 +104,48 @@ def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool) -> Decoded
     return DecodedVideo(frames=np.stack(picked.frames), metadata=metadata, timestamps=picked.times)
 
 
-def frames_to_sample(total: int, duration: float, max_frames: int) -> int:
-    """About ``SAMPLE_FPS`` frames per second, at least ``MIN_FRAMES``, never more than the video has or
+def frames_to_sample(total: int, duration: float, max_frames: int, sample_fps: float = SAMPLE_FPS) -> int:
+    """About ``sample_fps`` frames per second, at least ``MIN_FRAMES``, never more than the video has or
     ``max_frames``; even where possible, since frames are paired into temporal patches of 2."""
-    wanted = max(MIN_FRAMES, math.ceil(duration * SAMPLE_FPS))
+    wanted = max(MIN_FRAMES, math.ceil(duration * sample_fps))
     count = min(wanted, total, max_frames)
     if count > 2 and count % 2:
         count -= 1
     return max(count, 1)
+
+
+def frame_list_video(
+    frames: list[str], fps: float, max_frames: int, decode: Callable[[str], np.ndarray]
+) -> DecodedVideo:
+    """A video given as its frames (base64 image files, in order, taken ``fps`` per second): at most
+    ``max_frames`` of them, picked uniformly (even where possible) and decoded with ``decode`` (RGB
+    (H, W, 3) arrays), all resized to the first one's size; their timestamps are index / ``fps``."""
+    count = min(len(frames), max_frames)
+    if count > 2 and count % 2:  # frames are paired into temporal patches of 2
+        count -= 1
+    picked = sorted(set(np.linspace(0, len(frames) - 1, count).round().astype(int).tolist()))
+    arrays = [decode(frames[i]) for i in picked]
+    height, width = arrays[0].shape[:2]
+    arrays = [a if a.shape[:2] == (height, width) else _resized(a, height, width) for a in arrays]
+    if len(arrays) == 1:  # one temporal patch needs 2 frames: a one-frame video is a still
+        arrays.append(arrays[0])
+        picked.append(picked[0])
+    metadata = VideoMetadata(
+        total_num_frames=len(frames),
+        fps=fps,
+        width=width,
+        height=height,
+        duration=len(frames) / fps,
+        video_backend="pyav",
+        frames_indices=picked,
+    )
+    return DecodedVideo(frames=np.stack(arrays), metadata=metadata, timestamps=[i / fps for i in picked])
+
+
+def _resized(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def _probe(raw: bytes, max_pixels: int) -> _Probe:

@@ -111,3 +111,19 @@ def test_logprobs_without_candidates_and_not_asked(client: httpx.Client) -> None
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         events = read_sse(r)
     assert all(c["logprobs"] is None for e in events[:-1] for c in e.json()["choices"])
+
+
+def test_logprobs_with_a_tool_call_keep_one_entry_per_token(client: httpx.Client) -> None:
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    body = chat("what time is it [[fake:tool_call]]", logprobs=True, tools=tools)
+    whole = client.post("/v1/chat/completions", json=body).json()
+    check_completion(whole)
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    logprobs = whole["choices"][0]["logprobs"]
+    count = len(logprobs["reasoning_content"]) + len(logprobs["content"])
+    assert count == whole["usage"]["completion_tokens"]
+    sid = f"lp-{uuid.uuid4().hex[:8]}"
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "session_id": sid}) as r:
+        events = read_sse(r)
+    check_stream(events, sid)
+    assert streamed_logprobs(events) == {k: logprobs[k] for k in ("content", "reasoning_content")}

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +42,7 @@ from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
 from services.api.streaming.translate import DONE, ChunkEncoder, error_payload, final_chunks, usage_dict
 from services.protocol.errors import ModelServiceError
-from services.protocol.events import Delta, Finished, TokenLogprob
+from services.protocol.events import Delta, Finished
 
 log = logging.getLogger("api.runner")
 
@@ -296,14 +295,16 @@ class SessionRunner:
         self._model_seq = delta.seq
         self._mark_text_started()
         lp = delta.logprobs
+        reasoning_lp = [e.model_dump() for e in lp.reasoning] if lp else None
+        content_lp = [e.model_dump() for e in lp.content] if lp else None
         if self._parser is None:
-            _add_text(self._pending, "reasoning", delta.reasoning, lp.reasoning if lp else None)
-            _add_text(self._pending, "content", delta.content, lp.content if lp else None)
+            _add_text(self._pending, "reasoning", delta.reasoning, reasoning_lp)
+            _add_text(self._pending, "content", delta.content, content_lp)
             self._safe_seq = delta.seq
         else:
-            _add_text(self._held, "reasoning", delta.reasoning, lp.reasoning if lp else None)
+            _add_text(self._held, "reasoning", delta.reasoning, reasoning_lp)
             self._add_answer(self._parser.feed(delta.content) if delta.content else [])
-            _add_text(self._held, "content", "", lp.content if lp else None)  # after the answer's text
+            _add_text(self._held, "content", "", content_lp)  # after the answer's text
             if self._parser.clean:
                 self._release_held(delta.seq)
         self._flush_wanted.set()
@@ -539,7 +540,7 @@ class SessionRunner:
 
 
 def _add_text(
-    items: list[str | _Text], kind: str, text: str, logprobs: Sequence[TokenLogprob] | None = None
+    items: list[str | _Text], kind: str, text: str, logprobs: list[dict[str, Any]] | None = None
 ) -> None:
     """Append ``text`` of ``kind`` (and the logprob entries of its tokens) to ``items``, merged into the
     last item when it is text of that kind. Entries without text (a token that released none, such as
@@ -553,7 +554,7 @@ def _add_text(
     if text:
         last.parts.append(text)
     if logprobs:
-        last.logprobs = (last.logprobs or []) + [e.model_dump() for e in logprobs]
+        last.logprobs = (last.logprobs or []) + logprobs
 
 
 class _Done(Exception):

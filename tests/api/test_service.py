@@ -326,7 +326,9 @@ def test_error_statuses(client: httpx.Client) -> None:
     for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.png", "data:image/png;base64,!!!!"):
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
-        assert assert_error(r, 400, "invalid_request_error")["param"] == "messages[0].content[0].image_url.url"
+        assert (
+            assert_error(r, 400, "invalid_request_error")["param"] == "messages[0].content[0].image_url.url"
+        )
     r = client.get("/v1/models", headers={"X-Request-Id": "my-req-1"})
     assert r.headers["x-request-id"] == "my-req-1"
 

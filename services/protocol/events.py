@@ -50,10 +50,16 @@ class Delta(BaseModel):
     the model service splits on the token, so one delta may carry both (the tail of the thinking and
     the head of the answer). ``tokens`` is how many generated tokens this delta accounts for; ``logprobs``
     (requests with ``top_logprobs`` set) holds one entry per such token, so a delta may carry logprobs
-    and no text (e.g. the end-of-sequence token)."""
+    and no text (e.g. the end-of-sequence token).
+
+    ``index`` is the choice (0..n-1) the delta belongs to. With ``n`` > 1 each choice ends with a delta
+    that carries its own ``finish_reason`` (its last text and tokens may ride on it); ``Finished`` then
+    follows once every choice has ended. With ``n`` = 1 no delta carries a ``finish_reason``."""
 
     type: Literal["delta"] = "delta"
     seq: int
+    index: int = Field(default=0, ge=0)
+    finish_reason: FinishReason | None = None
     reasoning: str = ""
     content: str = ""
     tokens: int = 0
@@ -61,6 +67,10 @@ class Delta(BaseModel):
 
 
 class Finished(BaseModel):
+    """The end of the whole request. With ``n`` > 1: ``usage.completion_tokens`` counts every choice's
+    tokens, and ``finish_reason`` is the first of ``error``, ``cancelled``, ``length``, ``stop`` that any
+    choice ended with (an ``error`` of one choice ends every choice: the request fails as a whole)."""
+
     type: Literal["finished"] = "finished"
     seq: int
     finish_reason: FinishReason

@@ -15,6 +15,8 @@ INT32_MAX = 2**31 - 1
 MAX_TOP_LOGPROBS = 20  # the OpenAI reference's bound
 MAX_FPS = 60.0  # frames per second a request may ask a video to be sampled at (or say its frames were taken)
 MAX_FRAME_ITEMS = 1024  # images in one frame-list video (then sampled down to the frame cap)
+MAX_CHOICES = 128  # ``n`` as any caller may send it; each service has its own, lower, configured cap
+_GOLDEN_64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio, odd: i * it mod 2^64 spreads consecutive i apart
 
 
 def _unicode(text: str) -> str:
@@ -56,6 +58,22 @@ class SamplingParams(BaseModel):
     # per generated token, its log-probability and the ``top_logprobs`` most likely alternatives
     # (see ``events.TokenLogprob``); None: no logprobs for this request (nothing computed for its row)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # choices generated from one prefill of the prompt, each sampled on its own (``choice_seed``); the
+    # request counts as ``n`` rows against the engine's queue and batch limits
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The sampling seed of choice ``index`` (0-based) of a request seeded with ``seed``.
+
+    Choice 0 keeps the request's seed (so choice 0 of an ``n``-request is what the same request with
+    ``n=1`` generates); choice i > 0 uses ``(seed + i * 0x9E3779B97F4A7C15) mod 2^64``, read back as a
+    signed 64-bit integer (the range of ``SamplingParams.seed``). ``None`` (unseeded) stays None: such
+    choices draw from fresh randomness and differ anyway."""
+    if seed is None or index == 0:
+        return seed
+    mixed = (seed + index * _GOLDEN_64) % 2**64
+    return mixed - 2**64 if mixed > INT64_MAX else mixed
 
 
 class TextPart(BaseModel):

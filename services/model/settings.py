@@ -56,6 +56,12 @@ class ModelSettings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=512)
     max_queue: int = Field(default=64, ge=0)
     max_step_tokens: int = Field(default=2048, ge=16)  # prefill token budget per scheduler step
+    # KV cache memory in bytes: the running rows' keys/values plus the kept prompt prefixes; a request whose
+    # own KV (prompt + max_tokens) cannot fit is refused (400), one that cannot fit now waits for room
+    kv_cache_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)
+    # keep prefilled prompts' KV (within KV_CACHE_BYTES, least recently used out first) and prefill a later
+    # prompt that shares a prefix (same tokens, same images/videos) from where it differs
+    prefix_cache: bool = True
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
     finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

@@ -54,6 +54,7 @@ class FinalOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 Output = TokenOutput | FinalOutput
@@ -70,6 +71,7 @@ class Prepared:
     prompt_tokens: int
     inputs: Any = None  # engine-specific (processor output for hf, prompt text for fake)
     grammar: Any = None  # the answer's grammar matcher (xgrammar, hf) or constraint (fake); None: free
+    prefix_key: Any = None  # hf: the prompt's ``prefix.PromptKey`` (ids + media digests), made at prepare
 
 
 @dataclass(frozen=True, slots=True)

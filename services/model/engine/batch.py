@@ -182,6 +182,15 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+def nbytes(batch: BatchTensors) -> int:
+    """Bytes of the batch's cached keys and values."""
+    return sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in batch.cache.layers
+        if layer.keys is not None
+    )
+
+
 CacheSnapshot = list[tuple[torch.Tensor, torch.Tensor]]
 
 

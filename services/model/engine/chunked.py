@@ -8,6 +8,10 @@ be split), then the text decoder over the next slice of the prompt, extending th
 It computes what ``Qwen3VLModel.forward`` computes for one row: the visual features scattered into the
 token embeddings at the placeholder tokens, the deepstack features added at the visual positions of the
 first decoder layers, and explicit text + 3-D mrope positions of the whole prompt.
+
+Started from a cached prefix (``prefix``: per-layer (keys, values) of at least its first ``n`` tokens, see
+``prefix.py``), it skips the media items within those ``n`` tokens and prefills the text from token ``n``
+on: only the new part of the prompt costs work.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from services.model.engine.batch import BatchTensors, media_tensors, prefilled_state, prompt_positions
 
@@ -44,7 +50,15 @@ class _Item:
 class ChunkedPrefill:
     """One request's prefill in pieces. Not thread-safe: the scheduler thread owns it."""
 
-    def __init__(self, model: Any, inputs: Mapping[str, Any], device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Any,
+        inputs: Mapping[str, Any],
+        device: torch.device,
+        prefix: tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None = None,
+    ) -> None:
+        """``prefix``: cached (keys, values) per layer, (1, kv_heads, >= n, head_dim), whose first ``n``
+        tokens equal this prompt's (``n`` < the prompt's length, never inside a media item)."""
         self._model = model
         input_ids = inputs["input_ids"].to(device)
         media = media_tensors(model, inputs, device)
@@ -58,14 +72,35 @@ class ChunkedPrefill:
             visual |= placeholders
             if media.get(pixels_key) is not None:
                 self._items.extend(_split(media[pixels_key], media[grid_key], placeholders, model))
+        self._cache: Any = None
+        self.done = 0  # prompt tokens in the cache
+        if prefix is not None:
+            self._start_from(*prefix)
         self._visual = visual[None]  # (1, L)
         self._before = F.pad(visual.cumsum(0), (1, 0))  # visual tokens before each position
         layers = len(model.config.vision_config.deepstack_visual_indexes)
         hidden = self._embeds.shape[-1]
         count = int(self._before[-1])
         self._deepstack = [self._embeds.new_zeros(count, hidden) for _ in range(layers)] if count else []
-        self._cache: Any = None
-        self.done = 0  # prompt tokens in the cache
+
+    def _start_from(self, layers: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        """The cache starts as views of the prefix's first ``n`` tokens (never written to: the first update
+        concatenates into new tensors); the media items within them are not encoded again."""
+        if not 0 < n < self.length:
+            raise ValueError(f"a cached prefix of {n} tokens for a prompt of {self.length}")
+        cache = DynamicCache()
+        for keys, values in layers:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys[:, :, :n], values[:, :, :n]
+            cache.layers.append(layer)
+        self._cache, self.done = cache, n
+        self._items = deque(item for item in self._items if int(item.positions[0]) >= n)
+
+    @property
+    def cost(self) -> int:
+        """The work left in budget units: visual tokens of the items still to encode plus text tokens."""
+        return sum(item.cost for item in self._items) + self.length - self.done
 
     def advance(self, budget: int) -> tuple[int, torch.Tensor | None]:
         """Do up to ``budget`` tokens of work (at least one item or one token); returns the tokens of work

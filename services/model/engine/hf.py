@@ -15,6 +15,7 @@ from typing import Any
 from services.model.engine.base import Admitted, EngineObserver, EngineStats, OutputSink, Prepared
 from services.model.engine.detokenize import TokenTable
 from services.model.engine.grammar import Grammars
+from services.model.engine.prefix import prompt_key
 from services.model.engine.scheduler import Scheduler, SchedulerConfig
 from services.model.loading import Loaded
 from services.model.settings import ModelSettings
@@ -44,6 +45,8 @@ class HFEngine:
             max_queue=settings.max_queue,
             max_step_tokens=settings.max_step_tokens,
             eos_token_ids=frozenset(loaded.eos_token_ids or DEFAULT_EOS),
+            prefix_cache=settings.prefix_cache,
+            kv_cache_bytes=settings.kv_cache_bytes,
         )
         self.scheduler_config = config
         self._scheduler = Scheduler(loaded.model, self.table, config, observer)
@@ -101,6 +104,7 @@ class HFEngine:
             prompt_tokens=prompt_tokens,
             inputs=inputs,
             grammar=grammar,
+            prefix_key=prompt_key(self.loaded.model.config, inputs) if self.settings.prefix_cache else None,
         )
 
     def submit(self, prepared: Prepared) -> None:

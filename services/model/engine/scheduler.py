@@ -26,6 +26,12 @@ step's draws already taken, so seeded rows still draw once per step): the rows t
 with "error", the others continue with the tokens they would have had; a fault that cannot be pinned on
 some rows fails every row of the step, and the loop lives on.
 
+Prefix cache (``prefix.py``): every prefilled prompt's KV is kept (least recently used first out, within
+``kv_cache_bytes``); a queued prompt that shares at least ``prefix_min_tokens`` with a kept one (same token
+ids, same media pixels) is prefilled from that prefix on, by ``ChunkedPrefill`` (the media items within the
+prefix are not encoded again), and costs the step budget only its new part. Its ``FinalOutput`` reports the
+reused tokens as ``cached_tokens``.
+
 Queue, capacity, cancel, drain and the duplicate rule are the admission core's (``admission.py``, the
 same for every engine); this module is what a step does with the queue.
 
@@ -68,6 +74,7 @@ from services.model.engine.detokenize import IncrementalDetokenizer, Piece, Toke
 from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
 from services.model.engine.isolate import Probe, culprits
 from services.model.engine.logprobs import entries as logprob_entries
+from services.model.engine.prefix import PrefixCache, PrefixEntry, PromptKey, prompt_key
 from services.model.engine.sampling import (
     BatchSampler,
     InvalidSampling,
@@ -89,6 +96,9 @@ class SchedulerConfig:
     eos_token_ids: frozenset[int] = frozenset({151645, 151643})
     starts_in_reasoning: bool = True  # the Thinking template's prompt opens <think>
     pick_greedy: bool = True  # constrained greedy rows: pick among the allowed ids (no full-row mask)
+    prefix_cache: bool = True  # keep prompts' KV and reuse shared prefixes (prefix.py)
+    prefix_min_tokens: int = 16  # shortest shared prefix worth reusing
+    kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
 
 
 @dataclass(slots=True, eq=False)
@@ -104,6 +114,7 @@ class _Row:
     generated: int = 0
     unreported: int = 0  # generated tokens not yet covered by a TokenOutput
     top_logprobs: int | None = None  # None: no logprobs for this row
+    prefix: tuple[PrefixEntry, int] | None = None  # the cached prefix its prefill starts from
     logprobs: TokenLogprobs | None = None  # entries of the unreported tokens (rows with top_logprobs)
     finish_reason: str | None = None
     error: str | None = None
@@ -121,11 +132,17 @@ class _Step:
     admitted: list[_Row] = field(default_factory=list)  # prefilled in this step
 
 
-def prefill_cost(model: Any, prepared: Prepared) -> int:
+def prefill_cost(model: Any, prepared: Prepared, cached: int = 0) -> int:
     """What prefilling ``prepared`` costs of a step's budget: its prompt tokens (the text decoder's work,
     visual placeholders included) plus its visual tokens (the vision encoder's work), the same units
-    ``ChunkedPrefill`` charges."""
-    return prepared.prompt_tokens + visual_tokens(model, prepared.inputs)
+    ``ChunkedPrefill`` charges. With its first ``cached`` tokens taken from the prefix cache: only the
+    tokens after them and the visual tokens of the items after them."""
+    if cached == 0:
+        return prepared.prompt_tokens + visual_tokens(model, prepared.inputs)
+    key = prepared.prefix_key
+    assert key is not None  # set by the lookup that found the prefix
+    visual = sum(s.end - s.start for s in key.spans if s.start >= cached)
+    return prepared.prompt_tokens - cached + visual
 
 
 def to_sampling_config(prepared: Prepared) -> SamplingConfig:
@@ -164,6 +181,7 @@ class Scheduler:
         self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
         self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
         self._batch: kv.BatchTensors | None = None
+        self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._sink: OutputSink | None = None
         self._threaded = False
 
@@ -262,10 +280,11 @@ class Scheduler:
             nxt = self._pop_admissible(step)
             if nxt is None:
                 break
-            cost, prepared, submitted = nxt
+            cost, prepared, submitted, hit = nxt
             row = self._set_up_row(step, prepared, submitted)
             if row is None:
                 continue
+            row.prefix = hit
             if step.prefill_tokens + cost > self._config.max_step_tokens:
                 self._start_chunked(step, row)
                 self._prefill_chunk(step, rows, logits, states)
@@ -274,13 +293,16 @@ class Scheduler:
             self._prefill_whole(step, row, rows, logits, states)
         return rows, logits, states
 
-    def _pop_admissible(self, step: _Step) -> tuple[int, Prepared, float] | None:
+    def _pop_admissible(
+        self, step: _Step
+    ) -> tuple[int, Prepared, float, tuple[PrefixEntry, int] | None] | None:
         """The next queued request and its prefill cost when it can start in this step: a prompt whose
         cost fits the budget left, or a long one (to be chunked) at the start of a step's budget; in
         arrival order. A request whose cost cannot be computed fails alone."""
         while (prepared := self.admission.peek()) is not None:
             try:
-                cost = prefill_cost(self._model, prepared)
+                hit = self._find_prefix(prepared)
+                cost = prefill_cost(self._model, prepared, hit[1] if hit else 0)
             except Exception as exc:
                 log.exception("prefill cost of %s failed", prepared.request_id)
                 self.admission.pop()
@@ -290,8 +312,44 @@ class Scheduler:
                 return None
             popped = self.admission.pop()
             assert popped is not None and popped[0] is prepared  # only this thread takes from the queue
-            return cost, prepared, popped[1]
+            if self.prefix is not None:
+                self.prefix.record(hit)
+            return cost, prepared, popped[1], hit
         return None
+
+    def _find_prefix(self, prepared: Prepared) -> tuple[PrefixEntry, int] | None:
+        """The kept prefix ``prepared`` would start from (None: none, or no prefix cache)."""
+        if self.prefix is None or not len(self.prefix):
+            return None
+        return self.prefix.find(self._prompt_key(prepared))
+
+    def _prompt_key(self, prepared: Prepared) -> PromptKey:
+        if prepared.prefix_key is None:  # prepared elsewhere than HFEngine.prepare_sync (tests)
+            prepared.prefix_key = prompt_key(self._model.config, prepared.inputs)
+        return prepared.prefix_key
+
+    def _keep_prefix(self, row: _Row, state: kv.BatchTensors) -> None:
+        try:
+            self._remember(row, state)
+        except Exception:  # keeping it is an optimisation: the row goes on without
+            log.exception("keeping the prefix of %s failed", row.request_id)
+
+    def _remember(self, row: _Row, state: kv.BatchTensors) -> None:
+        """Keep the just-prefilled prompt's KV in the prefix cache, within the budget left by the rows."""
+        if self.prefix is None:
+            return
+        layers = [(layer.keys, layer.values) for layer in state.cache.layers]
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        budget = self._config.kv_cache_bytes
+        if budget:
+            room = budget - self._rows_kv_bytes() - size
+            if room < 0:
+                return
+            self.prefix.evict(self.prefix.nbytes - room)
+        self.prefix.insert(self._prompt_key(row.prepared), layers)
+
+    def _rows_kv_bytes(self) -> int:
+        return kv.nbytes(self._batch) if self._batch is not None else 0
 
     def _set_up_row(self, step: _Step, prepared: Prepared, submitted: float) -> _Row | None:
         """The request's row with everything that can fail for it alone tried for it alone (sampler
@@ -318,13 +376,21 @@ class Scheduler:
         logits: list[torch.Tensor],
         states: list[kv.BatchTensors],
     ) -> None:
-        """Prefill the row's whole prompt with its media, alone; it joins the batch in this step."""
+        """Prefill the row's whole prompt with its media, alone (from its cached prefix on, if any); it
+        joins the batch in this step."""
         try:
-            row_logits, state = kv.prefill(self._model, row.prepared.inputs, self._device)
+            if row.prefix is None:
+                row_logits, state = kv.prefill(self._model, row.prepared.inputs, self._device)
+            else:
+                job = self._chunked_job(row)
+                _, found = job.advance(job.cost)
+                assert found is not None  # a budget of the whole cost finishes the prompt
+                row_logits, state = found, job.state()
         except Exception as exc:
             log.exception("prefill of %s failed", row.request_id)
             self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
             return
+        self._keep_prefix(row, state)
         rows.append(row)
         step.admitted.append(row)
         logits.append(row_logits)
@@ -332,12 +398,16 @@ class Scheduler:
 
     def _start_chunked(self, step: _Step, row: _Row) -> None:
         try:
-            job = ChunkedPrefill(self._model, row.prepared.inputs, self._device)
+            job = self._chunked_job(row)
         except Exception as exc:
             log.exception("prefill of %s failed", row.request_id)
             self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
             return
         self._chunked = (row, job)
+
+    def _chunked_job(self, row: _Row) -> ChunkedPrefill:
+        prefix = None if row.prefix is None else (row.prefix[0].layers, row.prefix[1])
+        return ChunkedPrefill(self._model, row.prepared.inputs, self._device, prefix)
 
     def _prefill_chunk(
         self, step: _Step, rows: list[_Row], logits: list[torch.Tensor], states: list[kv.BatchTensors]
@@ -357,10 +427,12 @@ class Scheduler:
         if row_logits is None:
             return
         self._chunked = None
+        state = job.state()
+        self._keep_prefix(row, state)
         rows.append(row)
         step.admitted.append(row)
         logits.append(row_logits)
-        states.append(job.state())
+        states.append(state)
 
     def _new_row(self, prepared: Prepared, submitted: float) -> _Row:
         cfg = to_sampling_config(prepared)
@@ -620,7 +692,8 @@ class Scheduler:
             step.outputs.append((row.request_id, TokenOutput("", "", row.unreported, row.logprobs)))
             row.unreported, row.logprobs = 0, None
         reason = row.finish_reason or "error"
-        final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error)
+        cached = row.prefix[1] if row.prefix is not None else 0
+        final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error, cached)
         step.outputs.append((row.request_id, final))
         self._forget(row.request_id, reason, row.generated)
 

@@ -44,13 +44,17 @@ class CompactLog:
     ``reasoning``/``content``: every delta's text of that kind joined; ``_marks``: per delta (seq 0..n-1)
     the end offset of its reasoning and of its content (in characters) and its token count, as unsigned
     32-bit ints. ``finished`` is the last event (seq n). A re-attach rebuilds only the events it asks for.
+    ``_choices`` (requests with ``n`` > 1 only): by seq, the choice index and finish reason of each delta
+    that has either.
     """
 
-    __slots__ = ("_logprobs", "_marks", "content", "finished", "reasoning")
+    __slots__ = ("_choices", "_logprobs", "_marks", "content", "finished", "reasoning")
 
     def __init__(self, deltas: Sequence[Delta], finished: Finished) -> None:
         # logprobs (requests that asked for them) are kept as they were, per delta: they are the bulk
         self._logprobs = [d.logprobs for d in deltas] if any(d.logprobs for d in deltas) else None
+        choices = {d.seq: (d.index, d.finish_reason) for d in deltas if d.index or d.finish_reason}
+        self._choices = choices or None
         self.reasoning = "".join(d.reasoning for d in deltas)
         self.content = "".join(d.content for d in deltas)
         marks = array("I")
@@ -91,6 +95,8 @@ class CompactLog:
             delta = Delta(seq=i, reasoning=reasoning, content=content, tokens=tokens)
             if self._logprobs is not None:
                 delta.logprobs = self._logprobs[i]
+            if self._choices is not None and i in self._choices:
+                delta.index, delta.finish_reason = self._choices[i]
             out.append(delta)
         if index <= count:
             out.append(self.finished)
@@ -113,8 +119,9 @@ class Generation:
         self.finished_at: float | None = None
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        self.pending_tokens = 0  # tokens of outputs that carried no text yet, folded into the next delta
-        self.pending_logprobs: TokenLogprobs | None = None  # their logprob entries, likewise
+        # by choice index: tokens of outputs that carried no text yet (and their logprob entries), folded
+        # into that choice's next delta
+        self._pending: dict[int, tuple[int, TokenLogprobs | None]] = {}
         self._waiters: list[asyncio.Future[None]] = []  # woken by every append
         self._final_waiters: list[asyncio.Future[None]] = []  # woken by Finished only
 
@@ -143,16 +150,24 @@ class Generation:
         return self._compact.nbytes
 
     def append_delta(self, out: TokenOutput) -> bool:
-        """False when the output carried no text and no logprobs (its tokens then travel with the next
-        delta); an output with logprobs always makes a delta (its tokens' entries are never dropped)."""
-        self.pending_tokens += out.tokens
-        self.pending_logprobs = merge_logprobs(self.pending_logprobs, out.logprobs)
-        if not out.reasoning and not out.content and self.pending_logprobs is None:
+        """False when the output carried no text, no logprobs and no choice end (its tokens then travel
+        with its choice's next delta); an output with logprobs always makes a delta (its tokens' entries
+        are never dropped), and so does a choice's end (``finish_reason``, n > 1)."""
+        tokens, logprobs = self._pending.pop(out.index, (0, None))
+        tokens += out.tokens
+        logprobs = merge_logprobs(logprobs, out.logprobs)
+        if not out.reasoning and not out.content and logprobs is None and out.finish_reason is None:
+            self._pending[out.index] = (tokens, logprobs)
             return False
-        tokens, self.pending_tokens = self.pending_tokens, 0
-        logprobs, self.pending_logprobs = self.pending_logprobs, None
         seq = len(self._live)
-        delta = Delta(seq=seq, reasoning=out.reasoning, content=out.content, tokens=tokens)
+        delta = Delta(
+            seq=seq,
+            index=out.index,
+            finish_reason=out.finish_reason,  # type: ignore[arg-type]  # the engine's literals
+            reasoning=out.reasoning,
+            content=out.content,
+            tokens=tokens,
+        )
         if logprobs is not None:
             delta.logprobs = to_delta_logprobs(logprobs)
         self._live.append(delta)

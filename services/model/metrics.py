@@ -61,6 +61,9 @@ class ModelMetrics:
         self.cancellations = Counter(
             "model_cancellations", "Cancel calls that stopped a generation", registry=r
         )
+        self.prefills = Counter(
+            "model_prefills", "Prompts prefilled (once per request, whatever its n)", registry=r
+        )  # exported as model_prefills_total
 
     def _add_engine_metrics(self, r: CollectorRegistry) -> None:
         """The engine's state: queue, batch, steps (seconds), readiness, restarts, memory (bytes)."""
@@ -88,9 +91,11 @@ class ModelMetrics:
         )
 
     # --- the scheduler observer -------------------------------------------------------------------
-    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int = 0) -> None:
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int = 0, prefills: int = 0) -> None:
         self.batch_size.observe(batch_size)
         self.step_duration.observe(seconds)
+        if prefills:
+            self.prefills.inc(prefills)
 
     def on_first_token(self, request_id: str, seconds: float) -> None:
         """Time to first token is measured by the generation registry (the same for every engine)."""

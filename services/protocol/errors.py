@@ -51,15 +51,15 @@ class InvalidSchema(InvalidRequest):
 
 
 class InvalidValue(InvalidRequest):
-    """A request value over one of the service's caps (``mm_processor_kwargs``). The message starts with
-    the public parameter path and ``": "`` (``param``)."""
+    """A request value over one of the service's caps (``mm_processor_kwargs``, ``n``). The message starts
+    with the public parameter path and ``": "`` (``param``)."""
 
     code = "invalid_value"
 
     @property
     def param(self) -> str:
         head = self.message.split(": ", 1)[0]
-        return head if re.fullmatch(r"mm_processor_kwargs\.[a-z_]{1,32}", head) else "mm_processor_kwargs"
+        return head if re.fullmatch(r"mm_processor_kwargs\.[a-z_]{1,32}|n", head) else "mm_processor_kwargs"
 
 
 def param_of(message: str) -> str:

@@ -7,12 +7,14 @@ queue and the engine thread's life around a caller-given step (the real ``Schedu
 The rule, the same for every engine:
 
 - a request is *known* from ``reserve`` (before its prepare work) to its ``FinalOutput`` (``finish``) or
-  its refusal (``release``); ``reserve`` refuses, in this order: ``NotReady`` once shutdown began,
-  ``Conflict`` for a request id already known, ``Overloaded`` when ``max_batch_size + max_queue``
-  requests are known (the queue counts only what cannot take a batch slot at the next step);
+  its refusal (``release``), and weighs its ``rows`` (its ``n`` choices: one batch row each);
+  ``reserve`` refuses, in this order: ``NotReady`` once shutdown began, ``Conflict`` for a request id
+  already known, ``InvalidValue`` (param ``n``) for more rows than ``max_batch_size`` (it could never
+  run), ``Overloaded`` when the known rows plus its own exceed ``max_batch_size + max_queue`` (the queue
+  counts only what cannot take a batch slot at the next step);
 - ``cancel`` is True once per known request (False when unknown, finished or already cancelled); a
   request cancelled while it is prepared is dropped when it reaches the queue;
-- ``stats``: ``running`` = requests that left the queue for the batch, ``queued`` = the rest;
+- ``stats``: ``running`` = rows of the requests that left the queue for the batch, ``queued`` = the rest;
 - ``shutdown(grace)``: stop admitting; requests that hold a batch slot (running, or queued within the free
   slots) may finish within ``grace`` seconds; those still waiting for a slot are cancelled at once, the
   rest once the grace is over; every request gets exactly one ``FinalOutput``; then the thread ends.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 from services.model.engine.base import EngineStats
-from services.protocol.errors import Conflict, NotReady, Overloaded
+from services.protocol.errors import Conflict, InvalidValue, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 class HasRequestId(Protocol):
     @property
     def request_id(self) -> str: ...
+
+    @property
+    def rows(self) -> int: ...
 
 
 ItemT = TypeVar("ItemT", bound=HasRequestId)
@@ -49,7 +54,8 @@ class Admission:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._cond = threading.Condition()
-        self._known: set[str] = set()
+        self._known: dict[str, int] = {}  # request id -> its rows
+        self._rows = 0  # sum of the known requests' rows
         self._cancels: set[str] = set()
         self._closing = False
         self._reported_running = 0
@@ -58,20 +64,26 @@ class Admission:
     def closing(self) -> bool:
         return self._closing
 
-    def reserve(self, request_id: str) -> None:
-        """Count the request from now on. Raises ``NotReady``, ``Conflict`` or ``Overloaded`` (in this
-        order, see the module doc)."""
+    def reserve(self, request_id: str, rows: int = 1) -> None:
+        """Count the request (``rows`` batch rows: its ``n``) from now on. Raises ``NotReady``,
+        ``Conflict``, ``InvalidValue`` or ``Overloaded`` (in this order, see the module doc)."""
         with self._cond:
-            self._check(request_id)
-            self._known.add(request_id)
+            self._check(request_id, rows)
+            self._add(request_id, rows)
 
-    def _check(self, request_id: str) -> None:
+    def _check(self, request_id: str, rows: int) -> None:
         if self._closing:
             raise NotReady("the model service is shutting down")
         if request_id in self._known:
             raise Conflict(f"request {request_id!r} is already queued or running")
-        if len(self._known) >= self.max_batch_size + self.max_queue:
+        if rows > self.max_batch_size:
+            raise InvalidValue(f"n: {rows} choices exceed this server's batch size of {self.max_batch_size}")
+        if self._rows + rows > self.max_batch_size + self.max_queue:
             raise Overloaded("the generation queue is full")
+
+    def _add(self, request_id: str, rows: int) -> None:
+        self._known[request_id] = rows
+        self._rows += rows
 
     def release(self, request_id: str) -> None:
         """Forget a request: refused after ``reserve`` (no ``FinalOutput``), or finished."""
@@ -80,7 +92,7 @@ class Admission:
             self._cond.notify_all()
 
     def _forget(self, request_id: str) -> None:
-        self._known.discard(request_id)
+        self._rows -= self._known.pop(request_id, 0)
         self._cancels.discard(request_id)
 
     def is_known(self, request_id: str) -> bool:
@@ -113,9 +125,10 @@ class Admission:
             self._reported_running = running
 
     def stats(self) -> EngineStats:
+        """Rows (not requests): an ``n`` = 3 request counts 3."""
         with self._cond:
-            running = min(self._reported_running, len(self._known))
-            return EngineStats(running=running, queued=len(self._known) - running)
+            running = min(self._reported_running, self._rows)
+            return EngineStats(running=running, queued=self._rows - running)
 
 
 class AdmissionQueue(Admission, Generic[ItemT]):
@@ -137,8 +150,8 @@ class AdmissionQueue(Admission, Generic[ItemT]):
     def submit(self, item: ItemT) -> None:
         """``reserve`` and ``enqueue`` in one: raises as ``reserve`` does."""
         with self._cond:
-            self._check(item.request_id)
-            self._known.add(item.request_id)
+            self._check(item.request_id, item.rows)
+            self._add(item.request_id, item.rows)
             self._append(item)
 
     def enqueue(self, item: ItemT) -> None:
@@ -155,16 +168,22 @@ class AdmissionQueue(Admission, Generic[ItemT]):
         self._cond.notify_all()
 
     def stats(self) -> EngineStats:
+        """Rows (not requests): an ``n`` = 3 request counts 3."""
         with self._cond:
-            running = len(self._started)
-            return EngineStats(running=running, queued=len(self._known) - running)
+            running = sum(self._known.get(rid, 0) for rid in self._started)
+            return EngineStats(running=running, queued=self._rows - running)
 
     def close(self) -> None:
         """Stop admitting; cancel the queued requests that cannot take a batch slot at the next step."""
         with self._cond:
             self._closing = True
-            free = max(0, self.max_batch_size - len(self._started))
-            self._cancels.update(item.request_id for item, _ in list(self._queue)[free:])
+            free = max(0, self.max_batch_size - sum(self._known.get(rid, 0) for rid in self._started))
+            for item, _ in self._queue:
+                if item.rows <= free:
+                    free -= item.rows
+                else:
+                    free = 0  # in arrival order: nothing after the first that does not fit starts first
+                    self._cancels.add(item.request_id)
             self._cond.notify_all()
 
     def start(self, step: Callable[[], None], name: str) -> None:

@@ -38,17 +38,22 @@ class TokenLogprobs:
 class TokenOutput:
     """Text produced for one request in one step (either field may be empty, e.g. a held-back partial
     UTF-8 character or a possible stop-string prefix). ``tokens`` counts generated tokens it covers;
-    ``logprobs`` (requests with ``top_logprobs`` set only) has one entry for each of them."""
+    ``logprobs`` (requests with ``top_logprobs`` set only) has one entry for each of them. ``index`` is
+    the choice (0..n-1); with ``n`` > 1 a choice's last output carries its ``finish_reason`` (the
+    request's one ``FinalOutput`` follows once every choice ended; see ``choices.ChoiceGroup``)."""
 
     reasoning: str
     content: str
     tokens: int
     logprobs: TokenLogprobs | None = None
+    index: int = 0
+    finish_reason: str | None = None
 
 
 @dataclass(slots=True)
 class FinalOutput:
-    """The last output of a request: always exactly one per submitted request."""
+    """The last output of a request: always exactly one per submitted request (whatever its ``n``;
+    ``completion_tokens`` then counts every choice's tokens)."""
 
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
@@ -70,8 +75,19 @@ class Prepared:
     sampling: SamplingParams  # defaults resolved: max_tokens, temperature, top_p, top_k set
     prompt_tokens: int
     inputs: Any = None  # engine-specific (processor output for hf, prompt text for fake)
-    grammar: Any = None  # the answer's grammar matcher (xgrammar, hf) or constraint (fake); None: free
+    # the answer's grammar matcher (xgrammar, hf) or constraint (fake); None: free. With n > 1 and a
+    # stateful matcher: a list of n matchers, one per choice (see ``grammar_for``)
+    grammar: Any = None
     prefix_key: Any = None  # hf: the prompt's ``prefix.PromptKey`` (ids + media digests), made at prepare
+
+    @property
+    def rows(self) -> int:
+        """Batch rows the request takes once it runs (its ``n`` choices): its weight in admission."""
+        return self.sampling.n
+
+    def grammar_for(self, index: int) -> Any:
+        """The grammar of choice ``index``: its own matcher when ``grammar`` is a list, else ``grammar``."""
+        return self.grammar[index] if isinstance(self.grammar, list) else self.grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +111,10 @@ MemoryRows = dict[tuple[str, str], float]
 class EngineObserver(Protocol):
     """Metrics hooks of every engine, called from the engine's thread; keep them cheap and non-raising."""
 
-    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
         """After every step with rows: rows decoded or prefilled in it, its wall time in seconds, its
-        prefill work in budget units (prompt tokens plus visual tokens encoded, see ``prefill_cost``)."""
+        prefill work in budget units (prompt tokens plus visual tokens encoded, see ``prefill_cost``) and
+        how many prompts finished their prefill in it (once per request, whatever its ``n``)."""
 
     def on_first_token(self, request_id: str, seconds: float) -> None:
         """A request's first generated token, ``seconds`` after it was queued."""

@@ -182,6 +182,14 @@ def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+def bytes_per_token(model: Any) -> int:
+    """Bytes of one token's keys and values in every decoder layer, in the model's dtype."""
+    text = model.config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * int(text.num_hidden_layers) * int(kv_heads) * int(head_dim) * model.dtype.itemsize
+
+
 def nbytes(batch: BatchTensors) -> int:
     """Bytes of the batch's cached keys and values."""
     return sum(

@@ -5,6 +5,9 @@ advances up to ``max_batch_size`` rows together, one token per row per step, wit
 ``max_tokens`` -> "length", stop strings -> "stop" (text cut before the match, possible prefixes held back),
 usage counts and one ``FinalOutput`` per request; a row whose own step raises fails alone ("error"), the
 others go on. The text itself comes from ``fake_text.py`` (prompt words, seed, test directives).
+A request with ``n`` > 1 starts once its ``n`` rows fit the batch, "prefilled" once (``on_step``'s
+``prefills``), and runs as ``n`` rows (choice i's words from ``choice_seed(seed, i)``) whose ends become
+choice ends and one ``FinalOutput`` (``choices.ChoiceGroup``), as in the real engine.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from services.model.engine.base import (
     Output,
     OutputSink,
     Prepared,
+    TokenOutput,
 )
+from services.model.engine.choices import ChoiceGroup
 from services.model.engine.fake_structured import pieces, structured_answer
 from services.model.multimodal.limits import MediaLimits, check_media_counts, check_media_options
 from services.model.settings import ModelSettings
@@ -64,7 +69,7 @@ class FakeEngine:
         self.admission.start(self._step, "fake-engine")
 
     async def admit(self, request: GenerateRequest) -> Admitted:
-        self.admission.reserve(request.request_id)
+        self.admission.reserve(request.request_id, request.sampling.n)
         try:
             prepared = await self.prepare(request)
             self.admission.enqueue(prepared)
@@ -132,7 +137,7 @@ class FakeEngine:
         """Cancels, then queued requests into free slots, then one token for every row; one sink call."""
         started = time.perf_counter()
         outputs = self._take_cancelled()
-        prefill = self._admit()
+        prefill, prefills = self._admit()
         batch = sum(not r.done for r in self._rows)
         try:
             self._advance_rows(outputs)
@@ -140,10 +145,10 @@ class FakeEngine:
             log.exception("fake engine step failed")
             for row in [r for r in self._rows if not r.done]:
                 row.done = True
-                outputs.append((row.request_id, fake_text.final(row, "error", str(exc))))
+                outputs.extend(_ended(row, [(row.request_id, fake_text.final(row, "error", str(exc)))]))
         self._retire(outputs)
         if self._observer is not None and batch:
-            self._observer.on_step(batch, time.perf_counter() - started, prefill)
+            self._observer.on_step(batch, time.perf_counter() - started, prefill, prefills=prefills)
         if outputs and self._sink is not None:
             self._sink(outputs)
         self.admission.pause(self._step_seconds - (time.perf_counter() - started))
@@ -155,17 +160,27 @@ class FakeEngine:
         ]
         for row in self._rows:
             if row.request_id in cancels and not row.done:
-                out.extend(fake_text.finish(row, "cancelled"))
+                out.extend(_ended(row, fake_text.finish(row, "cancelled")))
         return out
 
-    def _admit(self) -> int:
-        """Queued requests into free batch slots; returns their prefill tokens."""
-        prefill = 0
-        while len(self._rows) < self.max_batch_size and (popped := self.admission.pop()) is not None:
+    def _admit(self) -> tuple[int, int]:
+        """Queued requests into free batch slots (all ``n`` rows of one at once); returns their prefill
+        tokens and how many requests were "prefilled"."""
+        prefill = prefills = 0
+        while (nxt := self.admission.peek()) is not None:
+            if len(self._rows) + nxt.rows > self.max_batch_size:
+                break  # its n rows wait for free slots
+            popped = self.admission.pop()
+            assert popped is not None and popped[0] is nxt  # only this thread takes from the queue
             prepared, queued_at = popped
-            self._rows.append(fake_text.new_row(prepared, queued_at))
+            group = ChoiceGroup(prepared.request_id, prepared.rows, prepared.prompt_tokens)
+            for index in range(prepared.rows):
+                row = fake_text.new_row(prepared, queued_at, index)
+                row.group = group
+                self._rows.append(row)
             prefill += prepared.prompt_tokens
-        return prefill
+            prefills += 1
+        return prefill, prefills
 
     def _advance_rows(self, outputs: list[tuple[str, Output]]) -> None:
         """One token for every row, appended to ``outputs`` as they come (so that a later fault cannot lose
@@ -173,14 +188,26 @@ class FakeEngine:
         for row in [r for r in self._rows if not r.done]:
             first = row.generated == 0
             try:
-                outputs.extend(fake_text.advance(row))
+                outputs.extend(_ended(row, fake_text.advance(row)))
             except Exception as exc:
                 log.exception("fake engine step of %s failed", row.request_id)
                 row.done = True
-                outputs.append((row.request_id, fake_text.final(row, "error", f"generation failed: {exc}")))
-                continue
-            if first and self._observer is not None:
+                failed = [(row.request_id, fake_text.final(row, "error", f"generation failed: {exc}"))]
+                outputs.extend(_ended(row, failed))
+            if row.done and row.group is not None and row.group.reasons.get(row.index) == "error":
+                outputs.extend(self._fail_siblings(row))
+            if first and row.index == 0 and self._observer is not None:
                 self._observer.on_first_token(row.request_id, time.perf_counter() - row.submitted_at)
+
+    def _fail_siblings(self, row: fake_text.FakeRow) -> list[tuple[str, Output]]:
+        """One choice failed: the request fails as a whole (its other running choices end with "error")."""
+        out: list[tuple[str, Output]] = []
+        for other in self._rows:
+            if other.request_id == row.request_id and not other.done:
+                other.done = True
+                failed = [(other.request_id, fake_text.final(other, "error", "another choice failed"))]
+                out.extend(_ended(other, failed))
+        return out
 
     def _retire(self, outputs: list[tuple[str, Output]]) -> None:
         """Forget the requests that end in this step (before the sink sees them end)."""
@@ -190,3 +217,20 @@ class FakeEngine:
                 self.admission.finish(request_id)
                 if self._observer is not None:
                     self._observer.on_finish(request_id, out.finish_reason, out.completion_tokens)
+
+
+def _ended(row: fake_text.FakeRow, outputs: list[tuple[str, Output]]) -> list[tuple[str, Output]]:
+    """A row's outputs as its request's: text tagged with the row's choice index, and its row-level
+    ``FinalOutput`` (if it ended) turned into its choice's end (``ChoiceGroup.end``: for ``n`` = 1 the
+    request's ``FinalOutput`` itself)."""
+    out: list[tuple[str, Output]] = []
+    for request_id, output in outputs:
+        if isinstance(output, TokenOutput):
+            output.index = row.index
+            out.append((request_id, output))
+        elif row.group is None:
+            out.append((request_id, output))
+        else:
+            end = row.group.end(row.index, output.finish_reason, output.completion_tokens, output.error)
+            out.extend(end)
+    return out

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from services.model.engine.base import FinalOutput, LogprobEntry, Output, Prepared, TokenLogprobs, TokenOutput
+from services.model.engine.choices import ChoiceGroup
 from services.protocol.errors import InvalidMedia
-from services.protocol.generate import ImagePart, Message, TextPart
+from services.protocol.generate import ImagePart, Message, TextPart, choice_seed
 
 THINK_END = "</think>"
 IMAGE_TOKENS = 64
@@ -70,6 +71,8 @@ class FakeRow:
     unreported: int = 0  # tokens not yet accounted for in a TokenOutput
     done: bool = False
     logprobs: TokenLogprobs | None = None  # entries of the unreported tokens (top_logprobs set)
+    index: int = 0  # the choice this row generates
+    group: ChoiceGroup | None = None  # the request's choices (set by the engine)
 
     @property
     def request_id(self) -> str:
@@ -77,11 +80,16 @@ class FakeRow:
 
 
 # --- rows: generation, stop strings, outputs -----------------------------------------------------------
-def new_row(prepared: Prepared, submitted_at: float) -> FakeRow:
+def new_row(prepared: Prepared, submitted_at: float, index: int = 0) -> FakeRow:
+    """The row of choice ``index``: its words come from the prompt and ``choice_seed(seed, index)`` (an
+    unseeded request's choices differ by their index), so every choice of a seeded request is
+    reproducible and the choices differ from one another."""
     inputs: FakeInputs = prepared.inputs
-    words = _words(inputs.text, prepared.sampling.seed, inputs.length, inputs.answer, inputs.reasoning_budget)
+    seed = prepared.sampling.seed
+    key: int | str | None = choice_seed(seed, index) if seed is not None or index == 0 else f"choice-{index}"
+    words = _words(inputs.text, key, inputs.length, inputs.answer, inputs.reasoning_budget)
     stops = [s for s in prepared.sampling.stop if s]
-    return FakeRow(prepared=prepared, submitted_at=submitted_at, words=words, stops=stops)
+    return FakeRow(prepared=prepared, submitted_at=submitted_at, words=words, stops=stops, index=index)
 
 
 def advance(row: FakeRow) -> list[tuple[str, Output]]:
@@ -227,7 +235,7 @@ def _check_base64(data: str, kind: str) -> None:
         raise InvalidMedia(f"{kind} data is empty")
 
 
-def _rng(text: str, seed: int | None) -> random.Random:
+def _rng(text: str, seed: int | str | None) -> random.Random:
     # surrogatepass: a lone surrogate in a prompt (valid JSON) must not fail the row.
     digest = hashlib.blake2b(f"{seed}\x00{text}".encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "big"))
@@ -240,7 +248,7 @@ def _natural_length(text: str, seed: int | None) -> int:
 
 def _words(
     text: str,
-    seed: int | None,
+    seed: int | str | None,
     length: int,
     answer: list[str] | None = None,
     reasoning_budget: int | None = None,

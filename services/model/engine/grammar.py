@@ -73,6 +73,21 @@ class Grammars:
 
         return xgr.GrammarMatcher(self._compile(request))
 
+    def matchers(self, request: GenerateRequest) -> Any | None:
+        """What ``Prepared.grammar`` holds: ``matcher``'s result for ``n`` = 1; for ``n`` > 1 a list of
+        ``n`` matchers of ONE compiled grammar (a matcher has state: one per choice), or None.
+
+        Raises:
+            InvalidSchema: as ``matcher``.
+        """
+        n = request.sampling.n
+        if n == 1 or not request.structured():
+            return self.matcher(request)
+        import xgrammar as xgr
+
+        compiled = self._compile(request)
+        return [xgr.GrammarMatcher(compiled) for _ in range(n)]
+
     def _compile(self, request: GenerateRequest) -> Any:
         compiler = self.compiler()
         rf = request.response_format

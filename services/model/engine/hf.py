@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from services.model.engine.base import Admitted, EngineObserver, EngineStats, OutputSink, Prepared
+from services.model.engine.batch import bytes_per_token
 from services.model.engine.detokenize import TokenTable
 from services.model.engine.grammar import Grammars
 from services.model.engine.prefix import prompt_key
@@ -49,6 +50,8 @@ class HFEngine:
             kv_cache_bytes=settings.kv_cache_bytes,
         )
         self.scheduler_config = config
+        # tokens of KV the budget holds (0: no budget): a request's rows must fit it even alone
+        self.kv_tokens = settings.kv_cache_bytes // bytes_per_token(loaded.model)
         self._scheduler = Scheduler(loaded.model, self.table, config, observer)
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
@@ -97,6 +100,7 @@ class HFEngine:
         inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools, request.media)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
+        sampling = fit_kv_budget(sampling, request.sampling.max_tokens is None, prompt_tokens, self.kv_tokens)
         grammar = self.grammars.matcher(request)  # compiled here, off the decode loop
         return Prepared(
             request_id=request.request_id,
@@ -159,3 +163,24 @@ def _max_tokens(requested: int | None, default: int, loaded: Any, prompt_tokens:
             f"{loaded.context_length} tokens"
         )
     return requested if requested is not None else min(default, room)
+
+
+def fit_kv_budget(
+    sampling: SamplingParams, defaulted: bool, prompt_tokens: int, kv_tokens: int
+) -> SamplingParams:
+    """``sampling`` whose rows (prompt + ``max_tokens`` each, ``n`` of them) fit ``kv_tokens`` of KV cache
+    even alone: a defaulted ``max_tokens`` is shortened to what fits; a requested one that does not fit, or a
+    prompt that leaves no room, raises ``PromptTooLong`` (400). ``kv_tokens`` 0: no budget."""
+    if not kv_tokens:
+        return sampling
+    rows = int(getattr(sampling, "n", 1) or 1)
+    room = kv_tokens // rows - prompt_tokens
+    max_tokens = sampling.max_tokens or 1
+    if room >= max_tokens:
+        return sampling
+    if room < 1 or not defaulted:
+        raise PromptTooLong(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {rows} choice(s) needs "
+            f"more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"
+        )
+    return sampling.model_copy(update={"max_tokens": room})

@@ -112,7 +112,7 @@ class ProcessEngine:
         rid = request.request_id
         if self._dead:
             raise NotReady("the engine process is not running")
-        self._admission.reserve(rid)
+        self._admission.reserve(rid, request.sampling.n)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Admitted] = loop.create_future()
         with self._lock:
@@ -239,7 +239,7 @@ class ProcessEngine:
         observer = self.observer
         if observer is not None:
             for t in report.timings:
-                observer.on_step(t.batch_size, t.seconds, t.prefill_tokens)
+                observer.on_step(t.batch_size, t.seconds, t.prefill_tokens, t.prefills)
             for rid, seconds in report.first_tokens:
                 observer.on_first_token(rid, seconds)
             for rid, out in finals:

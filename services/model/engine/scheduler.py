@@ -182,6 +182,8 @@ class Scheduler:
         self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
         self._batch: kv.BatchTensors | None = None
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
+        self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
+        self._admitting: list[_Row] = []  # rows prefilled in the step in progress, not merged yet
         self._sink: OutputSink | None = None
         self._threaded = False
 
@@ -272,6 +274,7 @@ class Scheduler:
         """Queued requests that start in this step, each set up and prefilled alone (a failure there ends
         that request only); returns the rows that join, their last logits (1, V) and batch states."""
         rows: list[_Row] = []
+        self._admitting = rows  # counted in the KV reservation until they are merged
         logits: list[torch.Tensor] = []
         states: list[kv.BatchTensors] = []
         if self._chunked is not None:
@@ -310,12 +313,44 @@ class Scheduler:
                 continue
             if step.prefill_tokens + cost > self._config.max_step_tokens and step.prefill_tokens > 0:
                 return None
+            if not self._kv_room_for(prepared):
+                return None  # waits (in arrival order) until finished rows free their KV
             popped = self.admission.pop()
             assert popped is not None and popped[0] is prepared  # only this thread takes from the queue
             if self.prefix is not None:
                 self.prefix.record(hit)
             return cost, prepared, popped[1], hit
         return None
+
+    def kv_bytes(self) -> tuple[int, int, int]:
+        """KV memory in bytes: (reserved by the running rows, held by the prefix cache, the budget; 0: none).
+        A row reserves the padded rectangle it may grow to (see :meth:`_kv_reserved`)."""
+        prefix = self.prefix.nbytes if self.prefix is not None else 0
+        return self._kv_reserved([]), prefix, self._config.kv_cache_bytes
+
+    def _kv_lengths(self) -> list[int]:
+        chunked = [self._chunked[0]] if self._chunked is not None else []
+        rows = [*self._rows, *self._admitting, *chunked]
+        return [r.prepared.prompt_tokens + r.max_tokens for r in rows if r.finish_reason is None]
+
+    def _kv_reserved(self, extra: list[int]) -> int:
+        """Bytes of the batch's KV at its largest with ``extra`` more rows of those lengths: every row
+        padded to the longest reservation (prompt + max_tokens)."""
+        lengths = self._kv_lengths() + extra
+        return len(lengths) * max(lengths, default=0) * self._kv_per_token
+
+    def _kv_room_for(self, prepared: Prepared) -> bool:
+        """Whether the request's rows fit the KV budget next to the running rows, after evicting kept
+        prefixes as needed (``prepare`` already refused a request that cannot fit even alone)."""
+        budget = self._config.kv_cache_bytes
+        if not budget:
+            return True
+        need = prepared.prompt_tokens + (prepared.sampling.max_tokens or 1)
+        reserved = self._kv_reserved([need] * _rows_of(prepared))
+        if self.prefix is not None and reserved + self.prefix.nbytes > budget:
+            self.prefix.evict(reserved + self.prefix.nbytes - budget)
+        held = self.prefix.nbytes if self.prefix is not None else 0
+        return reserved + held <= budget or not self._kv_lengths()
 
     def _find_prefix(self, prepared: Prepared) -> tuple[PrefixEntry, int] | None:
         """The kept prefix ``prepared`` would start from (None: none, or no prefix cache)."""
@@ -342,14 +377,12 @@ class Scheduler:
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         budget = self._config.kv_cache_bytes
         if budget:
-            room = budget - self._rows_kv_bytes() - size
+            need = row.prepared.prompt_tokens + row.max_tokens
+            room = budget - self._kv_reserved([need] * _rows_of(row.prepared)) - size
             if room < 0:
                 return
             self.prefix.evict(self.prefix.nbytes - room)
         self.prefix.insert(self._prompt_key(row.prepared), layers)
-
-    def _rows_kv_bytes(self) -> int:
-        return kv.nbytes(self._batch) if self._batch is not None else 0
 
     def _set_up_row(self, step: _Step, prepared: Prepared, submitted: float) -> _Row | None:
         """The request's row with everything that can fail for it alone tried for it alone (sampler
@@ -469,6 +502,7 @@ class Scheduler:
         if new_rows:
             self._batch = kv.merge(([self._batch] if self._batch is not None else []) + new_state)
             self._rows = self._rows + new_rows
+            self._admitting = []
             self._sampler_stale = True
         return logits if logits.shape[0] else None
 
@@ -722,6 +756,11 @@ class Scheduler:
         self._rows = [self._rows[i] for i in keep]
         self._batch = kv.select(self._batch, keep) if keep and self._batch is not None else None
         self._sampler_stale = True
+
+
+def _rows_of(prepared: Prepared) -> int:
+    """Batch rows a request takes (its ``n`` choices, where the engine supports them)."""
+    return int(getattr(prepared, "rows", 1))
 
 
 def finished_ids(outputs: Sequence[tuple[str, Output]]) -> list[str]:

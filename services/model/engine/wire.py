@@ -35,9 +35,10 @@ from services.protocol.generate import GenerateRequest
 __all__ = ["Admitted"]  # re-exported: the same value is the child's answer and admit's result
 
 _TOKEN, _FINAL = 0, 1
-PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | None]
-"""``(request_id, 0, reasoning, content, tokens, None, logprobs)`` or
-``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, None)``."""
+PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | None, int]
+"""``(request_id, 0, reasoning, content, tokens, finish_reason, logprobs, index)`` (the choice's index
+and, n > 1 only, its finish reason) or
+``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, None, 0)``."""
 
 
 # ---- parent -> child --------------------------------------------------------------------------------
@@ -82,11 +83,13 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class StepTiming:
-    """One step's ``EngineObserver.on_step`` arguments: rows, wall seconds, prefill budget units."""
+    """One step's ``EngineObserver.on_step`` arguments: rows, wall seconds, prefill budget units,
+    prompts prefilled."""
 
     batch_size: int
     seconds: float
     prefill_tokens: int
+    prefills: int = 0
 
 
 @dataclass(slots=True)
@@ -118,16 +121,17 @@ def pack_outputs(outputs: Sequence[tuple[str, Output]]) -> list[PackedOutput]:
     packed: list[PackedOutput] = []
     for rid, out in outputs:
         if isinstance(out, TokenOutput):
-            packed.append((rid, _TOKEN, out.reasoning, out.content, out.tokens, None, out.logprobs))
+            text = (out.reasoning, out.content, out.tokens)
+            packed.append((rid, _TOKEN, *text, out.finish_reason, out.logprobs, out.index))
         else:
             packed.append(
-                (rid, _FINAL, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error, None)
+                (rid, _FINAL, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error, None, 0)
             )
     return packed
 
 
 def _unpack(p: PackedOutput) -> tuple[str, Output]:
-    rid, kind, a, b, n, error, logprobs = p
+    rid, kind, a, b, n, reason, logprobs, index = p
     if kind == _TOKEN:
-        return rid, TokenOutput(str(a), str(b), n, logprobs)
-    return rid, FinalOutput(str(a), int(b), n, error)
+        return rid, TokenOutput(str(a), str(b), n, logprobs, index, reason)
+    return rid, FinalOutput(str(a), int(b), n, reason)

@@ -65,7 +65,7 @@ class EngineWorker:
         match msg:
             case wire.Admit(request=request):
                 try:
-                    self.engine.reserve(request.request_id)
+                    self.engine.reserve(request.request_id, request.sampling.n)
                 except errors.ModelServiceError as exc:
                     self.send(wire.Refused(request.request_id, type(exc).__name__, str(exc)))
                     return
@@ -103,8 +103,8 @@ class EngineWorker:
             self._memory_at, report.memory = now, _memory()
         self.send(report)
 
-    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
-        self._report.timings.append(wire.StepTiming(batch_size, seconds, prefill_tokens))
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
+        self._report.timings.append(wire.StepTiming(batch_size, seconds, prefill_tokens, prefills))
 
     def on_first_token(self, request_id: str, seconds: float) -> None:
         self._report.first_tokens.append((request_id, seconds))

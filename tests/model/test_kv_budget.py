@@ -1,0 +1,115 @@
+"""The KV memory budget on the tiny real model: a request whose own KV cannot fit is refused at prepare
+(400), one that cannot fit next to the running rows waits and then runs, and the KV in use (running rows
+plus kept prefixes) never exceeds the budget under 64 concurrent streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.model.engine import batch as kv
+from services.model.engine.hf import fit_kv_budget
+from services.protocol.errors import PromptTooLong
+from services.protocol.generate import SamplingParams
+from tests.model.engine_support import (
+    Recorder,
+    drain,
+    prepare,
+    reference_tokens,
+    request,
+    scheduler_for,
+    tiny_engine,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Any:
+    return tiny_engine(tiny_model_dir)
+
+
+def test_fit_kv_budget_shortens_a_default_and_refuses_what_cannot_fit() -> None:
+    s = SamplingParams(max_tokens=100)
+    assert fit_kv_budget(s, True, 50, 0) is s  # no budget
+    assert fit_kv_budget(s, True, 50, 1000) is s
+    assert fit_kv_budget(s, True, 50, 120).max_tokens == 70  # a default is shortened to the room
+    with pytest.raises(PromptTooLong, match="KV_CACHE_BYTES"):
+        fit_kv_budget(s, False, 50, 120)  # asked for: refused, as a context overflow is
+    with pytest.raises(PromptTooLong):
+        fit_kv_budget(s, True, 130, 120)  # the prompt alone does not fit
+
+
+def test_prepare_refuses_a_request_that_can_never_fit(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "kv_tokens", 40)
+    with pytest.raises(PromptTooLong):
+        prepare(engine, request("huge", "word " * 60, max_tokens=4))
+    fitted = prepare(engine, request("fits", "hi", temperature=0))  # no max_tokens: shortened to fit
+    assert fitted.prompt_tokens + (fitted.sampling.max_tokens or 0) == 40
+
+
+def test_a_request_that_does_not_fit_yet_waits_then_runs(engine: Any) -> None:
+    a = prepare(engine, request("wait-a", "Tell me a story about cats", max_tokens=12, temperature=0))
+    b = prepare(engine, request("wait-b", "Count to ten, slowly and carefully", max_tokens=10, temperature=0))
+    per_token = kv.bytes_per_token(engine.loaded.model)
+    longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in (a, b))
+    sched = scheduler_for(engine, kv_cache_bytes=per_token * (2 * longest - 1), prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(a)
+    sched.submit(b)
+    sched.step_once()
+    assert sched.stats().running == 1  # b waits for a's KV
+    drain(sched)
+    assert sched.tokens["wait-a"] == reference_tokens(engine, a)
+    assert sched.tokens["wait-b"] == reference_tokens(engine, b)
+    assert rec.final("wait-b").finish_reason in ("stop", "length")  # type: ignore[union-attr]
+
+
+class _KvWatch:
+    """An observer that checks the KV in use after every step, in the engine thread."""
+
+    def __init__(self) -> None:
+        self.sched: Any = None
+        self.peak = 0
+        self.steps = 0
+        self.max_rows = 0
+
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
+        sched = self.sched
+        batch = sched._batch
+        actual = (kv.nbytes(batch) if batch is not None else 0) + sched.prefix.nbytes
+        reserved, prefix, _ = sched.kv_bytes()
+        self.peak = max(self.peak, actual, reserved + prefix)
+        self.steps += 1
+        self.max_rows = max(self.max_rows, batch_size)
+
+    def on_first_token(self, request_id: str, seconds: float) -> None: ...
+
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None: ...
+
+
+def test_kv_in_use_never_exceeds_the_budget_under_64_streams(engine: Any) -> None:
+    prepared = [
+        prepare(engine, request(f"load-{i}", f"Question {i}: " + "more " * (i % 7), max_tokens=6 + i % 5))
+        for i in range(64)
+    ]
+    per_token = kv.bytes_per_token(engine.loaded.model)
+    longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in prepared)
+    budget = per_token * longest * 20  # about 20 of the 64 rows at once, with the kept prefixes
+    watch = _KvWatch()
+    sched = scheduler_for(engine, observer=watch, kv_cache_bytes=budget, max_batch_size=64, max_queue=64)
+    watch.sched = sched
+    rec = Recorder()
+    sched.start(rec)
+    try:
+        for p in prepared:
+            sched.submit(p)
+        rec.wait([p.request_id for p in prepared], timeout=60)
+    finally:
+        sched.shutdown(5)
+    assert all(rec.final(p.request_id).finish_reason in ("stop", "length") for p in prepared)  # type: ignore[union-attr]
+    assert 0 < watch.peak <= budget
+    assert 1 < watch.max_rows < 64  # the budget, not the batch size, held rows back

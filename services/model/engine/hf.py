@@ -62,16 +62,17 @@ class HFEngine:
 
     async def admit(self, request: GenerateRequest) -> Admitted:
         """The Engine protocol's admit: counted at once, prepared in a worker thread, then queued."""
-        self.reserve(request.request_id)
+        self.reserve(request.request_id, request.sampling.n)
         try:
             return await asyncio.to_thread(self.admit_reserved, request)
         except asyncio.CancelledError:  # the caller went away: the request is dropped once it is queued
             self.cancel(request.request_id)
             raise
 
-    def reserve(self, request_id: str) -> None:
-        """The first half of ``admit``: counted from now on (``NotReady``/``Conflict``/``Overloaded``)."""
-        self._scheduler.admission.reserve(request_id)
+    def reserve(self, request_id: str, rows: int = 1) -> None:
+        """The first half of ``admit``: counted from now on as ``rows`` batch rows (the request's ``n``);
+        raises ``NotReady``/``Conflict``/``InvalidValue``/``Overloaded``."""
+        self._scheduler.admission.reserve(request_id, rows)
 
     def admit_reserved(self, request: GenerateRequest) -> Admitted:
         """The blocking second half of ``admit``: prepare and queue a reserved request; on any error it is
@@ -101,7 +102,7 @@ class HFEngine:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
         sampling = fit_kv_budget(sampling, request.sampling.max_tokens is None, prompt_tokens, self.kv_tokens)
-        grammar = self.grammars.matcher(request)  # compiled here, off the decode loop
+        grammar = self.grammars.matchers(request)  # compiled here, off the decode loop (one per choice)
         return Prepared(
             request_id=request.request_id,
             sampling=sampling,

@@ -18,7 +18,7 @@ from services.api.store.memory import MemoryStore
 from services.api.streaming.collect import _Folded
 from services.api.streaming.live import LiveLog
 from services.api.streaming.runner import SessionRunner
-from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
+from services.api.streaming.toolcalls import MAX_BLOCK_CHARS, Call, ToolCallParser, call_id
 from services.protocol.events import Delta, Finished, Usage
 from tests.api.fakes import FakeModel, FakeStream
 from tests.api.test_runner import make_deps, new_record
@@ -191,3 +191,97 @@ async def wait_stored(store: MemoryStore, gate: asyncio.Queue[None]) -> None:
         last = now
         await asyncio.sleep(0.03)
     raise AssertionError("the runner did not settle")
+
+
+HOSTILE = [
+    '{"name": {"get_time": 1}, "arguments": {}}',  # a name that is not a string (unhashable)
+    '{"name": ["get_time"], "arguments": {}}',
+    '{"name": "get_time", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",  # deeper than any parser
+    '{"name": "get_time", "arguments": "' + "[" * 100_000 + "]" * 100_000 + '"}',  # deep JSON in a string
+    "{" * 50_000,
+]
+
+
+def test_hostile_blocks_are_plain_content_and_never_raise() -> None:
+    for body in HOSTILE:
+        block = f"<tool_call>{body}</tool_call>"
+        assert parse_in_pieces(block, []) == [block], body[:40]
+    ok = '{"name": "get_time", "arguments": {"a": [[["]]]]"]]]}}'  # brackets inside strings do not count
+    assert parse_in_pieces(f"<tool_call>{ok}</tool_call>", []) == [Call("get_time", '{"a": [[["]]]]"]]]}')]
+    lone = '{"name": "get_time", "arguments": {"a": "\\ud800"}}'  # a lone surrogate stays escaped
+    assert parse_in_pieces(f"<tool_call>{lone}</tool_call>", []) == [Call("get_time", '{"a": "\\ud800"}')]
+
+
+def test_a_block_longer_than_the_bound_is_released_as_content_while_it_streams() -> None:
+    parser = ToolCallParser(NAMES)
+    assert parser.feed("<tool_call>" + "x" * 1000) == []
+    out = parser.feed("y" * MAX_BLOCK_CHARS)
+    assert out == ["<tool_call>" + "x" * 1000 + "y" * MAX_BLOCK_CHARS] and parser.clean
+    tail = '{"name": "get_time"}</tool_call>'
+    assert parser.feed(tail) + parser.finish() == [tail]
+
+
+@pytest.mark.anyio
+async def test_the_runner_survives_hostile_blocks() -> None:
+    answer = "".join(f"<tool_call>{b}</tool_call>" for b in HOSTILE)
+    answer += '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    store = MemoryStore()
+    record = tool_record()
+    await store.create(record)
+    stream = FakeStream(answer_events(answer, piece=4096))
+    runner = SessionRunner(make_deps(store, FakeModel([])), record, LiveLog("s1", 0), stream)
+    await asyncio.wait_for(runner.run(), 30)
+    _, result = await fold(store)
+    assert result["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in result["message"]["tool_calls"]] == ["get_time"]
+    assert result["message"]["content"] == "".join(f"<tool_call>{b}</tool_call>" for b in HOSTILE)
+
+
+def test_one_call_at_most_when_parallel_calls_are_off() -> None:
+    parser = ToolCallParser(NAMES, max_calls=1)
+    two = '<tool_call>{"name": "get_time"}</tool_call> and <tool_call>{"name": "get_time"}</tool_call>'
+    assert parser.feed(two) == [Call("get_time", "{}"), ' and <tool_call>{"name": "get_time"}</tool_call>']
+    taken_over = ToolCallParser(NAMES, max_calls=1)
+    taken_over.calls = 1  # a takeover: one call is stored already
+    assert taken_over.feed(two) == [two]
+
+
+@pytest.mark.anyio
+async def test_the_runner_makes_one_call_when_parallel_calls_are_off_even_after_a_takeover() -> None:
+    answer = '<tool_call>{"name": "get_time"}</tool_call>' + '<tool_call>{"name": "get_weather"}</tool_call>'
+    events = answer_events(answer, piece=9)
+    store = MemoryStore()
+    record = tool_record()
+    record.meta["parallel_tool_calls"] = False
+    await store.create(record)
+    runner = SessionRunner(make_deps(store, FakeModel([])), record, LiveLog("s1", 0), FakeStream(events))
+    await asyncio.wait_for(runner.run(), 10)
+    _, expected = await fold(store)
+    assert [c["function"]["name"] for c in expected["message"]["tool_calls"]] == ["get_time"]
+    assert expected["message"]["content"] == '<tool_call>{"name": "get_weather"}</tool_call>'
+    for k in range(1, len(events) - 1):
+        store = MemoryStore()
+        first = tool_record()
+        first.meta["parallel_tool_calls"] = False
+        await store.create(first)
+        gate: asyncio.Queue[None] = asyncio.Queue()
+        runner = SessionRunner(
+            make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
+        )
+        task = asyncio.create_task(runner.run())
+        for _ in range(k):
+            gate.put_nowait(None)
+        await wait_stored(store, gate)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        stale = await store.get("s1")
+        assert stale is not None
+        await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+        taker = SessionRunner(
+            make_deps(store, FakeModel(events), runner_id="other"),
+            stale,
+            LiveLog("s1", stale.last_index + 1),
+            None,
+        )
+        await asyncio.wait_for(taker.run(), 10)
+        assert (await fold(store))[1] == expected, k

@@ -71,6 +71,7 @@ async def _start(
         sampling=to_sampling(req),
         structure={**to_structure(req), "media": to_media(req)},
         tool_names=req.called_tools(),
+        parallel_tool_calls=req.parallel_tool_calls is not False,
         include_usage=req.include_usage,
         stream=req.stream,
         started_at=started,

@@ -58,6 +58,7 @@ class NewSession:
     started_at: float  # monotonic arrival of the request (TTFT)
     structure: dict[str, Any] = field(default_factory=dict)  # GenerateRequest tools/response_format fields
     tool_names: list[str] = field(default_factory=list)  # tools the answer may call (parsed by the runner)
+    parallel_tool_calls: bool = True  # False: the answer makes one call at most
 
 
 @dataclass(slots=True)
@@ -403,6 +404,8 @@ def _new_record(
     }
     if new.tool_names:
         meta["tools"] = new.tool_names
+        if not new.parallel_tool_calls:
+            meta["parallel_tool_calls"] = False
     return SessionRecord(
         id=new.session_id,
         owner=new.owner,

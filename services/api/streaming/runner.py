@@ -184,7 +184,8 @@ class SessionRunner:
         # folded while it holds something wait in ``_held``; stored batches name the last model seq whose
         # output is wholly in them (``_safe_seq``), so a takeover re-folds from a point with nothing held.
         tools = meta.get("tools") or []
-        self._parser = ToolCallParser(tools) if tools else None
+        single = meta.get("parallel_tool_calls") is False  # one call at most: later blocks are content
+        self._parser = ToolCallParser(tools, max_calls=1 if single else None) if tools else None
         self._held: list[str | _Text] = []
         self._safe_seq = record.model_seq
         self._calls = 0  # calls emitted so far (the next one's index); recounted on takeover
@@ -213,6 +214,8 @@ class SessionRunner:
         try:
             if self._recount:
                 self._calls = await self._count_stored_calls()
+                if self._parser is not None:
+                    self._parser.calls = self._calls
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._keep_lease())
                 flusher = tg.create_task(self._flusher())

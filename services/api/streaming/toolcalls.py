@@ -6,16 +6,26 @@ still be the start of ``<tool_call>`` (held until it is decided); a block is hel
 then becomes a call when it is a JSON object naming one of the request's tools, or plain content (the block's
 whole text, tags included) when it is not: nothing the model wrote is lost. A block left open when the
 generation ends is plain content too.
+
+The model's text is not trusted: a block longer than ``MAX_BLOCK_CHARS`` (released as plain content as soon
+as it grows past the bound), nested deeper than ``MAX_BLOCK_DEPTH``, or whose ``name`` is not a string is
+plain content; parsing never raises. With ``max_calls`` (``parallel_tool_calls: false`` allows one call),
+blocks after the allowed calls are plain content too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_BLOCK_CHARS = 256 * 1024  # a block's body (characters) beyond which it is plain content
+MAX_BLOCK_DEPTH = 64  # JSON nesting (objects and arrays) beyond which a block is plain content
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +40,16 @@ Item = str | Call  # answer text, or a call
 
 
 class ToolCallParser:
-    """Incremental parser of one answer. ``feed`` text as it comes, ``finish`` once at the end."""
+    """Incremental parser of one answer. ``feed`` text as it comes, ``finish`` once at the end.
 
-    def __init__(self, names: Iterable[str]) -> None:
+    ``names``: the tools a call may name. ``max_calls``: how many calls the answer may make (None: any);
+    ``calls`` counts those made so far (a takeover sets it to the calls already stored).
+    """
+
+    def __init__(self, names: Iterable[str], max_calls: int | None = None) -> None:
         self._names = frozenset(names)
+        self._max_calls = max_calls
+        self.calls = 0
         self._buf = ""
         self._in_block = False
 
@@ -49,6 +65,10 @@ class ToolCallParser:
         while self._buf:
             if self._in_block:
                 end = self._buf.find(CLOSE)
+                if end < 0 and len(self._buf) > MAX_BLOCK_CHARS + len(CLOSE):
+                    out.append(OPEN + self._buf)  # too long to be a call: plain content from here on
+                    self._buf, self._in_block = "", False
+                    continue
                 if end < 0:
                     break
                 body, self._buf = self._buf[:end], self._buf[end + len(CLOSE) :]
@@ -75,28 +95,59 @@ class ToolCallParser:
         return [held] if held else []
 
     def _block(self, body: str) -> Item:
-        call = parse_call(body, self._names)
-        return call if call is not None else OPEN + body + CLOSE
+        allowed = self._max_calls is None or self.calls < self._max_calls
+        call = parse_call(body, self._names) if allowed else None
+        if call is None:
+            return OPEN + body + CLOSE
+        self.calls += 1
+        return call
 
 
 def parse_call(body: str, names: frozenset[str]) -> Call | None:
-    """The call a block's body stands for, or None (not JSON, not an object, an unknown name, arguments
-    that are not an object)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
+    """The call a block's body stands for, or None (not JSON, not an object, a name that is not one of
+    ``names``, arguments that are not an object, a body over ``MAX_BLOCK_CHARS`` or nested deeper than
+    ``MAX_BLOCK_DEPTH``). Never raises."""
+    if len(body) > MAX_BLOCK_CHARS or _depth(body) > MAX_BLOCK_DEPTH:
         return None
-    if not isinstance(data, dict) or data.get("name") not in names:
+    data = _loads(body)
+    if not isinstance(data, dict):
+        return None
+    name = data.get("name")
+    if not isinstance(name, str) or name not in names:
         return None
     args = data.get("arguments", data.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except ValueError:
+        if _depth(args) > MAX_BLOCK_DEPTH:
             return None
+        args = _loads(args)
     if not isinstance(args, dict):
         return None
-    return Call(name=data["name"], arguments=json.dumps(args, ensure_ascii=False))
+    text = json.dumps(args, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
+            text = json.dumps(args)
+    return Call(name=name, arguments=text)
+
+
+def _loads(text: str) -> object:
+    """``json.loads(text)``, or None for anything it refuses (recursion is bounded by ``_depth`` first,
+    and caught here as a last resort)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of JSON brackets in ``text``, ignoring brackets inside strings (an upper
+    bound when ``text`` is not JSON)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth = depth + 1 if bracket in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def call_id(chunk_id: str, index: int) -> str:

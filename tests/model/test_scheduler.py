@@ -432,7 +432,7 @@ class _Observer:
         self.first: dict[str, float] = {}
         self.finished: dict[str, tuple[str, int]] = {}
 
-    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int) -> None:
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
         self.steps.append((batch_size, seconds, prefill_tokens))
 
     def on_first_token(self, request_id: str, seconds: float) -> None:

@@ -30,6 +30,7 @@ class ChoiceGroup:
     n: int
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     reasons: dict[int, str] = field(default_factory=dict)  # choice index -> its finish reason
     error: str | None = None
 
@@ -72,7 +73,7 @@ class ChoiceGroup:
         """The request's ``FinalOutput`` (see the module doc for its reason)."""
         seen = set(self.reasons.values())
         reason = next((r for r in _SEVERITY if r in seen), "error")
-        return FinalOutput(reason, self.prompt_tokens, self.completion_tokens, self.error)
+        return FinalOutput(reason, self.prompt_tokens, self.completion_tokens, self.error, self.cached_tokens)
 
 
 def tail_output(

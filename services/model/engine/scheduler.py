@@ -19,7 +19,7 @@ since an item's encoder time grows faster than linearly with its tokens (its att
 that cap, not the budget, sets the worst stall.
 
 A request can only hurt itself. Everything that can fail for one row alone is tried for that row alone
-before it joins (sampler values, generator seed and group tensors: ``_set_up_row``; its prefill with its
+before it joins (sampler values, generator seed and group tensors: ``_set_up_rows``; its prefill with its
 media). A batched call that still raises (decode, the sampler's set-up, sampling) is retried on subsets of
 the rows apart (bisection, ``isolate.culprits``; decode on copies of the rows' cache, sampling with the
 step's draws already taken, so seeded rows still draw once per step): the rows that fail on their own end
@@ -41,6 +41,15 @@ a row still reasoning whose ``max_reasoning_tokens`` are spent gets ``</think>``
 xgrammar matcher compiled at prepare time) gets its matcher's token bitmask, filled for the constrained rows
 only, and accepts each sampled token afterwards. Unconstrained rows are never touched, so their tokens are
 what they would be alone. A matcher that raises fails its row alone.
+
+Several choices (``n`` > 1): the request takes ``n`` batch slots at once (it waits in the queue until they
+are free; admission counts it as ``n`` rows). Its prompt is prefilled ONCE, whole or in chunks (and kept
+once in the prefix cache); the one prefilled row is then forked into ``n`` rows (``_fork``: the cache
+copied row-wise, the last logits repeated), each with its own sampler seeded with ``choice_seed(seed, i)``,
+detokenizer, grammar matcher and reasoning budget. They run as independent rows; ``choices.ChoiceGroup``
+turns each row's end into its choice's ending output and the request's one ``FinalOutput`` after the last.
+A cancel stops every row of the request; a row that fails fails its siblings too (the request fails as a
+whole, and isolation counts the siblings with the culprit).
 
 Finish reasons: ``stop`` (an eos token or a stop string), ``length`` (``max_tokens``), ``cancelled`` (cancel
 or shutdown), ``error`` (as above: the affected requests fail, the loop lives on).
@@ -69,6 +78,7 @@ from services.model.engine.base import (
     TokenLogprobs,
     TokenOutput,
 )
+from services.model.engine.choices import ChoiceGroup, tail_output
 from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
@@ -83,6 +93,7 @@ from services.model.engine.sampling import (
     draw_step,
     sampling_config,
 )
+from services.protocol.generate import choice_seed
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -108,6 +119,9 @@ class _Row:
     sampler: RowSampler
     detok: IncrementalDetokenizer
     max_tokens: int
+    group: ChoiceGroup  # the request's choices (n = 1: this row alone)
+    index: int = 0  # the choice this row generates
+    choices: list[_Row] = field(default_factory=list)  # the request's rows, this one included
     grammar: Any = None  # xgrammar GrammarMatcher over the answer, or None
     reasoning_budget: int | None = None  # reasoning tokens before </think> is forced; None: no limit
     reasoning_tokens: int = 0
@@ -130,6 +144,7 @@ class _Step:
     prefill_tokens: int = 0  # prefill work of this step in budget units (see prefill_cost)
     batch_size: int = 0  # rows sampled in this step
     admitted: list[_Row] = field(default_factory=list)  # prefilled in this step
+    prefills: int = 0  # prompts whose prefill completed in this step (once per request, whatever its n)
 
 
 def prefill_cost(model: Any, prepared: Prepared, cached: int = 0) -> int:
@@ -145,13 +160,14 @@ def prefill_cost(model: Any, prepared: Prepared, cached: int = 0) -> int:
     return prepared.prompt_tokens - cached + visual
 
 
-def to_sampling_config(prepared: Prepared) -> SamplingConfig:
+def to_sampling_config(prepared: Prepared, index: int = 0) -> SamplingConfig:
+    """The sampler configuration of choice ``index`` of ``prepared`` (its seed: ``choice_seed``)."""
     s = prepared.sampling
     return sampling_config(
         temperature=1.0 if s.temperature is None else s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
-        seed=s.seed,
+        seed=choice_seed(s.seed, index),
         presence_penalty=s.presence_penalty,
         frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty,
@@ -179,7 +195,8 @@ class Scheduler:
         self.admission: AdmissionQueue[Prepared] = AdmissionQueue(config.max_batch_size, config.max_queue)
         self._rows: list[_Row] = []
         self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
-        self._chunked: tuple[_Row, ChunkedPrefill] | None = None  # a long prompt being prefilled
+        # a long prompt being prefilled: its request's rows (one per choice) and the job
+        self._chunked: tuple[list[_Row], ChunkedPrefill] | None = None
         self._batch: kv.BatchTensors | None = None
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
@@ -220,7 +237,7 @@ class Scheduler:
 
     def _occupied(self) -> int:
         """Batch slots in use: running rows and the prompt being prefilled in chunks."""
-        return len(self._rows) + (self._chunked is not None)
+        return len(self._rows) + (len(self._chunked[0]) if self._chunked is not None else 0)
 
     def shutdown(self, grace_seconds: float) -> None:
         """Drain as ``AdmissionQueue.shutdown`` does (blocking)."""
@@ -246,13 +263,14 @@ class Scheduler:
             self._retire()
         except Exception as exc:  # a bug or a device failure outside the guarded model calls
             log.exception("scheduler step failed")
-            chunked = [self._chunked[0]] if self._chunked is not None else []
+            chunked = self._chunked[0] if self._chunked is not None else []
             self._fail_rows(step, [*self._rows, *step.admitted, *chunked], f"internal error: {exc}")
             self._rows, self._batch, self._chunked = [], None, None
             self._sampler_stale = True
         # The observer first: an engine process sends the step's timing with its outputs, one message.
         if self._observer is not None and step.batch_size:
-            self._observer.on_step(step.batch_size, time.perf_counter() - started, step.prefill_tokens)
+            seconds = time.perf_counter() - started
+            self._observer.on_step(step.batch_size, seconds, step.prefill_tokens, prefills=step.prefills)
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
 
@@ -262,7 +280,7 @@ class Scheduler:
             self._finish_unstarted(step, prepared, "cancelled")
         if not cancels:
             return
-        chunked = [self._chunked[0]] if self._chunked is not None else []
+        chunked = self._chunked[0] if self._chunked is not None else []
         for row in [*self._rows, *chunked]:
             if row.request_id in cancels and row.finish_reason is None:
                 row.finish_reason = "cancelled"
@@ -280,29 +298,33 @@ class Scheduler:
         if self._chunked is not None:
             self._prefill_chunk(step, rows, logits, states)
         while self._occupied() + len(rows) < self._config.max_batch_size and self._chunked is None:
-            nxt = self._pop_admissible(step)
+            nxt = self._pop_admissible(step, len(rows))
             if nxt is None:
                 break
             cost, prepared, submitted, hit = nxt
-            row = self._set_up_row(step, prepared, submitted)
-            if row is None:
+            choices = self._set_up_rows(step, prepared, submitted)
+            if choices is None:
                 continue
-            row.prefix = hit
+            for row in choices:
+                row.prefix = hit
             if step.prefill_tokens + cost > self._config.max_step_tokens:
-                self._start_chunked(step, row)
+                self._start_chunked(step, choices)
                 self._prefill_chunk(step, rows, logits, states)
                 break
             step.prefill_tokens += cost
-            self._prefill_whole(step, row, rows, logits, states)
+            self._prefill_whole(step, choices, rows, logits, states)
         return rows, logits, states
 
     def _pop_admissible(
-        self, step: _Step
+        self, step: _Step, joining: int
     ) -> tuple[int, Prepared, float, tuple[PrefixEntry, int] | None] | None:
-        """The next queued request and its prefill cost when it can start in this step: a prompt whose
+        """The next queued request and its prefill cost when it can start in this step: its rows (its
+        ``n``) fit the free batch slots (``joining`` rows start in this step already), and a prompt whose
         cost fits the budget left, or a long one (to be chunked) at the start of a step's budget; in
         arrival order. A request whose cost cannot be computed fails alone."""
         while (prepared := self.admission.peek()) is not None:
+            if self._occupied() + joining + prepared.rows > self._config.max_batch_size:
+                return None  # its n rows wait for free slots (admission caps n at the batch size)
             try:
                 hit = self._find_prefix(prepared)
                 cost = prefill_cost(self._model, prepared, hit[1] if hit else 0)
@@ -329,7 +351,7 @@ class Scheduler:
         return self._kv_reserved([]), prefix, self._config.kv_cache_bytes
 
     def _kv_lengths(self) -> list[int]:
-        chunked = [self._chunked[0]] if self._chunked is not None else []
+        chunked = self._chunked[0] if self._chunked is not None else []
         rows = [*self._rows, *self._admitting, *chunked]
         return [r.prepared.prompt_tokens + r.max_tokens for r in rows if r.finish_reason is None]
 
@@ -384,13 +406,16 @@ class Scheduler:
             self.prefix.evict(self.prefix.nbytes - room)
         self.prefix.insert(self._prompt_key(row.prepared), layers)
 
-    def _set_up_row(self, step: _Step, prepared: Prepared, submitted: float) -> _Row | None:
-        """The request's row with everything that can fail for it alone tried for it alone (sampler
-        values, generator seeding, its group's parameter tensors, detokenizer); None when it was refused
-        (finished with "error" in this step)."""
+    def _set_up_rows(self, step: _Step, prepared: Prepared, submitted: float) -> list[_Row] | None:
+        """The request's rows (one per choice) with everything that can fail for it alone tried for it
+        alone (sampler values, generator seeding, its group's parameter tensors, detokenizer); None when
+        it was refused (finished with "error" in this step)."""
         try:
-            row = self._new_row(prepared, submitted)
-            self._sampler.check(row.sampler)
+            group = ChoiceGroup(prepared.request_id, prepared.rows, prepared.prompt_tokens)
+            rows = [self._new_row(prepared, submitted, group, i) for i in range(prepared.rows)]
+            for row in rows:
+                row.choices = rows
+                self._sampler.check(row.sampler)
         except Exception as exc:
             if isinstance(exc, InvalidSampling):
                 message = f"invalid sampling parameters: {exc}"
@@ -399,18 +424,19 @@ class Scheduler:
                 message = f"request set-up failed: {exc}"
             self._finish_unstarted(step, prepared, "error", message)
             return None
-        return row
+        return rows
 
     def _prefill_whole(
         self,
         step: _Step,
-        row: _Row,
+        choices: list[_Row],
         rows: list[_Row],
         logits: list[torch.Tensor],
         states: list[kv.BatchTensors],
     ) -> None:
-        """Prefill the row's whole prompt with its media, alone (from its cached prefix on, if any); it
-        joins the batch in this step."""
+        """Prefill the request's whole prompt with its media, alone and once (from its cached prefix on,
+        if any); its rows (one per choice) join the batch in this step."""
+        row = choices[0]
         try:
             if row.prefix is None:
                 row_logits, state = kv.prefill(self._model, row.prepared.inputs, self._device)
@@ -423,20 +449,42 @@ class Scheduler:
             log.exception("prefill of %s failed", row.request_id)
             self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
             return
-        self._keep_prefix(row, state)
-        rows.append(row)
-        step.admitted.append(row)
-        logits.append(row_logits)
-        states.append(state)
+        self._join(step, choices, row_logits, state, rows, logits, states)
 
-    def _start_chunked(self, step: _Step, row: _Row) -> None:
+    def _join(
+        self,
+        step: _Step,
+        choices: list[_Row],
+        row_logits: torch.Tensor,
+        state: kv.BatchTensors,
+        rows: list[_Row],
+        logits: list[torch.Tensor],
+        states: list[kv.BatchTensors],
+    ) -> None:
+        """A prefilled prompt (its last logits (1, V), its one-row state) joins this step's new rows: kept
+        in the prefix cache, then forked into one row per choice (a failed fork fails the request)."""
+        self._keep_prefix(choices[0], state)
+        try:
+            state = _fork(state, len(choices))
+        except Exception as exc:
+            log.exception("fork of %s failed", choices[0].request_id)
+            self._fail_rows(step, choices, f"prefill failed: {exc}")
+            return
+        rows.extend(choices)
+        step.admitted.extend(choices)
+        logits.extend([row_logits] * len(choices))
+        states.append(state)
+        step.prefills += 1
+
+    def _start_chunked(self, step: _Step, choices: list[_Row]) -> None:
+        row = choices[0]
         try:
             job = self._chunked_job(row)
         except Exception as exc:
             log.exception("prefill of %s failed", row.request_id)
             self._finish_unstarted(step, row.prepared, "error", f"prefill failed: {exc}")
             return
-        self._chunked = (row, job)
+        self._chunked = (choices, job)
 
     def _chunked_job(self, row: _Row) -> ChunkedPrefill:
         prefix = None if row.prefix is None else (row.prefix[0].layers, row.prefix[1])
@@ -448,27 +496,23 @@ class Scheduler:
         """The next piece of the long prompt in progress; it joins the batch after its last piece."""
         if self._chunked is None:
             return
-        row, job = self._chunked
+        choices, job = self._chunked
         try:
             spent, row_logits = job.advance(self._config.max_step_tokens - step.prefill_tokens)
+            state = job.state() if row_logits is not None else None
         except Exception as exc:
-            log.exception("prefill of %s failed", row.request_id)
+            log.exception("prefill of %s failed", choices[0].request_id)
             self._chunked = None
-            self._fail_rows(step, [row], f"prefill failed: {exc}")
+            self._fail_rows(step, choices, f"prefill failed: {exc}")
             return
         step.prefill_tokens += spent
-        if row_logits is None:
+        if row_logits is None or state is None:
             return
         self._chunked = None
-        state = job.state()
-        self._keep_prefix(row, state)
-        rows.append(row)
-        step.admitted.append(row)
-        logits.append(row_logits)
-        states.append(state)
+        self._join(step, choices, row_logits, state, rows, logits, states)
 
-    def _new_row(self, prepared: Prepared, submitted: float) -> _Row:
-        cfg = to_sampling_config(prepared)
+    def _new_row(self, prepared: Prepared, submitted: float, group: ChoiceGroup, index: int) -> _Row:
+        cfg = to_sampling_config(prepared, index)
         vocab = self._sampler.vocab_size
         prompt_ids = prepared.inputs["input_ids"] if cfg.repetition_penalty != 1.0 else torch.empty(0)
         return _Row(
@@ -479,7 +523,9 @@ class Scheduler:
                 self._table, prepared.sampling.stop, in_reasoning=self._config.starts_in_reasoning
             ),
             max_tokens=prepared.sampling.max_tokens or 1,
-            grammar=prepared.grammar,
+            group=group,
+            index=index,
+            grammar=prepared.grammar_for(index),
             reasoning_budget=prepared.sampling.max_reasoning_tokens,
             top_logprobs=prepared.sampling.top_logprobs,
         )
@@ -537,6 +583,9 @@ class Scheduler:
         apart (see ``isolate.culprits``), then ``retry`` with the indices (old numbering) of the rows left;
         when the fault cannot be pinned on some rows, or the retry raises, every row fails (None)."""
         bad = culprits(len(self._rows), probe)
+        if bad is not None:  # a failing row fails its request's other choices with it
+            failing = {self._rows[i].request_id for i in bad}
+            bad = [i for i, r in enumerate(self._rows) if r.request_id in failing]
         if bad is None:
             log.error("the %s fault could not be isolated: failing the %d rows", what, len(self._rows))
         else:
@@ -699,7 +748,7 @@ class Scheduler:
             row.reasoning_tokens += 1
         elif row.grammar is not None and not row.grammar.accept_token(token):
             raise RuntimeError(f"the grammar refused token {token}")
-        if row.generated == 1 and self._observer is not None:
+        if row.generated == 1 and row.index == 0 and self._observer is not None:
             self._observer.on_first_token(row.request_id, now - row.submitted_at)
         if token in self._config.eos_token_ids:
             row.finish_reason = "stop"
@@ -712,24 +761,32 @@ class Scheduler:
                 row.finish_reason = "length"
                 tail = row.detok.finish()
                 piece = Piece(piece.reasoning + tail.reasoning, piece.content + tail.content)
+        output = None
         if piece.reasoning or piece.content:
-            output = TokenOutput(piece.reasoning, piece.content, row.unreported, row.logprobs)
-            step.outputs.append((row.request_id, output))
+            output = TokenOutput(piece.reasoning, piece.content, row.unreported, row.logprobs, row.index)
             row.unreported, row.logprobs = 0, None
         if row.finish_reason is not None:
-            self._final(step, row)
+            self._final(step, row, output)
+        elif output is not None:
+            step.outputs.append((row.request_id, output))
 
-    def _final(self, step: _Step, row: _Row) -> None:
-        if row.unreported or row.logprobs is not None:
-            # Tokens that released no text (eos, a held-back stop prefix, a cancelled partial character)
-            # still count in the token metrics (and still have their logprobs).
-            step.outputs.append((row.request_id, TokenOutput("", "", row.unreported, row.logprobs)))
-            row.unreported, row.logprobs = 0, None
+    def _final(self, step: _Step, row: _Row, tail: TokenOutput | None = None) -> None:
+        """The row's end: its last output (``tail``, or what it has unreported: tokens that released no
+        text, such as eos, a held-back stop prefix or a cancelled partial character, still count in the
+        token metrics and still have their logprobs) as its choice's end, and the request's
+        ``FinalOutput`` once every choice ended (``ChoiceGroup``). A row that failed fails its siblings."""
+        if tail is None:
+            tail = tail_output("", "", row.unreported, row.logprobs, row.index)
+        row.unreported, row.logprobs = 0, None
         reason = row.finish_reason or "error"
-        cached = row.prefix[1] if row.prefix is not None else 0
-        final = FinalOutput(reason, row.prepared.prompt_tokens, row.generated, row.error, cached)
-        step.outputs.append((row.request_id, final))
-        self._forget(row.request_id, reason, row.generated)
+        group = row.group
+        group.cached_tokens = row.prefix[1] if row.prefix is not None else 0
+        step.outputs.extend(group.end(row.index, reason, row.generated, row.error, tail))
+        if group.done:
+            final = group.final()
+            self._forget(row.request_id, final.finish_reason, final.completion_tokens)
+        if reason == "error":
+            self._fail_rows(step, row.choices, row.error or "another choice failed")
 
     def _finish_unstarted(
         self, step: _Step, prepared: Prepared, reason: str, error: str | None = None
@@ -756,6 +813,12 @@ class Scheduler:
         self._rows = [self._rows[i] for i in keep]
         self._batch = kv.select(self._batch, keep) if keep and self._batch is not None else None
         self._sampler_stale = True
+
+
+def _fork(state: kv.BatchTensors, n: int) -> kv.BatchTensors:
+    """One prefilled row's state as ``n`` rows (the choices of one request): its cache copied row-wise
+    (``kv.take``; the prefix cache may hold the original tensors, which stay untouched)."""
+    return state if n == 1 else kv.take(state, [0] * n)
 
 
 def _rows_of(prepared: Prepared) -> int:

@@ -207,7 +207,7 @@ class NamedToolChoice(_Lenient):
 
 
 class CalledFunction(_Lenient):
-    name: str = Field(max_length=64)
+    name: str = Field(pattern=NAME_PATTERN)  # rendered into the prompt's JSON: the tool-name rule
     arguments: str = Field(max_length=MAX_ARGUMENTS_CHARS)
 
 

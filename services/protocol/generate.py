@@ -8,6 +8,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # the OpenAI reference's function name rule
+MAX_DESCRIPTION_CHARS = 8192  # a tool's description
+MAX_ARGUMENTS_CHARS = 1024 * 1024  # a history tool call's arguments (JSON text)
+MAX_ID_CHARS = 256  # a history tool call's id and a tool turn's ``tool_call_id``
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -126,10 +129,11 @@ Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class FunctionDef(BaseModel):
-    """A function the model may call: ``parameters`` is a JSON schema (object) or None (no arguments)."""
+    """A function the model may call: ``parameters`` is a JSON schema (object) or None (no arguments);
+    ``description`` at most ``MAX_DESCRIPTION_CHARS`` characters."""
 
     name: str = Field(pattern=TOOL_NAME_PATTERN)
-    description: str | None = None
+    description: Annotated[UnicodeText, Field(max_length=MAX_DESCRIPTION_CHARS)] | None = None
     parameters: dict[str, Any] | None = None
 
 
@@ -139,14 +143,17 @@ class Tool(BaseModel):
 
 
 class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # JSON text, as the client sent it back
+    """A history call's function: a tool name and its arguments (JSON text as the client sent it back,
+    at most ``MAX_ARGUMENTS_CHARS`` characters)."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    arguments: UnicodeText = Field(max_length=MAX_ARGUMENTS_CHARS)
 
 
 class ToolCall(BaseModel):
     """A call the assistant made in an earlier turn (history)."""
 
-    id: str = ""
+    id: UnicodeText = Field(default="", max_length=MAX_ID_CHARS)
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -156,7 +163,7 @@ class ToolChoice(BaseModel):
     one call (grammar-forced); ``function``: a call of ``name`` (grammar-forced)."""
 
     mode: Literal["none", "auto", "required", "function"] = "auto"
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=TOOL_NAME_PATTERN)
 
 
 class ResponseFormat(BaseModel):
@@ -171,7 +178,7 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: UnicodeText | list[Part]
     tool_calls: list[ToolCall] | None = None  # assistant turns of the history
-    tool_call_id: str | None = None  # tool turns
+    tool_call_id: Annotated[UnicodeText, Field(max_length=MAX_ID_CHARS)] | None = None  # tool turns
 
 
 class GenerateRequest(BaseModel):

@@ -155,6 +155,18 @@ def test_bad_tool_and_format_fields_are_400_naming_them(
             ],
             "messages[0].tool_calls[0].function.arguments",
         ),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": 'f", "x": "', "arguments": "{}"}}
+                    ],
+                }
+            ],
+            "messages[0].tool_calls[0].function.name",
+        ),
     ],
 )
 def test_bad_tool_history_is_400(client: httpx.Client, messages: list, param: str) -> None:

@@ -448,7 +448,7 @@ class SessionStatus(BaseModel):
     updated: int
     last_index: int
     finish_reason: str | None
-    usage: dict[str, int] | None
+    usage: dict[str, int | dict[str, int]] | None  # the OpenAI usage object (prompt_tokens_details nested)
 
 
 class CancelResponse(BaseModel):

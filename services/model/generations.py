@@ -180,7 +180,11 @@ class Generation:
         event = Finished(
             seq=len(self._live),
             finish_reason=out.finish_reason,  # type: ignore[arg-type]  # the engine uses the same literals
-            usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens),
+            usage=Usage(
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+                cached_tokens=out.cached_tokens,
+            ),
             error=error,
         )
         self._live.append(event)

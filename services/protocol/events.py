@@ -13,8 +13,12 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 class Usage(BaseModel):
+    """Token counts of a request; ``cached_tokens``: prompt tokens whose KV came from the prefix cache
+    (the OpenAI API's ``usage.prompt_tokens_details.cached_tokens``)."""
+
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(default=0, ge=0)
 
 
 class ErrorInfo(BaseModel):

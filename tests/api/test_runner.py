@@ -94,7 +94,12 @@ async def test_a_burst_is_coalesced_into_few_chunks_and_few_writes() -> None:
     assert texts(events) == ("".join(REASONING), "".join(CONTENT))
     assert len(store.appends) <= 3
     assert record.status == "completed" and record.finish_reason == "stop"
-    assert record.usage == {"prompt_tokens": 7, "completion_tokens": 40, "total_tokens": 47}
+    assert record.usage == {
+        "prompt_tokens": 7,
+        "completion_tokens": 40,
+        "total_tokens": 47,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert record.model_seq == 40
     assert json.loads(events[-2].data)["usage"]["total_tokens"] == 47
     assert events[-1].data == "[DONE]"

@@ -108,6 +108,7 @@ def test_stream_follows_the_contract(client: httpx.Client) -> None:
     assert finish_reason(events) == "stop"
     usage = events[-2].json()
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 31
+    assert usage["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     status = client.get(f"/v1/sessions/{s}").json()
     assert status["status"] == "completed" and status["last_index"] == len(events) - 1
     assert (
@@ -131,6 +132,7 @@ def test_non_stream_completion_matches_its_session_replay(client: httpx.Client) 
     assert content and reasoning
     u = out["usage"]
     assert u["completion_tokens"] == 26 and u["total_tokens"] == u["prompt_tokens"] + 26
+    assert u["prompt_tokens_details"] == {"cached_tokens": 0}  # the OpenAI shape (the fake caches nothing)
 
 
 def test_max_completion_tokens_wins_and_length_is_reported(client: httpx.Client) -> None:

@@ -199,3 +199,21 @@ class _Config:
 def _kv_bytes_per_token(model: Any) -> int:
     text = model.config.text_config
     return 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * model.dtype.itemsize
+
+
+def test_cached_tokens_cross_the_engine_wire_and_reach_the_usage() -> None:
+    from services.api.streaming.translate import usage_dict
+    from services.model.engine import wire
+    from services.model.engine.base import FinalOutput
+    from services.protocol.events import Finished, Usage
+
+    packed = wire.pack_outputs([("r", FinalOutput("stop", 40, 5, None, 32))])
+    [(rid, final)] = wire.StepReport(packed=packed).outputs()
+    assert rid == "r" and final == FinalOutput("stop", 40, 5, None, 32)
+    usage = Usage(prompt_tokens=40, completion_tokens=5, cached_tokens=32)
+    assert usage_dict(Finished(seq=3, finish_reason="stop", usage=usage)) == {
+        "prompt_tokens": 40,
+        "completion_tokens": 5,
+        "total_tokens": 45,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }

@@ -21,7 +21,7 @@ class _Folded:
         self.content: list[str] = []
         self.tool_calls: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
-        self.usage: dict[str, int] | None = None
+        self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
         self.logprobs: dict[str, list[dict[str, Any]]] | None = None  # once a chunk carried some
 
@@ -117,6 +117,7 @@ async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[st
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "completion_tokens": usage.get("completion_tokens", 0),
             "total_tokens": usage.get("total_tokens", 0),
+            "prompt_tokens_details": usage.get("prompt_tokens_details") or {"cached_tokens": 0},
         },
     }
 

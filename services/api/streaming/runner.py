@@ -115,7 +115,7 @@ class _Unwritten:
     model_seq: int
     status: str | None
     finish_reason: str | None
-    usage: dict[str, int] | None
+    usage: dict[str, Any] | None
     final: bool
     uncertain: bool = False  # a write of it failed: a prefix may be stored after all
     rechecked: bool = False  # an append of it conflicted once; the store was checked since
@@ -146,7 +146,7 @@ class _Unwritten:
 class _Final:
     status: str
     finish_reason: str | None
-    usage: dict[str, int] | None
+    usage: dict[str, Any] | None
 
 
 class SessionRunner:

@@ -75,13 +75,21 @@ class ChunkEncoder:
     def finish(self, reason: str) -> str:
         return self._chunk("{}", reason)
 
-    def usage(self, usage: dict[str, int]) -> str:
+    def usage(self, usage: dict[str, Any]) -> str:
         return f'{self._prefix}[],"usage":{_dumps(usage)}}}'
 
 
-def usage_dict(finished: Finished) -> dict[str, int]:
+def usage_dict(finished: Finished) -> dict[str, Any]:
+    """The OpenAI ``usage`` object: token counts and ``prompt_tokens_details.cached_tokens`` (prompt tokens
+    served from the model service's prefix cache)."""
     p, c = finished.usage.prompt_tokens, finished.usage.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    details = {"cached_tokens": finished.usage.cached_tokens}
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": details,
+    }
 
 
 def error_payload(message: str, *, type_: str, code: str | None) -> str:

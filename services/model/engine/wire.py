@@ -35,10 +35,10 @@ from services.protocol.generate import GenerateRequest
 __all__ = ["Admitted"]  # re-exported: the same value is the child's answer and admit's result
 
 _TOKEN, _FINAL = 0, 1
-PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | None, int]
+PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | int | None, int]
 """``(request_id, 0, reasoning, content, tokens, finish_reason, logprobs, index)`` (the choice's index
 and, n > 1 only, its finish reason) or
-``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, None, 0)``."""
+``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, cached_tokens, 0)``."""
 
 
 # ---- parent -> child --------------------------------------------------------------------------------
@@ -125,7 +125,16 @@ def pack_outputs(outputs: Sequence[tuple[str, Output]]) -> list[PackedOutput]:
             packed.append((rid, _TOKEN, *text, out.finish_reason, out.logprobs, out.index))
         else:
             packed.append(
-                (rid, _FINAL, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error, None, 0)
+                (
+                    rid,
+                    _FINAL,
+                    out.finish_reason,
+                    out.prompt_tokens,
+                    out.completion_tokens,
+                    out.error,
+                    out.cached_tokens,
+                    0,
+                )
             )
     return packed
 
@@ -134,4 +143,4 @@ def _unpack(p: PackedOutput) -> tuple[str, Output]:
     rid, kind, a, b, n, reason, logprobs, index = p
     if kind == _TOKEN:
         return rid, TokenOutput(str(a), str(b), n, logprobs, index, reason)
-    return rid, FinalOutput(str(a), int(b), n, reason)
+    return rid, FinalOutput(str(a), int(b), n, reason, int(logprobs or 0))  # type: ignore[arg-type]

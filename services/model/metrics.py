@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -30,6 +31,7 @@ class ModelMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._add_request_metrics(self.registry)
         self._add_engine_metrics(self.registry)
+        self._add_kv_metrics(self.registry)
         # Reported by an engine in a child process (ENGINE_PROCESS): its RSS adds to ours, its devices' rows
         # are set as they are (this process never imports torch then).
         self.engine_process_memory: dict[tuple[str, str], float] = {}
@@ -64,6 +66,30 @@ class ModelMetrics:
         self.prefills = Counter(
             "model_prefills", "Prompts prefilled (once per request, whatever its n)", registry=r
         )  # exported as model_prefills_total
+
+    def _add_kv_metrics(self, r: CollectorRegistry) -> None:
+        """The KV cache (bytes, bounded by KV_CACHE_BYTES) and the prefix cache's outcomes."""
+        self._kv_totals = (0, 0, 0)
+        self.kv_cache_bytes = Gauge(
+            "model_kv_cache_bytes",
+            "KV cache memory in use: rows (reserved by running requests) and prefixes (kept prompts)",
+            ["kind"],
+            registry=r,
+        )
+        self.kv_cache_budget = Gauge(
+            "model_kv_cache_budget_bytes", "KV_CACHE_BYTES (0: no limit)", registry=r
+        )
+        self.prefix_hits = Counter(
+            "model_prefix_cache_hits", "Prompts prefilled from a cached prefix", registry=r
+        )
+        self.prefix_misses = Counter(
+            "model_prefix_cache_misses", "Prompts prefilled without a cached prefix", registry=r
+        )
+        self.prefix_reused = Counter(
+            "model_prefix_cache_reused_tokens",
+            "Prompt tokens whose KV came from the prefix cache",
+            registry=r,
+        )
 
     def _add_engine_metrics(self, r: CollectorRegistry) -> None:
         """The engine's state: queue, batch, steps (seconds), readiness, restarts, memory (bytes)."""
@@ -102,6 +128,23 @@ class ModelMetrics:
 
     def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
         """Outcomes are counted by the generation registry, which also sees every FinalOutput."""
+
+    def on_kv_cache(self, stats: Any) -> None:
+        """The engine's ``KVCacheStats``: gauges set; the prefix-cache counters advance by the totals' growth
+        (a restarted engine process starts its totals at 0 again: then by its totals)."""
+        self.kv_cache_bytes.labels("rows").set(stats.rows_bytes)
+        self.kv_cache_bytes.labels("prefixes").set(stats.prefix_bytes)
+        self.kv_cache_budget.set(stats.budget_bytes)
+        last = self._kv_totals
+        totals = (stats.hits, stats.misses, stats.reused_tokens)
+        if any(t < seen for t, seen in zip(totals, last, strict=True)):
+            last = (0, 0, 0)
+        for counter, now, seen in zip(
+            (self.prefix_hits, self.prefix_misses, self.prefix_reused), totals, last, strict=True
+        ):
+            if now > seen:
+                counter.inc(now - seen)
+        self._kv_totals = totals
 
     def on_memory(self, rows: dict[tuple[str, str], float]) -> None:
         """An engine process's memory by ``(device, kind)`` in bytes: its RSS adds to ours at scrape."""

@@ -217,3 +217,28 @@ def test_cached_tokens_cross_the_engine_wire_and_reach_the_usage() -> None:
         "total_tokens": 45,
         "prompt_tokens_details": {"cached_tokens": 32},
     }
+
+
+def test_kv_and_prefix_metrics_reach_prometheus(engine: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.model.metrics import ModelMetrics
+
+    metrics = ModelMetrics()
+    sched = scheduler_for(engine, observer=metrics, kv_cache_bytes=1 << 30)
+    first = prepare(engine, _chat("m1", [("user", "Tell me about cats.")], max_tokens=4))
+    second = prepare(engine, _chat("m2", [("user", "And dogs?")], max_tokens=4))
+    rec = _run(sched, [first])
+    rec = _run(sched, [second])
+    cached = rec.final("m2").cached_tokens  # type: ignore[union-attr]
+    samples = {
+        (s.name, s.labels.get("kind", "")): s.value
+        for family in text_string_to_metric_families(metrics.render(None).decode())
+        for s in family.samples
+    }
+    assert samples[("model_prefix_cache_hits_total", "")] == 1
+    assert samples[("model_prefix_cache_misses_total", "")] == 1
+    assert samples[("model_prefix_cache_reused_tokens_total", "")] == cached > 0
+    assert samples[("model_kv_cache_budget_bytes", "")] == 1 << 30
+    assert samples[("model_kv_cache_bytes", "prefixes")] == sched.prefix.nbytes > 0  # type: ignore[union-attr]
+    assert samples[("model_kv_cache_bytes", "rows")] == 0  # nothing runs any more

@@ -104,6 +104,20 @@ class EngineStats:
     queued: int  # admitted requests waiting for a batch slot (or still being prepared)
 
 
+@dataclass(frozen=True, slots=True)
+class KVCacheStats:
+    """The KV cache after a step: bytes reserved by the running rows (each padded to the longest
+    prompt + max_tokens), bytes of kept prompt prefixes, the budget (0: none); prefix-cache totals since
+    the engine started: hits, misses, prompt tokens reused."""
+
+    rows_bytes: int
+    prefix_bytes: int
+    budget_bytes: int
+    hits: int
+    misses: int
+    reused_tokens: int
+
+
 MemoryRows = dict[tuple[str, str], float]
 """Memory in bytes by ``(device, kind)``, e.g. ``("cpu", "rss")``, ``("cuda:0", "allocated")``."""
 
@@ -124,6 +138,10 @@ class EngineObserver(Protocol):
 
     def on_memory(self, rows: MemoryRows) -> None:
         """An engine process's own memory (``ProcessEngine``: at most once a second)."""
+
+    def on_kv_cache(self, stats: KVCacheStats) -> None:
+        """The KV cache after a step that changed it (the HF engine only; optional: engines call it only
+        when the observer has it)."""
 
 
 class Engine(Protocol):

@@ -246,6 +246,9 @@ class ProcessEngine:
                 observer.on_finish(rid, out.finish_reason, out.completion_tokens)
             if report.memory is not None:
                 observer.on_memory(report.memory)
+            on_kv = getattr(observer, "on_kv_cache", None)
+            if report.kv_cache is not None and on_kv is not None:
+                on_kv(report.kv_cache)
         if self._sink is not None and outputs:
             self._sink(outputs)
 

@@ -71,6 +71,7 @@ from services.model.engine.base import (
     EngineObserver,
     EngineStats,
     FinalOutput,
+    KVCacheStats,
     LogprobEntry,
     Output,
     OutputSink,
@@ -201,6 +202,7 @@ class Scheduler:
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
         self._admitting: list[_Row] = []  # rows prefilled in the step in progress, not merged yet
+        self._kv_reported: KVCacheStats | None = None
         self._sink: OutputSink | None = None
         self._threaded = False
 
@@ -271,6 +273,7 @@ class Scheduler:
         if self._observer is not None and step.batch_size:
             seconds = time.perf_counter() - started
             self._observer.on_step(step.batch_size, seconds, step.prefill_tokens, prefills=step.prefills)
+            self._report_kv()
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
 
@@ -373,6 +376,18 @@ class Scheduler:
             self.prefix.evict(reserved + self.prefix.nbytes - budget)
         held = self.prefix.nbytes if self.prefix is not None else 0
         return reserved + held <= budget or not self._kv_lengths()
+
+    def _report_kv(self) -> None:
+        """Tell the observer the KV cache's state when it changed since the last report."""
+        on_kv = getattr(self._observer, "on_kv_cache", None)
+        if on_kv is None:
+            return
+        rows, prefix, budget = self.kv_bytes()
+        s = self.prefix.stats if self.prefix is not None else None
+        stats = KVCacheStats(rows, prefix, budget, *((s.hits, s.misses, s.reused_tokens) if s else (0, 0, 0)))
+        if stats != self._kv_reported:
+            self._kv_reported = stats
+            on_kv(stats)
 
     def _find_prefix(self, prepared: Prepared) -> tuple[PrefixEntry, int] | None:
         """The kept prefix ``prepared`` would start from (None: none, or no prefix cache)."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from services.model.engine.base import (
     Admitted,
     FinalOutput,
+    KVCacheStats,
     MemoryRows,
     Output,
     TokenLogprobs,
@@ -102,6 +103,7 @@ class StepReport:
     running: int = 0
     queued: int = 0
     memory: MemoryRows | None = None
+    kv_cache: KVCacheStats | None = None  # the latest, when it changed since the last report
 
     def outputs(self) -> list[tuple[str, Output]]:
         """The step's outputs as the sink takes them, in their order."""

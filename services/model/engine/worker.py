@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.model.engine import wire
-from services.model.engine.base import MemoryRows, Output
+from services.model.engine.base import KVCacheStats, MemoryRows, Output
 from services.model.settings import ModelSettings
 from services.protocol import errors
 from services.protocol.generate import GenerateRequest
@@ -114,6 +114,9 @@ class EngineWorker:
 
     def on_memory(self, rows: MemoryRows) -> None:
         """Not called in the child (its memory leaves with the reports)."""
+
+    def on_kv_cache(self, stats: KVCacheStats) -> None:
+        self._report.kv_cache = stats
 
 
 def _memory() -> MemoryRows:

@@ -47,6 +47,7 @@ def to_sampling(req: ChatCompletionRequest) -> SamplingParams:
         repetition_penalty=req.repetition_penalty,
         max_reasoning_tokens=req.reasoning_budget(),
         top_logprobs=req.logprob_candidates(),
+        n=req.n or 1,
     )
 
 

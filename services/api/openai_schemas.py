@@ -405,9 +405,14 @@ def tool_error(req: ChatCompletionRequest) -> tuple[str, str] | None:
     return None
 
 
-def count_error(req: ChatCompletionRequest, max_messages: int, max_parts: int) -> tuple[str, str] | None:
-    """(message, param) when the request has more messages, or a message more content parts, than this
-    server takes (MAX_MESSAGES, MAX_CONTENT_PARTS); None when within the bounds."""
+def count_error(
+    req: ChatCompletionRequest, max_messages: int, max_parts: int, max_n: int = 1
+) -> tuple[str, str] | None:
+    """(message, param) when the request has more messages, or a message more content parts, or more
+    choices (``n``) than this server takes (MAX_MESSAGES, MAX_CONTENT_PARTS, MAX_N); None when within the
+    bounds."""
+    if req.n is not None and req.n > max_n:
+        return f"at most {max_n} choices per request (`n`; got {req.n})", "n"
     if len(req.messages) > max_messages:
         return f"at most {max_messages} messages per request (got {len(req.messages)})", "messages"
     for i, message in enumerate(req.messages):
@@ -418,8 +423,6 @@ def count_error(req: ChatCompletionRequest, max_messages: int, max_parts: int) -
 
 def unsupported_params(req: ChatCompletionRequest) -> str | None:
     """The first parameter the server cannot honour, or None."""
-    if req.n not in (None, 1):
-        return "n"
     if req.functions:
         return "functions"
     if req.function_call not in (None, "none"):

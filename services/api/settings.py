@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.api.media import FetchLimits
+from services.protocol.generate import MAX_CHOICES
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -70,6 +71,9 @@ class ApiSettings(BaseSettings):
     # would otherwise cost a minute of template rendering and tokenizing before "too long")
     max_messages: int = Field(default=2048, ge=1)
     max_content_parts: int = Field(default=512, ge=1)  # per message
+    # choices per request (``n``); each is a batch row of the model service (which also caps n at its
+    # MAX_BATCH_SIZE)
+    max_n: int = Field(default=8, ge=1, le=MAX_CHOICES)
     retry_after_seconds: int = Field(default=5, ge=1)
 
     # media (services/api/media.py): remote fetches go through its SSRF guard

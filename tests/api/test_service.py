@@ -294,7 +294,7 @@ def test_auth_and_ownership(api: Service, client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("payload", "param"),
     [
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),  # above MAX_N (8)
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tool_choice": "required"}, "tool_choice"),

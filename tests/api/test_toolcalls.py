@@ -98,7 +98,8 @@ async def fold(store: MemoryStore) -> tuple[list[StoredEvent], dict[str, Any]]:
     for event in events:
         if event.data != "[DONE]":
             folded.add(json.loads(event.data))
-    return events, {"message": folded.message(), "finish_reason": folded.finish_reason}
+    (choice,) = folded.response_choices()
+    return events, {"message": choice["message"], "finish_reason": choice["finish_reason"]}
 
 
 @pytest.mark.anyio

@@ -106,7 +106,6 @@ def req(**body: object) -> ChatCompletionRequest:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"n": 2}, "n"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
         ({"logit_bias": {"15": 5}}, "logit_bias"),

@@ -116,7 +116,7 @@ def test_sdk_media_data_urls(sdk: openai.OpenAI, kind: str) -> None:
 
 def test_sdk_errors_are_typed(sdk: openai.OpenAI, api: Service) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
-        sdk.chat.completions.create(model="any", messages=ask("x"), n=2)  # type: ignore[arg-type]
+        sdk.chat.completions.create(model="any", messages=ask("x"), n=9)  # type: ignore[arg-type]  # > MAX_N
     assert bad.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{api.url}/v1", api_key="nope", max_retries=0).models.list()

@@ -28,7 +28,8 @@ router = APIRouter()
 async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response:
     started = time.monotonic()
     req = validate(ChatCompletionRequest, await read_json(request))
-    too_many = count_error(req, hub.settings.max_messages, hub.settings.max_content_parts)
+    s = hub.settings
+    too_many = count_error(req, s.max_messages, s.max_content_parts, s.max_n)
     if too_many is not None:
         raise BadRequest(too_many[0], param=too_many[1], code="too_many_items")
     param = unsupported_params(req)

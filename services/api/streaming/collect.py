@@ -15,15 +15,13 @@ _RETRYABLE = frozenset({"generation_lost", "model_stream_broken"})
 
 
 class _Folded:
+    """A session's chunks folded: the head, usage or error, and each choice (by index) folded apart."""
+
     def __init__(self) -> None:
         self.head: dict[str, Any] = {}
-        self.reasoning: list[str] = []
-        self.content: list[str] = []
-        self.tool_calls: list[dict[str, Any]] = []
-        self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
-        self.logprobs: dict[str, list[dict[str, Any]]] | None = None  # once a chunk carried some
+        self.choices: dict[int, _Choice] = {}
 
     def add(self, chunk: dict[str, Any]) -> None:
         if "error" in chunk:
@@ -34,17 +32,44 @@ class _Folded:
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("reasoning_content"):
-                self.reasoning.append(delta["reasoning_content"])
-            if delta.get("content"):
-                self.content.append(delta["content"])
-            for fragment in delta.get("tool_calls") or ():
-                self._add_call(fragment)
-            if choice.get("logprobs"):
-                self._add_logprobs(choice["logprobs"])
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+            self.choices.setdefault(int(choice.get("index", 0)), _Choice()).add(choice)
+
+    def response_choices(self) -> list[dict[str, Any]]:
+        """The ``chat.completion`` choices by index (each choice has its role chunk: none is missing)."""
+        return [
+            {
+                "index": index,
+                "message": folded.message(),
+                "logprobs": folded.choice_logprobs(),
+                "finish_reason": folded.finish_reason,
+            }
+            for index, folded in sorted(self.choices.items())
+        ]
+
+
+class _Choice:
+    """One choice's chunks folded into its message, logprobs and finish reason."""
+
+    def __init__(self) -> None:
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, list[dict[str, Any]]] | None = None  # once a chunk carried some
+
+    def add(self, choice: dict[str, Any]) -> None:
+        """Fold one chunk's object of this choice."""
+        delta = choice.get("delta") or {}
+        if delta.get("reasoning_content"):
+            self.reasoning.append(delta["reasoning_content"])
+        if delta.get("content"):
+            self.content.append(delta["content"])
+        for fragment in delta.get("tool_calls") or ():
+            self._add_call(fragment)
+        if choice.get("logprobs"):
+            self._add_logprobs(choice["logprobs"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
 
     def _add_logprobs(self, logprobs: dict[str, Any]) -> None:
         if self.logprobs is None:
@@ -105,14 +130,7 @@ async def collect(hub: SessionHub, session_id: str, retry_after: int) -> dict[st
     return {
         **folded.head,
         "object": "chat.completion",
-        "choices": [
-            {
-                "index": 0,
-                "message": folded.message(),
-                "logprobs": folded.choice_logprobs(),
-                "finish_reason": folded.finish_reason,
-            }
-        ],
+        "choices": folded.response_choices(),
         "usage": {
             "prompt_tokens": usage.get("prompt_tokens", 0),
             "completion_tokens": usage.get("completion_tokens", 0),

@@ -402,6 +402,8 @@ def _new_record(
         "include_usage": new.include_usage,
         "stream": new.stream,
     }
+    if new.sampling.n > 1:
+        meta["n"] = new.sampling.n  # the runner's role and finish chunks per choice
     if new.tool_names:
         meta["tools"] = new.tool_names
         if not new.parallel_tool_calls:

@@ -13,12 +13,20 @@ and checks what the failed attempt may have stored after all (a commit whose ans
 written twice. Appends name the runner (fencing): a runner that lost its lease can never write after its
 successor. When the store stays down past the bound, the runner stops (its lease lapses) and the session is
 taken over later, here or by any other process, at the stored model seq.
+
+Several choices (``n`` > 1): every chunk carries one choice's ``index``; each choice starts with its own
+role chunk and ends with its own finish chunk (when its choice-end delta arrives, or, for choices that never
+ended on their own, with the request's ``Finished``); one usage chunk counts every choice. Text coalesces
+per choice. With tools each choice has its own ``ToolCallParser`` and call numbering (call ids are derived
+from the chunk id and the choice), and chunks wait in ``_held`` until every choice's parser is clean, so a
+takeover re-folds from a model seq where nothing of any choice was held.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -40,7 +48,14 @@ from services.api.store.base import (
 )
 from services.api.streaming.live import Attachments, LiveLog
 from services.api.streaming.toolcalls import Call, ToolCallParser, call_id
-from services.api.streaming.translate import DONE, ChunkEncoder, error_payload, final_chunks, usage_dict
+from services.api.streaming.translate import (
+    DONE,
+    ChunkEncoder,
+    choice_reason,
+    error_payload,
+    final_chunks,
+    usage_dict,
+)
 from services.protocol.errors import ModelServiceError
 from services.protocol.events import Delta, Finished
 
@@ -101,6 +116,7 @@ class RunnerDeps:
 @dataclass(slots=True)
 class _Text:
     kind: str  # "reasoning" | "content"
+    choice: int = 0  # the choice (index) the text belongs to
     parts: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None  # entries of the tokens folded in (logprobs requested)
 
@@ -183,13 +199,15 @@ class SessionRunner:
         # Tool calls: the parser may hold back text (an undecided tag, an open block). Chunks of deltas
         # folded while it holds something wait in ``_held``; stored batches name the last model seq whose
         # output is wholly in them (``_safe_seq``), so a takeover re-folds from a point with nothing held.
-        tools = meta.get("tools") or []
-        single = meta.get("parallel_tool_calls") is False  # one call at most: later blocks are content
-        self._parser = ToolCallParser(tools, max_calls=1 if single else None) if tools else None
+        self._tools: list[str] = meta.get("tools") or []
+        self._max_calls = 1 if meta.get("parallel_tool_calls") is False else None  # one call at most
+        self._n = int(meta.get("n") or 1)
+        self._parsers: dict[int, ToolCallParser] = {}  # by choice, made on its first text
         self._held: list[str | _Text] = []
         self._safe_seq = record.model_seq
-        self._calls = 0  # calls emitted so far (the next one's index); recounted on takeover
-        self._recount = bool(tools) and record.last_index > 0
+        self._calls: dict[int, int] = {}  # by choice: calls emitted so far (the next one's index)
+        self._ended: set[int] = set()  # choices whose finish chunk is out (n > 1)
+        self._recount = bool(self._tools or self._n > 1) and record.last_index > 0  # recounted on takeover
         self._batch: _Unwritten | None = None
         self._final: _Final | None = None
         self._mark_running = record.status == "queued"
@@ -202,7 +220,7 @@ class SessionRunner:
         self.auto_cancelled = False
         self.handed_over = False  # stopped because the store stayed down (the hub retries a takeover)
         if self._next_index == 0:
-            self._pending.append(self._enc.role())
+            self._pending.extend(self._enc.role(i) for i in range(self._n))
             self._flush_wanted.set()
 
     # ---- lifecycle ------------------------------------------------------------------------------------
@@ -213,9 +231,7 @@ class SessionRunner:
         release = True
         try:
             if self._recount:
-                self._calls = await self._count_stored_calls()
-                if self._parser is not None:
-                    self._parser.calls = self._calls
+                await self._recount_stored()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._keep_lease())
                 flusher = tg.create_task(self._flusher())
@@ -300,44 +316,82 @@ class SessionRunner:
         lp = delta.logprobs
         reasoning_lp = [e.model_dump() for e in lp.reasoning] if lp else None
         content_lp = [e.model_dump() for e in lp.content] if lp else None
-        if self._parser is None:
-            _add_text(self._pending, "reasoning", delta.reasoning, reasoning_lp)
-            _add_text(self._pending, "content", delta.content, content_lp)
+        c = delta.index
+        if not self._tools:
+            _add_text(self._pending, "reasoning", delta.reasoning, reasoning_lp, c)
+            _add_text(self._pending, "content", delta.content, content_lp, c)
+            if delta.finish_reason is not None:
+                self._end_choice(self._pending, c, delta.finish_reason)
             self._safe_seq = delta.seq
         else:
-            _add_text(self._held, "reasoning", delta.reasoning, reasoning_lp)
-            self._add_answer(self._parser.feed(delta.content) if delta.content else [])
-            _add_text(self._held, "content", "", content_lp)  # after the answer's text
-            if self._parser.clean:
+            parser = self._parser(c)
+            _add_text(self._held, "reasoning", delta.reasoning, reasoning_lp, c)
+            self._add_answer(c, parser.feed(delta.content) if delta.content else [])
+            _add_text(self._held, "content", "", content_lp, c)  # after the answer's text
+            if delta.finish_reason is not None:
+                self._add_answer(c, parser.finish())
+                self._end_choice(self._held, c, delta.finish_reason)
+            if all(p.clean for p in self._parsers.values()):
                 self._release_held(delta.seq)
         self._flush_wanted.set()
 
-    def _add_answer(self, items: list[str | Call]) -> None:
+    def _parser(self, choice: int) -> ToolCallParser:
+        parser = self._parsers.get(choice)
+        if parser is None:
+            parser = self._parsers[choice] = ToolCallParser(self._tools, max_calls=self._max_calls)
+            parser.calls = self._calls.get(choice, 0)
+        return parser
+
+    def _end_choice(self, items: list[str | _Text], choice: int, reason: str) -> None:
+        """A choice's own end (n > 1): its finish chunk; an error has none (the request's error event
+        follows with ``Finished``)."""
+        if reason == "error" or choice in self._ended:
+            return
+        self._ended.add(choice)
+        items.append(self._enc.finish(choice_reason(reason, self._calls.get(choice, 0) > 0), choice))
+
+    def _add_answer(self, choice: int, items: list[str | Call]) -> None:
         for item in items:
             if isinstance(item, str):
-                _add_text(self._held, "content", item)
+                _add_text(self._held, "content", item, None, choice)
                 continue
-            index, self._calls = self._calls, self._calls + 1
-            self._held.append(self._enc.tool_call_start(index, call_id(self._enc.chunk_id, index), item.name))
-            self._held.append(self._enc.tool_call_arguments(index, item.arguments))
+            index = self._calls.get(choice, 0)
+            self._calls[choice] = index + 1
+            # choice 0 keeps the ids an n = 1 session has; other choices derive theirs from their index
+            base = self._enc.chunk_id if choice == 0 else f"{self._enc.chunk_id}:{choice}"
+            start = self._enc.tool_call_start(index, call_id(base, index), item.name, choice)
+            self._held.extend([start, self._enc.tool_call_arguments(index, item.arguments, choice)])
 
     def _release_held(self, seq: int) -> None:
         for item in self._held:
             if isinstance(item, _Text):
-                _add_text(self._pending, item.kind, "".join(item.parts), item.logprobs)
+                _add_text(self._pending, item.kind, "".join(item.parts), item.logprobs, item.choice)
             else:
                 self._pending.append(item)
         self._held = []
         self._safe_seq = seq
 
-    async def _count_stored_calls(self) -> int:
-        """After a takeover: the calls the stored chunks hold already (the next call's index)."""
-        count, after = 0, -1
+    async def _recount_stored(self) -> None:
+        """After a takeover: from the stored chunks, each choice's calls (its next call's index) and the
+        choices whose finish chunk is stored already."""
+        after = -1
         while page := await self._d.store.read(self.session_id, after):
             for stored in page:
-                count += stored.data.count('"type":"function"')
+                self._recount_chunk(stored.data)
             after = page[-1].index
-        return count
+        for choice, parser in self._parsers.items():
+            parser.calls = self._calls.get(choice, 0)
+
+    def _recount_chunk(self, data: str) -> None:
+        if not data.startswith("{"):
+            return  # [DONE]
+        for choice in json.loads(data).get("choices") or ():
+            c = int(choice.get("index", 0))
+            started = [f for f in (choice.get("delta") or {}).get("tool_calls") or () if f.get("id")]
+            if started:
+                self._calls[c] = self._calls.get(c, 0) + len(started)
+            if choice.get("finish_reason") and self._n > 1:
+                self._ended.add(c)
 
     def _mark_text_started(self) -> None:
         if self._saw_text:
@@ -349,13 +403,18 @@ class SessionRunner:
 
     def _finish(self, finished: Finished) -> None:
         self._model_seq = max(self._model_seq, finished.seq)
-        if self._parser is not None:
-            self._add_answer(self._parser.finish())
+        if self._tools:
+            for choice in range(self._n):
+                if choice not in self._ended:
+                    self._add_answer(choice, self._parser(choice).finish())
             self._release_held(self._model_seq)
         self._safe_seq = self._model_seq
         if finished.finish_reason == "error":
             self._d.metrics.model_errors.labels("generation_error").inc()
-        chunks, status, reason = final_chunks(self._enc, finished, self._include_usage, self._calls > 0)
+        called = {c: self._calls.get(c, 0) > 0 for c in range(self._n) if c not in self._ended}
+        open_choices = called if self._n > 1 else None
+        args = (self._enc, finished, self._include_usage, called.get(0, False), open_choices)
+        chunks, status, reason = final_chunks(*args)
         self._pending.extend(chunks)
         self._final = _Final(status, reason, usage_dict(finished))
         self._hurry.set()
@@ -485,8 +544,8 @@ class SessionRunner:
             return pending
         text = "".join(pending.parts)
         if pending.kind == "reasoning":
-            return self._enc.reasoning(text, pending.logprobs)
-        return self._enc.content(text, pending.logprobs)
+            return self._enc.reasoning(text, pending.logprobs, pending.choice)
+        return self._enc.content(text, pending.logprobs, pending.choice)
 
     # ---- lease and auto-cancel ------------------------------------------------------------------------
 
@@ -543,16 +602,27 @@ class SessionRunner:
 
 
 def _add_text(
-    items: list[str | _Text], kind: str, text: str, logprobs: list[dict[str, Any]] | None = None
+    items: list[str | _Text],
+    kind: str,
+    text: str,
+    logprobs: list[dict[str, Any]] | None = None,
+    choice: int = 0,
 ) -> None:
-    """Append ``text`` of ``kind`` (and the logprob entries of its tokens) to ``items``, merged into the
-    last item when it is text of that kind. Entries without text (a token that released none, such as
-    the end of sequence) still make an item: they are never dropped."""
+    """Append ``text`` of ``kind`` of ``choice`` (and the logprob entries of its tokens) to ``items``,
+    merged into that choice's last item when it is text of that kind and only other choices' text follows
+    it (their order against this choice's does not matter). Entries without text (a token that released
+    none, such as the end of sequence) still make an item: they are never dropped."""
     if not text and not logprobs:
         return
-    last = items[-1] if items else None
-    if not (isinstance(last, _Text) and last.kind == kind):
-        last = _Text(kind)
+    last: _Text | None = None
+    for item in reversed(items):
+        if not isinstance(item, _Text):
+            break  # a tool-call or finish chunk: nothing merges across it
+        if item.choice == choice:
+            last = item if item.kind == kind else None
+            break
+    if last is None:
+        last = _Text(kind, choice)
         items.append(last)
     if text:
         last.parts.append(text)

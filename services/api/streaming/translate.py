@@ -25,7 +25,8 @@ def _dumps(value: Any) -> str:
 
 
 class ChunkEncoder:
-    """Builds the chunk strings of one session (all share one ``id``, ``created`` and ``model``).
+    """Builds the chunk strings of one session (all share one ``id``, ``created`` and ``model``). Every
+    chunk carries one choice; ``choice`` is its ``index`` (0..n-1).
 
     With ``include_usage`` every chunk but the last carries ``"usage": null``, as the OpenAI reference says
     for ``stream_options.include_usage``; the last one has empty ``choices`` and the usage."""
@@ -36,28 +37,29 @@ class ChunkEncoder:
         self._prefix = _dumps(head)[:-1] + ',"choices":'
         self._suffix = ',"usage":null}' if include_usage else "}"
 
-    def _chunk(self, delta: str, finish_reason: str | None, logprobs: str = "null") -> str:
+    def _chunk(self, delta: str, finish_reason: str | None, logprobs: str = "null", choice: int = 0) -> str:
         finish = "null" if finish_reason is None else _dumps(finish_reason)
-        choice = f'{{"index":0,"delta":{delta},"logprobs":{logprobs},"finish_reason":{finish}}}'
-        return f"{self._prefix}[{choice}]{self._suffix}"
+        one = f'{{"index":{int(choice)},"delta":{delta},"logprobs":{logprobs},"finish_reason":{finish}}}'
+        return f"{self._prefix}[{one}]{self._suffix}"
 
-    def role(self) -> str:
-        return self._chunk('{"role":"assistant"}', None)
+    def role(self, choice: int = 0) -> str:
+        """A choice's first chunk: its role (one per choice, as the OpenAI reference streams ``n`` > 1)."""
+        return self._chunk('{"role":"assistant"}', None, choice=choice)
 
-    def reasoning(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> str:
+    def reasoning(self, text: str, logprobs: list[dict[str, Any]] | None = None, choice: int = 0) -> str:
         """Reasoning text; its tokens' logprob entries (when asked for) go to ``logprobs.reasoning_content``
         (an extension next to ``content``, as ``reasoning_content`` is next to ``content`` in the delta)."""
         lp = "null" if logprobs is None else '{"content":null,"refusal":null,"reasoning_content":'
         if logprobs is not None:
             lp += _dumps(logprobs) + "}"
-        return self._chunk('{"reasoning_content":' + _dumps(text) + "}", None, lp)
+        return self._chunk('{"reasoning_content":' + _dumps(text) + "}", None, lp, choice)
 
-    def content(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> str:
+    def content(self, text: str, logprobs: list[dict[str, Any]] | None = None, choice: int = 0) -> str:
         """Answer text; its tokens' logprob entries (when asked for) in ``logprobs.content``."""
         lp = "null" if logprobs is None else '{"content":' + _dumps(logprobs) + ',"refusal":null}'
-        return self._chunk('{"content":' + _dumps(text) + "}", None, lp)
+        return self._chunk('{"content":' + _dumps(text) + "}", None, lp, choice)
 
-    def tool_call_start(self, index: int, call_id: str, name: str) -> str:
+    def tool_call_start(self, index: int, call_id: str, name: str, choice: int = 0) -> str:
         """The first fragment of a call: its index, id, type and name (arguments follow)."""
         call = {
             "index": index,
@@ -65,15 +67,15 @@ class ChunkEncoder:
             "type": "function",
             "function": {"name": name, "arguments": ""},
         }
-        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None)
+        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None, choice=choice)
 
-    def tool_call_arguments(self, index: int, arguments: str) -> str:
+    def tool_call_arguments(self, index: int, arguments: str, choice: int = 0) -> str:
         """A later fragment of call ``index``: more of its arguments' JSON text."""
         call = {"index": index, "function": {"arguments": arguments}}
-        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None)
+        return self._chunk('{"tool_calls":[' + _dumps(call) + "]}", None, choice=choice)
 
-    def finish(self, reason: str) -> str:
-        return self._chunk("{}", reason)
+    def finish(self, reason: str, choice: int = 0) -> str:
+        return self._chunk("{}", reason, choice=choice)
 
     def usage(self, usage: dict[str, Any]) -> str:
         return f'{self._prefix}[],"usage":{_dumps(usage)}}}'
@@ -96,12 +98,25 @@ def error_payload(message: str, *, type_: str, code: str | None) -> str:
     return _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
 
 
+def choice_reason(reason: str, called_tools: bool) -> str:
+    """A choice's public finish_reason: ``tool_calls`` instead of ``stop`` when its answer called tools."""
+    return "tool_calls" if called_tools and reason == "stop" else reason
+
+
 def final_chunks(
-    enc: ChunkEncoder, finished: Finished, include_usage: bool, called_tools: bool = False
+    enc: ChunkEncoder,
+    finished: Finished,
+    include_usage: bool,
+    called_tools: bool = False,
+    open_choices: dict[int, bool] | None = None,
 ) -> tuple[list[str], str, str | None]:
     """Chunks that end a stream, the session's final status and its finish_reason (``tool_calls`` instead
     of ``stop`` when the answer called tools). A model-side error ends the stream with one error event (no
-    finish chunk), as the contract asks for errors mid-stream."""
+    finish chunk), as the contract asks for errors mid-stream.
+
+    ``open_choices`` (n > 1): the choices that have no finish chunk yet (index -> called tools), each
+    ended with the request's reason; the session's finish_reason is then the request's (the first of
+    cancelled, length, stop any choice ended with). None: one choice (index 0, ``called_tools``)."""
     usage = usage_dict(finished)
     if finished.finish_reason == "error":
         code = finished.error.code if finished.error else None
@@ -109,10 +124,13 @@ def final_chunks(
             log.warning("the model service failed the generation: %s (%s)", finished.error.message, code)
         return [error_payload(GENERATION_FAILED, type_="server_error", code=code), DONE], "failed", None
     status = "cancelled" if finished.finish_reason == "cancelled" else "completed"
-    reason: str = finished.finish_reason
-    if called_tools and reason == "stop":
-        reason = "tool_calls"
-    chunks = [enc.finish(reason)]
+    if open_choices is None:
+        reason = choice_reason(finished.finish_reason, called_tools)
+        chunks = [enc.finish(reason)]
+    else:
+        reason = finished.finish_reason
+        ends = sorted(open_choices.items())
+        chunks = [enc.finish(choice_reason(reason, called), i) for i, called in ends]
     if include_usage:
         chunks.append(enc.usage(usage))
     chunks.append(DONE)

@@ -12,7 +12,16 @@ import pytest
 from services.model.multimodal import text_bound
 from services.model.multimodal.text_bound import TextBound, check_prompt_text
 from services.protocol.errors import PromptTooLong
-from services.protocol.generate import GenerateRequest, Message, SamplingParams, TextPart
+from services.protocol.generate import (
+    FunctionCall,
+    FunctionDef,
+    GenerateRequest,
+    Message,
+    SamplingParams,
+    TextPart,
+    Tool,
+    ToolCall,
+)
 from tests.model.engine_support import tiny_engine
 
 pytestmark = pytest.mark.slow  # loads the tiny checkpoint (once per process)
@@ -114,6 +123,51 @@ def test_the_engine_refuses_before_the_template_and_the_media_run(
         engine.prepare_sync(_request(huge))
     with pytest.raises(PromptTooLong):  # a big prompt plus a max_tokens that leaves it no room
         engine.prepare_sync(_request([Message(role="user", content=ENGLISH * 40_000)], max_tokens=200_000))
+
+
+def _tool(name: str, words: int) -> Tool:
+    params = {"type": "object", "description": "w " * words, "properties": {"a": {"type": "string"}}}
+    return Tool(function=FunctionDef(name=name, description="look it up", parameters=params))
+
+
+def _called(arguments: str) -> Message:
+    call = ToolCall(id="c1", function=FunctionCall(name="f0", arguments=arguments))
+    return Message(role="assistant", content="", tool_calls=[call])
+
+
+def test_tools_and_history_calls_count_and_the_bound_stays_under_the_template(engine: Any) -> None:
+    from services.model.multimodal.prompt import MediaLimits, build_inputs
+
+    tools = [_tool(f"f{i}", 3000) for i in range(4)]
+    messages = [
+        Message(role="user", content="call it"),
+        _called('{"a": "' + "v " * 5000 + '"}'),
+        Message(role="tool", content="done", tool_call_id="c1"),
+    ]
+    limits = MediaLimits.from_settings(engine.settings)
+    rendered = int(build_inputs(engine.loaded.processor, messages, limits, tools)["input_ids"].shape[1])
+    tokenizer = engine.loaded.processor.tokenizer
+    check_prompt_text(tokenizer, messages, rendered + 1, None, tools)  # never more than the template
+    bound = check_prompt_text(tokenizer, messages, 10**9, None, tools)
+    assert bound.words_at_least(text_bound.rendered_texts(messages, tools)) > 4 * 3000 + 5000
+    with pytest.raises(PromptTooLong):  # the tools' and arguments' words alone pass a smaller context
+        check_prompt_text(tokenizer, messages, 4 * 3000 + 5000, None, tools)
+
+
+def test_the_engine_refuses_huge_tools_or_call_arguments_before_the_template(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the chat template ran on a prompt the cheap bound must refuse")
+
+    monkeypatch.setattr(engine.loaded.processor, "apply_chat_template", never)
+    user = Message(role="user", content="hi")
+    tools = [_tool(f"f{i}", 30_000) for i in range(128)]  # 128 tools of ~60 KiB: ~3.8 M words
+    with pytest.raises(PromptTooLong):
+        engine.prepare_sync(GenerateRequest(request_id="r", messages=[user], tools=tools))
+    arguments = '{"a": "' + "v " * 500_000 + '"}'  # 1 MB of arguments sent back in the history
+    with pytest.raises(PromptTooLong):
+        engine.prepare_sync(_request([user, _called(arguments), Message(role="user", content="and?")]))
 
 
 def _request(messages: list[Message], **sampling: Any) -> GenerateRequest:

@@ -96,7 +96,9 @@ class HFEngine:
 
         # Cheap first: a prompt far over the context is refused before media decoding and tokenization.
         context, max_tokens = self.loaded.context_length, request.sampling.max_tokens
-        check_prompt_text(self.loaded.processor.tokenizer, request.messages, context, max_tokens)
+        check_prompt_text(
+            self.loaded.processor.tokenizer, request.messages, context, max_tokens, request.tools
+        )
         limits = MediaLimits.from_settings(self.settings)
         inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools, request.media)
         prompt_tokens = int(inputs["input_ids"].shape[1])

@@ -14,17 +14,19 @@ Two bounds, each stopping as soon as it passes the budget:
 
 Assistant text before its last ``</think>`` is left out (Thinking templates drop earlier reasoning), and
 one token of slack is given per piece boundary, so the bound never exceeds what the template renders.
-Torch-free.
+The tool definitions (as the template's ``tojson`` writes them) and the history calls' arguments (rendered
+as sent) count too: 128 tools of 64 KiB each are 8 MiB of prompt. Torch-free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from services.protocol.errors import PromptTooLong
-from services.protocol.generate import Message, TextPart
+from services.protocol.generate import Message, TextPart, Tool
 
 WORD_PIECE_CHARS = 256 * 1024
 TOKEN_PIECE_CHARS = 64 * 1024
@@ -81,11 +83,12 @@ def _pieces(backend: Any, text: str) -> Iterator[str]:
         yield text[start:]
 
 
-def rendered_texts(messages: list[Message]) -> list[str]:
-    """The message texts a chat template renders in full (assistant text only after its last
-    ``</think>``)."""
-    texts: list[str] = []
+def rendered_texts(messages: list[Message], tools: Sequence[Tool] = ()) -> list[str]:
+    """The texts a chat template renders in full: each tool as JSON (``tojson``'s form), the messages'
+    text (assistant text only after its last ``</think>``) and the history calls' arguments."""
+    texts = [json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False) for t in tools]
     for message in messages:
+        texts.extend(c.function.arguments for c in message.tool_calls or () if c.function.arguments)
         parts = [message.content] if isinstance(message.content, str) else message.content
         for part in parts:
             text = part if isinstance(part, str) else part.text if isinstance(part, TextPart) else ""
@@ -97,11 +100,15 @@ def rendered_texts(messages: list[Message]) -> list[str]:
 
 
 def check_prompt_text(
-    tokenizer: Any, messages: list[Message], context: int, max_tokens: int | None
+    tokenizer: Any,
+    messages: list[Message],
+    context: int,
+    max_tokens: int | None,
+    tools: Sequence[Tool] = (),
 ) -> TextBound:
-    """Raise ``PromptTooLong`` when the messages' text alone cannot fit ``context`` tokens together with
-    ``max_tokens`` (None: one token). Cheap: see the module docstring. Returns the counter (its
-    ``chars_tokenized`` tells the work done); the exact check follows once the prompt is built."""
+    """Raise ``PromptTooLong`` when the messages' and tools' text alone cannot fit ``context`` tokens
+    together with ``max_tokens`` (None: one token). Cheap: see the module docstring. Returns the counter
+    (its ``chars_tokenized`` tells the work done); the exact check follows once the prompt is built."""
     if max_tokens is not None and max_tokens >= context:
         raise PromptTooLong(
             f"max_tokens ({max_tokens}) leaves no room for the prompt in the model's context of "
@@ -109,7 +116,7 @@ def check_prompt_text(
         )
     budget = context - (max_tokens or 1)
     bound = TextBound(tokenizer, budget)
-    texts = rendered_texts(messages)
+    texts = rendered_texts(messages, tools)
     slack = len(texts)  # one token per text for how it meets the template around it
     if sum(len(t) for t in texts) * 4 <= budget:  # <= 4 UTF-8 bytes per character, >= 1 byte per token
         return bound

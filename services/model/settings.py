@@ -56,6 +56,9 @@ class ModelSettings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=512)
     max_queue: int = Field(default=64, ge=0)
     max_step_tokens: int = Field(default=2048, ge=16)  # prefill token budget per scheduler step
+    # longest a JSON schema's grammar may take to compile (response_format, a forced tool call); past it the
+    # request is refused (400, "too complex") and the schema remembered as such
+    grammar_compile_seconds: float = Field(default=5.0, gt=0.0, le=600.0)
     # KV cache memory in bytes: the running rows' keys/values plus the kept prompt prefixes; a request whose
     # own KV (prompt + max_tokens) cannot fit is refused (400), one that cannot fit now waits for room
     kv_cache_bytes: int = Field(default=4 * 1024**3, ge=1024 * 1024)

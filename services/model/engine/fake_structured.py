@@ -13,6 +13,7 @@ import json
 import random
 from typing import Any
 
+from services.model.engine.schema_limits import check_schema
 from services.protocol.errors import InvalidRequest, InvalidSchema
 from services.protocol.generate import GenerateRequest
 
@@ -54,7 +55,8 @@ def structured_answer(request: GenerateRequest, prompt: str, rng: random.Random)
 
 def _safe_instance(schema: Any, rng: random.Random, param: str) -> Any:
     """``instance``, with a schema whose values it cannot use (a non-number bound, ...) refused like one
-    the real compiler rejects."""
+    the real compiler rejects; one too costly to compile (``check_schema``) is refused the same way."""
+    check_schema(schema, param)
     try:
         return instance(schema, rng, param)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:

@@ -1,9 +1,16 @@
 """Grammar-constrained answers with xgrammar: JSON response formats and forced tool calls.
 
 ``Grammars`` belongs to one engine (one tokenizer). ``Grammars.matcher`` runs at prepare time in the request's
-worker thread: it compiles the request's grammar (xgrammar's compiler caches compiled grammars by their
-schema, bounded by ``CACHE_BYTES``) and returns a fresh ``GrammarMatcher`` for the row, or None when the
-request is unconstrained. A schema the compiler rejects raises ``InvalidSchema`` naming the parameter.
+worker thread, before any media work: it compiles the request's grammar (xgrammar's compiler caches compiled
+grammars by their schema, bounded by ``CACHE_BYTES``) and returns a fresh ``GrammarMatcher`` for the row, or
+None when the request is unconstrained. A schema the compiler rejects raises ``InvalidSchema`` naming the
+parameter.
+
+Compiling is bounded: ``schema_limits.check_schema`` refuses schemas whose patterns ask for costly
+repetition first; the compile itself runs in this engine's own ``COMPILE_THREADS`` threads with a deadline
+(``GRAMMAR_COMPILE_SECONDS``): one that runs past it is refused (400, "too complex"; the schema is remembered
+and refused at once from then on, though the compile it started finishes in the background: xgrammar has
+no way to stop one); one that could not even start before the deadline (the threads busy) is 429.
 
 What is constrained (the answer only: the scheduler applies the mask once the row left its reasoning):
 
@@ -22,18 +29,25 @@ for dense ones it writes -inf at the few disallowed ids; both much cheaper on CP
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.protocol.errors import InvalidRequest, InvalidSchema
+from services.model.engine.schema_limits import check_schema
+from services.protocol.errors import InvalidRequest, InvalidSchema, Overloaded
 from services.protocol.generate import GenerateRequest, Tool
 
 CACHE_BYTES = 64 * 1024 * 1024
+COMPILE_THREADS = 2  # compiles at once, per engine (apart from the prepare threads: media work)
+TOO_SLOW_KEPT = 1024  # schemas remembered as too slow to compile (least recently seen out first)
 _BITS = np.arange(32, dtype=np.int64)
 _LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[17:40:41] /path/file.cc:5088: "
 
@@ -41,12 +55,17 @@ _LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[17:40:41] /path/file
 class Grammars:
     """xgrammar's tokenizer info and compiler for one tokenizer, built on first use (about a second)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], compile_seconds: float = 5.0
+    ) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._stop = stop_token_ids
+        self.compile_seconds = compile_seconds
         self._compiler: Any = None
         self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._too_slow: OrderedDict[str, None] = OrderedDict()
 
     def compiler(self) -> Any:
         """The shared ``GrammarCompiler`` (thread-safe; built once)."""
@@ -89,20 +108,93 @@ class Grammars:
         return [xgr.GrammarMatcher(compiled) for _ in range(n)]
 
     def _compile(self, request: GenerateRequest) -> Any:
-        compiler = self.compiler()
         rf = request.response_format
         if request.tools and request.tool_choice.mode in ("required", "function"):
-            return compiler.compile_grammar(tool_call_grammar(request))
+            chosen = chosen_tools(request)
+            for i, tool in chosen:
+                check_schema(tool.function.parameters or {}, f"tools[{i}].function.parameters")
+            param = f"tools[{chosen[0][0]}].function.parameters" if len(chosen) == 1 else "tools"
+            key = json.dumps([[i, t.function.model_dump()] for i, t in chosen], sort_keys=True)
+            compiler = self.compiler()  # built outside the deadline (once, about a second)
+            return self._bounded(
+                "tools:" + key, param, lambda: compiler.compile_grammar(tool_call_grammar(request))
+            )
         assert rf is not None
         with_schema = rf.type == "json_schema" and rf.json_schema is not None
         schema = rf.json_schema if with_schema else {"type": "object"}
+        check_schema(schema, "response_format")
+        text = json.dumps(schema)
+        compiler = self.compiler()
+        # strict: a schema's objects get no properties beyond the schema's; any object for json_object
+        return self._bounded(
+            f"format:{with_schema}:{text}",
+            "response_format",
+            lambda: compiler.compile_json_schema(text, any_whitespace=False, strict_mode=with_schema),
+        )
+
+    def _bounded(self, key: str, param: str, compile_: Callable[[], Any]) -> Any:
+        """``compile_()`` in the compile threads within ``compile_seconds``.
+
+        Raises:
+            InvalidSchema: the compiler rejects the schema, or the compile ran past the deadline (now or
+                an earlier time: ``key`` is remembered).
+            Overloaded: the compile threads were busy until the deadline (the compile never started).
+        """
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+        too_slow = (
+            f"{param}: the JSON schema is too complex (compiling it takes over {self.compile_seconds:g} s)"
+        )
+        with self._lock:
+            if digest in self._too_slow:
+                self._too_slow.move_to_end(digest)
+                raise InvalidSchema(too_slow)
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
+            future = self._pool.submit(_guarded, compile_, param)
         try:
-            # strict: a schema's objects get no properties beyond the schema's; any object for json_object
-            return compiler.compile_json_schema(
-                json.dumps(schema), any_whitespace=False, strict_mode=with_schema
-            )
-        except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own errors
-            raise InvalidSchema(f"response_format: the JSON schema cannot be used: {_clean(exc)}") from None
+            return future.result(timeout=self.compile_seconds)
+        except concurrent.futures.TimeoutError:
+            if future.cancel():
+                raise Overloaded("too many JSON schemas are being compiled; retry later") from None
+            with self._lock:
+                self._too_slow[digest] = None
+                while len(self._too_slow) > TOO_SLOW_KEPT:
+                    self._too_slow.popitem(last=False)
+            raise InvalidSchema(too_slow) from None
+
+    def close(self) -> None:
+        """Stop the compile threads (compiles queued are dropped; one running finishes on its own)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+
+def _guarded(compile_: Callable[[], Any], param: str) -> Any:
+    """``compile_()``; any error but ``InvalidRequest`` becomes ``InvalidSchema`` naming ``param``."""
+    try:
+        return compile_()
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # xgrammar raises RuntimeError / ValueError / its own errors
+        raise InvalidSchema(f"{param}: the JSON schema cannot be used: {_clean(exc)}") from None
+
+
+def chosen_tools(request: GenerateRequest) -> list[tuple[int, Tool]]:
+    """(index, tool) of the tools a forced call may use: all for ``required``, the named one for
+    ``function``.
+
+    Raises:
+        InvalidRequest: the named function is not one of ``tools``.
+    """
+    chosen = [
+        (i, t)
+        for i, t in enumerate(request.tools)
+        if request.tool_choice.mode == "required" or t.function.name == request.tool_choice.name
+    ]
+    if not chosen:
+        raise InvalidRequest("`tool_choice` names no function of `tools`")
+    return chosen
 
 
 def tool_call_grammar(request: GenerateRequest) -> Any:
@@ -115,14 +207,7 @@ def tool_call_grammar(request: GenerateRequest) -> Any:
     """
     import xgrammar as xgr
 
-    chosen = [
-        (i, t)
-        for i, t in enumerate(request.tools)
-        if request.tool_choice.mode == "required" or t.function.name == request.tool_choice.name
-    ]
-    if not chosen:
-        raise InvalidRequest("`tool_choice` names no function of `tools`")
-    calls = [_call_grammar(i, tool) for i, tool in chosen]
+    calls = [_call_grammar(i, tool) for i, tool in chosen_tools(request)]
     body = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     head = xgr.Grammar.from_ebnf('root ::= "<tool_call>\\n"')
     tail = xgr.Grammar.from_ebnf('root ::= "\\n</tool_call>"')

@@ -40,7 +40,7 @@ class HFEngine:
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
         self.table = TokenTable.from_tokenizer(loaded.processor.tokenizer, vocab)
         eos = list(loaded.eos_token_ids or DEFAULT_EOS)
-        self.grammars = Grammars(loaded.processor.tokenizer, vocab, eos)
+        self.grammars = Grammars(loaded.processor.tokenizer, vocab, eos, settings.grammar_compile_seconds)
         config = SchedulerConfig(
             max_batch_size=settings.max_batch_size,
             max_queue=settings.max_queue,
@@ -99,12 +99,13 @@ class HFEngine:
         check_prompt_text(
             self.loaded.processor.tokenizer, request.messages, context, max_tokens, request.tools
         )
+        # then the grammar (bounded, off the decode loop, one matcher per choice): before any media work
+        grammar = self.grammars.matchers(request)
         limits = MediaLimits.from_settings(self.settings)
         inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools, request.media)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
         sampling = fit_kv_budget(sampling, request.sampling.max_tokens is None, prompt_tokens, self.kv_tokens)
-        grammar = self.grammars.matchers(request)  # compiled here, off the decode loop (one per choice)
         return Prepared(
             request_id=request.request_id,
             sampling=sampling,
@@ -126,6 +127,7 @@ class HFEngine:
 
     def shutdown(self, grace_seconds: float) -> None:
         self._scheduler.shutdown(grace_seconds)
+        self.grammars.close()
 
 
 def resolve_sampling(

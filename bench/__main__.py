@@ -3,7 +3,9 @@
 (a) the raw engine in-process at 1 and 16 streams; (b) the full stack (nginx -> api -> model) single stream,
 which is (c)'s first level; (c) the full stack at 1, 4, 16 and 64 streams; (d) ``transformers serve`` on the
 same checkpoint and workload; (e) structured outputs (bench/structured.py); (f) how long one 4095x4095 image
-stalls a running stream, at the service's default MAX_IMAGE_TOKENS vs the model's own 16384. All targets are
+stalls a running stream, at the service's default MAX_IMAGE_TOKENS vs the model's own 16384; (g) mean step
+time at 16 rows while rows join and leave vs steady and (h) TTFT of turn 2 of a chat about a 1024x1024 image
+vs turn 1 (bench/kv_bench.py). All targets are
 started first and stay up (idle ones cost nothing); then, level by level, each target runs its load back to
 back, so that drifting machine load skews the ratios as little as possible. Prints the table and the target
 ratios, writes bench/results/.
@@ -67,6 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="leave out (f): a running stream's worst stall while a 4095x4095 image is prefilled, "
         "at MAX_IMAGE_TOKENS' default vs the model's own 16384",
     )
+    p.add_argument(
+        "--skip-kv",
+        action="store_true",
+        help="leave out (g) step time at 16 rows while rows join and leave, (h) chat turn 2 vs turn 1 TTFT",
+    )
+    p.add_argument("--kv-only", action="store_true", help="run only (g) and (h)")
     p.add_argument("--model-dir", type=Path, default=REPO / ".cache" / "tiny-qwen3-vl")
     p.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--max-tokens", type=int, default=None, help="per request (default 128, --quick 16)")
@@ -200,6 +208,10 @@ def run_notes(workload: Workload) -> list[str]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.kv_only:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(run_kv_parts, args, ensure_checkpoint(args.model_dir))
+        return 0
     workload = Workload.build(args.max_tokens or (16 if args.quick else 128))
     model_dir = ensure_checkpoint(args.model_dir)
     notes = run_notes(workload)
@@ -233,7 +245,19 @@ async def run(args: argparse.Namespace) -> int:
         await run_structured(args, model_dir)
     if not args.skip_stall:
         await asyncio.to_thread(run_stall, args.out_dir, model_dir)
+    if not args.skip_kv:
+        await asyncio.to_thread(run_kv_parts, args, model_dir)
     return 0
+
+
+def run_kv_parts(args: argparse.Namespace, model_dir: Path) -> None:
+    """(g) the KV cache while rows join and leave, (h) chat turn 2 vs turn 1 TTFT: printed side by side,
+    written to kv.json."""
+    from bench.kv_bench import kv_table, run_kv
+
+    result = run_kv(model_dir, quick=args.quick)
+    (args.out_dir / "kv.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(kv_table(result["churn"], result["turns"]))
 
 
 async def run_structured(args: argparse.Namespace, model_dir: Path) -> None:

@@ -1,0 +1,196 @@
+"""(g) and (h) of ``make bench``: the KV cache while rows come and go, and what the prefix cache saves.
+
+(g) mean time per step at 16 rows, steady (nobody joins or leaves) vs join-heavy (every few steps one row
+leaves and a freshly prefilled one joins), on the engine's batch functions (``services.model.engine.batch``)
+and the tiny checkpoint: the timed part of a churn step is the leave, the join and the decode step; the
+joining row's own prefill is done before the clock starts (it costs the same whatever the cache layout).
+(h) time to first token of turn 2 of a chat about one 1024x1024 image vs turn 1, on the in-process
+``HFEngine`` with its prefix cache: engine-only (submit to first token) and end to end (request
+preparation, i.e. image decode, processor and pixel digest, included).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CHURN_ROWS = 16
+TURN_IMAGE_SIDE = 1024
+_PROMPTS = (
+    "Tell me a story about a lighthouse keeper.",
+    "List the planets of the solar system in order.",
+    "Why is the sky blue? Explain briefly.",
+    "Write a haiku about autumn rain on a tin roof.",
+)
+
+
+def _prefill_text(model: Any, processor: Any, text: str) -> Any:
+    """One text prompt prefilled alone: its one-row batch state."""
+    from services.model.engine import batch as kv
+
+    ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    return kv.prefill(model, {"input_ids": ids}, next(model.parameters()).device)[1]
+
+
+def _start_batch(model: Any, processor: Any, rows: int) -> Any:
+    from services.model.engine import batch as kv
+
+    return kv.merge(
+        [_prefill_text(model, processor, _PROMPTS[i % len(_PROMPTS)] * (1 + i % 3)) for i in range(rows)]
+    )
+
+
+def _run(model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any]) -> tuple[float, float]:
+    """Mean seconds per step of ``steps`` decode steps and of the leaves + joins amortised over all steps;
+    with ``churn_every`` > 0 every ``churn_every``-th step first drops one row (rotating) and merges in a copy
+    of a prefilled joiner (the copy is made off the clock)."""
+    from services.model.engine import batch as kv
+
+    decoding = churning = 0.0
+    for step in range(steps):
+        if churn_every > 0 and step % churn_every == churn_every - 1:
+            joiner = kv.take(joiners[step % len(joiners)], [0])
+            started = time.perf_counter()
+            leave = step % batch.size
+            batch = kv.select(batch, [i for i in range(batch.size) if i != leave])
+            batch = kv.merge([batch, joiner])
+            churning += time.perf_counter() - started
+        started = time.perf_counter()
+        kv.decode(model, batch)
+        decoding += time.perf_counter() - started
+    return decoding / steps, churning / steps
+
+
+def measure_churn(
+    model: Any, processor: Any, steps: int = 200, churn_every: int = 4, repeats: int = 3
+) -> dict[str, Any]:
+    """(g) Mean ms per step at ``CHURN_ROWS`` rows: steady decode vs decode plus one leave + one join every
+    ``churn_every`` steps (amortised); each the best (lowest) of ``repeats`` alternating runs."""
+    import torch
+
+    with torch.inference_mode():
+        joiners = [_prefill_text(model, processor, p) for p in _PROMPTS]
+        _run(model, _start_batch(model, processor, CHURN_ROWS), 10, 2, joiners)  # warm-up
+        steady = churn_decode = churn_total = float("inf")
+        for _ in range(repeats):
+            steady = min(
+                steady, _run(model, _start_batch(model, processor, CHURN_ROWS), steps, 0, joiners)[0]
+            )
+            dec, joins = _run(model, _start_batch(model, processor, CHURN_ROWS), steps, churn_every, joiners)
+            if dec + joins < churn_total:
+                churn_decode, churn_total = dec, dec + joins
+    return {
+        "rows": CHURN_ROWS,
+        "steps": steps,
+        "churn_every": churn_every,
+        "steady_ms": round(steady * 1000, 3),
+        "join_heavy_ms": round(churn_total * 1000, 3),
+        "join_heavy_decode_ms": round(churn_decode * 1000, 3),
+        "ratio": round(churn_total / steady, 3),
+    }
+
+
+def _turn_request(request_id: str, image_b64: str, history: list[tuple[str, str]], question: str) -> Any:
+    from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
+
+    first = [ImagePart(data=image_b64), TextPart(text=history[0][0] if history else question)]
+    messages = [Message(role="user", content=first)]
+    for i, (_, answer) in enumerate(history):
+        messages.append(Message(role="assistant", content=answer))
+        asked = history[i + 1][0] if i + 1 < len(history) else question
+        messages.append(Message(role="user", content=asked))
+    return GenerateRequest(
+        request_id=request_id, messages=messages, sampling=SamplingParams(max_tokens=4, temperature=0.0)
+    )
+
+
+def _timed_turn(engine: Any, sink: Any, request: Any) -> dict[str, float]:
+    """Prepare and submit one request; seconds to its first output (end to end and from submit)."""
+    started = time.monotonic()
+    prepared = engine.prepare_sync(request)
+    submitted = time.monotonic()
+    engine.submit(prepared)
+    rid = request.request_id
+    sink.wait(lambda: rid in sink.finished)
+    first = sink.times[rid][0]
+    return {
+        "engine_s": first - submitted,
+        "end_to_end_s": first - started,
+        "prompt_tokens": prepared.prompt_tokens,
+        "cached_tokens": sink.finished[rid].cached_tokens,
+    }
+
+
+def measure_turns(engine: Any, repeats: int = 3, side: int = TURN_IMAGE_SIDE) -> dict[str, Any]:
+    """(h) TTFT of turn 2 vs turn 1 of a chat about one ``side`` x ``side`` image (a new image each repeat,
+    so turn 1 always misses); the best (lowest) of ``repeats`` for each figure. ``engine``: an HFEngine
+    (not started; shut down here)."""
+    from tests.model.image_stall import TimedSink, big_image_b64
+
+    sink = TimedSink()
+    engine.start(sink)
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    try:
+        warm = _turn_request("warm", big_image_b64(64), [], "Hi")
+        _timed_turn(engine, sink, warm)
+        for r in range(repeats):
+            image = big_image_b64(side - r)  # a different image (and digest) each repeat
+            one = _timed_turn(engine, sink, _turn_request(f"t1-{r}", image, [], "What is in this picture?"))
+            history = [("What is in this picture?", "A smooth colour gradient.")]
+            two = _timed_turn(engine, sink, _turn_request(f"t2-{r}", image, history, "Which colours?"))
+            runs.append((one, two))
+    finally:
+        engine.shutdown(5.0)
+    return _turn_summary(runs, side)
+
+
+def _turn_summary(runs: list[tuple[dict[str, float], dict[str, float]]], side: int) -> dict[str, Any]:
+    def best(turn: int, key: str) -> float:
+        return min(run[turn][key] for run in runs)
+
+    out: dict[str, Any] = {"image_side": side, "repeats": len(runs)}
+    for key in ("engine_s", "end_to_end_s"):
+        out[f"turn1_{key}"] = round(best(0, key), 4)
+        out[f"turn2_{key}"] = round(best(1, key), 4)
+        out[f"ratio_{key.removesuffix('_s')}"] = round(best(1, key) / best(0, key), 3)
+    out["turn2_prompt_tokens"] = int(runs[-1][1]["prompt_tokens"])
+    out["turn2_cached_tokens"] = int(runs[-1][1]["cached_tokens"])
+    return out
+
+
+def kv_table(churn: dict[str, Any], turns: dict[str, Any]) -> str:
+    """(g) and (h) as one markdown table, with the targets."""
+    rows = [
+        "(g) KV cache while rows join and leave, (h) prefix cache across chat turns "
+        "(in-process, tiny checkpoint)",
+        "| measure | baseline | with churn / turn 2 | ratio | target |",
+        "|---|---:|---:|---:|---|",
+        f"| (g) mean ms/step @{churn['rows']} rows, 1 leave + 1 join every {churn['churn_every']} steps | "
+        f"{churn['steady_ms']:.3f} (steady) | {churn['join_heavy_ms']:.3f} "
+        f"(decode {churn['join_heavy_decode_ms']:.3f}) | {churn['ratio']:.2f} | ~1.0 |",
+        f"| (h) TTFT s, engine only, {turns['image_side']}px image, turn 1 vs turn 2 | "
+        f"{turns['turn1_engine_s']:.3f} | "
+        f"{turns['turn2_engine_s']:.3f} | {turns['ratio_engine']:.2f} | <= 0.30 |",
+        f"| (h) TTFT s, end to end (image decode, processor, digest) | {turns['turn1_end_to_end_s']:.3f} | "
+        f"{turns['turn2_end_to_end_s']:.3f} | {turns['ratio_end_to_end']:.2f} | <= 0.30 |",
+    ]
+    note = (
+        f"turn 2: {turns['turn2_cached_tokens']} of {turns['turn2_prompt_tokens']} prompt tokens "
+        "from the prefix cache"
+    )
+    return "\n".join(rows) + "\n" + note + "\n"
+
+
+def run_kv(model_dir: Path, quick: bool = False, loader: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """(g) and (h) on the tiny checkpoint at ``model_dir``; returns both figures' dicts."""
+    from services.model.engine.hf import HFEngine
+    from tests.model.engine_support import load_tiny
+
+    loaded, settings = (loader or load_tiny)(model_dir)
+    churn = measure_churn(
+        loaded.model, loaded.processor, steps=60 if quick else 200, repeats=1 if quick else 3
+    )
+    turns = measure_turns(HFEngine(loaded, settings), repeats=1 if quick else 3)
+    return {"churn": churn, "turns": turns}

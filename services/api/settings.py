@@ -83,6 +83,14 @@ class ApiSettings(BaseSettings):
     media_max_redirects: int = Field(default=3, ge=0, le=10)
     media_allow_private: bool = False  # local runs/tests only: lets remote URLs reach private networks
     media_allowed_networks: str = ""  # comma-separated CIDRs opened despite the guard (an internal store)
+    # per request, before and while fetching: the media bytes fetched in all, fetches at once; images and
+    # videos (the model service's own variables: keep them equal); frames of a frame-list video fetched
+    # (every k-th kept, the rate divided by k, so timestamps stay right)
+    media_max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    media_fetch_concurrency: int = Field(default=4, ge=1, le=64)
+    max_images_per_request: int = Field(default=16, ge=0)
+    max_videos_per_request: int = Field(default=2, ge=0)
+    max_video_frames: int = Field(default=32, ge=1, le=768)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("hf_token", "internal_token", "database_url", "api_keys", mode="before")

@@ -10,10 +10,11 @@ import uuid
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from services.api.convert import to_media, to_messages, to_sampling, to_structure
+from services.api.convert import media_plan, to_media, to_messages, to_sampling, to_structure
 from services.api.deps import Hub, Owner
 from services.api.errors import BadRequest, request_id_of, session_not_found
-from services.api.media import MediaKind, resolve_media
+from services.api.media import FetchLimits, MediaKind, resolve_media
+from services.api.media_budget import MediaBudget
 from services.api.openai_schemas import ChatCompletionRequest, count_error, tool_error, unsupported_params
 from services.api.routes.common import bind_session, read_json, resume_point, validate, wait_disconnect
 from services.api.store.base import SessionRecord
@@ -62,13 +63,15 @@ async def _start(
     """Start a generation; when another request created the session meanwhile, attach to that one."""
     client, limits = request.app.state.media_client, request.app.state.fetch_limits
 
-    async def fetch(url: str, kind: MediaKind) -> bytes:
-        return await resolve_media(url, kind, client, limits)
+    async def fetch(url: str, kind: MediaKind, capped: FetchLimits) -> bytes:
+        return await resolve_media(url, kind, client, capped)
 
+    s = hub.settings
+    budget = MediaBudget(fetch, limits, s.media_max_request_bytes, s.media_fetch_concurrency)
     new = NewSession(
         session_id=session_id,
         owner=owner,
-        messages=await to_messages(req.messages, fetch),
+        messages=await to_messages(req.messages, budget, media_plan(req, s)),
         sampling=to_sampling(req),
         structure={**to_structure(req), "media": to_media(req)},
         tool_names=req.called_tools(),

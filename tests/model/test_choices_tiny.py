@@ -133,3 +133,34 @@ def test_cancel_stops_every_choice(engine: Any) -> None:
     assert isinstance(final, FinalOutput) and final.finish_reason == "cancelled"
     assert ends(rec, "c") == {0: "cancelled", 1: "cancelled", 2: "cancelled"}
     assert sched.stats().running == 0 and sched.stats().queued == 0
+
+
+def test_each_choice_has_its_own_grammar_matcher(engine: Any) -> None:
+    """A JSON schema with n = 3 at temperature 1: every choice's answer validates on its own (one shared,
+    stateful matcher would reject the second choice's tokens and fail the request)."""
+    import json
+
+    import jsonschema
+
+    from services.protocol.generate import ResponseFormat
+    from tests.model.test_structured import SCHEMA
+
+    fmt = ResponseFormat(type="json_schema", json_schema=SCHEMA)
+    req = request(
+        "j", "describe a thing", n=3, max_tokens=120, temperature=1.0, seed=3, max_reasoning_tokens=2
+    )
+    prepared = prepare(engine, req.model_copy(update={"response_format": fmt}))
+    assert isinstance(prepared.grammar, list) and len({id(m) for m in prepared.grammar}) == 3
+    sched = scheduler_for(engine)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(prepared)
+    drain(sched)
+    final = rec.final("j")
+    assert isinstance(final, FinalOutput) and final.finish_reason == "stop", final
+    answers = [""] * 3
+    for out in rec.outputs("j"):
+        if isinstance(out, TokenOutput):
+            answers[out.index] += out.content
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), SCHEMA)

@@ -13,7 +13,7 @@ from services.model.engine.fake import FakeEngine
 from services.model.engine.wire import StepReport, pack_outputs
 from services.protocol.errors import InvalidValue, Overloaded
 from services.protocol.generate import INT64_MAX, INT64_MIN, SamplingParams, choice_seed
-from tests.model.test_fake_engine import Collector, make_engine, request, run
+from tests.model.test_fake_engine import Collector, make_engine, request, run, settings
 
 __all__ = ["make_engine"]  # the fixture, used by name
 
@@ -140,26 +140,30 @@ def test_a_failing_choice_fails_the_request(make_engine) -> None:
     assert set(choice_ends(sink.outputs("f")).values()) == {"error"}
 
 
-def test_prefilled_once(make_engine) -> None:
-    prefills: list[int] = []
+class _Observer:
+    """Counts prefills (the metric's source), first tokens and finishes."""
 
-    class Observer:
-        def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
-            prefills_seen.append(prefills)
+    def __init__(self) -> None:
+        self.prefills = 0
+        self.first: list[str] = []
+        self.finished: list[str] = []
 
-        def on_first_token(self, request_id: str, seconds: float) -> None:
-            firsts.append(request_id)
+    def on_step(self, batch_size: int, seconds: float, prefill_tokens: int, prefills: int = 0) -> None:
+        self.prefills += prefills
 
-        def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
-            finished.append(request_id)
+    def on_first_token(self, request_id: str, seconds: float) -> None:
+        self.first.append(request_id)
 
-        def on_memory(self, rows: dict) -> None:
-            pass
+    def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None:
+        self.finished.append(request_id)
 
-    prefills_seen, firsts, finished = prefills, [], []
-    from tests.model.test_fake_engine import settings
+    def on_memory(self, rows: dict) -> None:
+        pass
 
-    engine = FakeEngine(settings(), observer=Observer())
+
+def test_prefilled_once_first_token_and_finish_once() -> None:
+    observer = _Observer()
+    engine = FakeEngine(settings(), observer=observer)
     sink = Collector()
     engine.start(sink)
     try:
@@ -167,5 +171,5 @@ def test_prefilled_once(make_engine) -> None:
         sink.final("p")
     finally:
         engine.shutdown(0)
-    assert sum(prefills) == 1
-    assert firsts == ["p"] and finished == ["p"]
+    assert observer.prefills == 1
+    assert observer.first == ["p"] and observer.finished == ["p"]

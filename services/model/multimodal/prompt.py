@@ -150,16 +150,18 @@ def _video(part: VideoPart, conv: _Conversation) -> DecodedVideo:
     if options is not None and options.max_frames is not None:
         max_frames = min(max_frames, options.max_frames)
     fps = options.fps if options is not None and options.fps is not None else None
+    room = limits.max_request_pixels - conv.pixels  # checked before the frames are decoded
     if part.frames:
 
         def decode(data: str) -> np.ndarray:
             return np.asarray(decode_image(data, limits.max_image_pixels, limits.max_media_bytes))
 
-        return frame_list_video(part.frames, part.fps or fps or SAMPLE_FPS, max_frames, decode)
+        return frame_list_video(part.frames, part.fps or fps or SAMPLE_FPS, max_frames, decode, room)
     return decode_video(
         part.data,
         max_frames,
         limits.max_image_pixels,
         limits.max_media_bytes,
         sample_fps=fps or SAMPLE_FPS,
+        pixel_room=room,
     )

@@ -5,7 +5,9 @@ Everything stays in memory (PyAV reads a file-like object): no temp files. A fir
 the sampled frames need: it seeks to the keyframe before a sampled frame whenever that skips decoding,
 and converts only the sampled frames. Memory is bounded by ``max_frames`` frames of at most
 ``MAX_DECODED_FRAME_PIXELS`` each (larger frames are scaled down while converting; the processor scales
-far below that anyway).
+far below that anyway), and by ``pixel_room`` (what is left of the request's pixel budget): checked
+against frames x width x height before any frame is decoded (a file: from its header; a frame list: after
+its first frame, to whose size all are resized), and again as each frame is kept.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _Probe:
     duration: float
     pts: list[int] | None  # presentation times of all frames, sorted; None when some are unknown
     keyframes: list[int]  # presentation times of keyframes, sorted
+    pixels: int = 0  # width x height from the stream's header (0: unknown)
 
 
 @dataclass(slots=True)
@@ -52,6 +55,8 @@ class _Picked:
     frames: list[np.ndarray] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
+    room: int | None = None  # pixels the kept frames may have in all (None: no bound)
+    pixels: int = 0  # kept so far
 
 
 def decode_video(
@@ -61,12 +66,18 @@ def decode_video(
     max_bytes: int,
     seek: bool = True,
     sample_fps: float = SAMPLE_FPS,
+    pixel_room: int | None = None,
 ) -> DecodedVideo:
     """Decode one base64 video, about ``sample_fps`` frames per second of it (at most ``max_frames``);
-    ``seek=False`` decodes sequentially (kept for tests and odd files)."""
+    ``seek=False`` decodes sequentially (kept for tests and odd files).
+
+    Raises:
+        InvalidMedia: undecodable, a frame over ``max_pixels``, or the sampled frames over ``pixel_room``
+            pixels in all (checked from the header before decoding).
+    """
     raw = decode_base64(data, max_bytes, "video")
     try:
-        return _decode(raw, max_frames, max_pixels, seek, sample_fps)
+        return _decode(raw, max_frames, max_pixels, seek, sample_fps, pixel_room)
     except InvalidMedia:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError, MemoryError):
@@ -74,18 +85,22 @@ def decode_video(
         raise InvalidMedia("video could not be decoded (corrupt data or unsupported codec)") from None
 
 
-def _decode(raw: bytes, max_frames: int, max_pixels: int, seek: bool, sample_fps: float) -> DecodedVideo:
+def _decode(
+    raw: bytes, max_frames: int, max_pixels: int, seek: bool, sample_fps: float, room: int | None
+) -> DecodedVideo:
     probe = _probe(raw, max_pixels)
     count = frames_to_sample(probe.total, probe.duration, max_frames, sample_fps)
+    # a one-frame video counts twice: it becomes a still of 2 frames
+    check_room(max(count, 2) * min(probe.pixels, MAX_DECODED_FRAME_PIXELS), room)
     wanted = sorted(set(np.linspace(0, probe.total - 1, count).round().astype(int).tolist()))
     picked = None
     if seek and probe.pts is not None:
         try:
-            picked = _pick(raw, lambda c, s: _pick_seeking(c, s, wanted, probe, max_pixels))
+            picked = _pick(raw, lambda c, s: _pick_seeking(c, s, wanted, probe, max_pixels, room))
         except _CannotSeek:
             picked = None
     if picked is None:
-        picked = _pick(raw, lambda c, s: _pick_sequential(c, s, wanted, max_pixels))
+        picked = _pick(raw, lambda c, s: _pick_sequential(c, s, wanted, max_pixels, room))
     if not picked.frames:
         raise InvalidMedia("video has no decodable frames")
     if len(picked.frames) == 1:
@@ -115,18 +130,32 @@ def frames_to_sample(total: int, duration: float, max_frames: int, sample_fps: f
 
 
 def frame_list_video(
-    frames: list[str], fps: float, max_frames: int, decode: Callable[[str], np.ndarray]
+    frames: list[str],
+    fps: float,
+    max_frames: int,
+    decode: Callable[[str], np.ndarray],
+    pixel_room: int | None = None,
 ) -> DecodedVideo:
     """A video given as its frames (base64 image files, in order, taken ``fps`` per second): at most
     ``max_frames`` of them, picked uniformly (even where possible) and decoded with ``decode`` (RGB
-    (H, W, 3) arrays), all resized to the first one's size; their timestamps are index / ``fps``."""
+    (H, W, 3) arrays), each resized to the first one's size as it is decoded; their timestamps are
+    index / ``fps``.
+
+    Raises:
+        InvalidMedia: ``decode``'s, or the picked frames at the first one's size over ``pixel_room``
+            pixels in all (checked after the first frame, before the others are decoded).
+    """
     count = min(len(frames), max_frames)
     if count > 2 and count % 2:  # frames are paired into temporal patches of 2
         count -= 1
     picked = sorted(set(np.linspace(0, len(frames) - 1, count).round().astype(int).tolist()))
-    arrays = [decode(frames[i]) for i in picked]
-    height, width = arrays[0].shape[:2]
-    arrays = [a if a.shape[:2] == (height, width) else _resized(a, height, width) for a in arrays]
+    first = decode(frames[picked[0]])
+    height, width = first.shape[:2]
+    check_room(max(len(picked), 2) * height * width, pixel_room)
+    arrays = [first]
+    for i in picked[1:]:
+        array = decode(frames[i])
+        arrays.append(array if array.shape[:2] == (height, width) else _resized(array, height, width))
     if len(arrays) == 1:  # one temporal patch needs 2 frames: a one-frame video is a still
         arrays.append(arrays[0])
         picked.append(picked[0])
@@ -152,7 +181,8 @@ def _probe(raw: bytes, max_pixels: int) -> _Probe:
     """Frame count, fps, duration, frame and keyframe times from the container, without decoding."""
     with av.open(io.BytesIO(raw), mode="r") as container:
         stream = _video_stream(container)
-        _check_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
+        width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+        _check_size(width, height, max_pixels)
         pts: list[int | None] = []
         keyframes: list[int] = []
         for packet in container.demux(stream):
@@ -168,11 +198,22 @@ def _probe(raw: bytes, max_pixels: int) -> _Probe:
         raise InvalidMedia("video has no frames")
     fps = float(rate) if rate else (total / duration if duration > 0 else DEFAULT_FPS)
     known = None if any(p is None for p in pts) else sorted(p for p in pts if p is not None)
-    return _Probe(total, fps, duration or total / fps, known, sorted(keyframes))
+    return _Probe(total, fps, duration or total / fps, known, sorted(keyframes), width * height)
 
 
 class _CannotSeek(Exception):
     """Decoded frames lack timestamps: fall back to decoding in order."""
+
+
+def check_room(pixels: int, room: int | None) -> None:
+    """Refuse a video of ``pixels`` decoded pixels (frames x height x width) when they pass ``room``,
+    what is left of the request's pixel budget (None: no bound).
+
+    Raises:
+        InvalidMedia: the request's pixel budget would be passed.
+    """
+    if room is not None and pixels > room:
+        raise InvalidMedia("the request's media have more decoded pixels in all than the service allows")
 
 
 def _pick(raw: bytes, how: Callable[[InputContainer, av.VideoStream], _Picked]) -> _Picked:
@@ -183,10 +224,14 @@ def _pick(raw: bytes, how: Callable[[InputContainer, av.VideoStream], _Picked]) 
 
 
 def _pick_sequential(
-    container: InputContainer, stream: av.VideoStream, wanted: list[int], max_pixels: int
+    container: InputContainer,
+    stream: av.VideoStream,
+    wanted: list[int],
+    max_pixels: int,
+    room: int | None = None,
 ) -> _Picked:
     """Decode in order, converting the frames at the ``wanted`` (sorted) indices; stop after the last."""
-    picked = _Picked()
+    picked = _Picked(room=room)
     pending = iter(wanted)
     target = next(pending, None)
     last: tuple[int, av.VideoFrame] | None = None
@@ -204,12 +249,17 @@ def _pick_sequential(
 
 
 def _pick_seeking(
-    container: InputContainer, stream: av.VideoStream, wanted: list[int], probe: _Probe, max_pixels: int
+    container: InputContainer,
+    stream: av.VideoStream,
+    wanted: list[int],
+    probe: _Probe,
+    max_pixels: int,
+    room: int | None = None,
 ) -> _Picked:
     """For each wanted frame, seek to the keyframe before it when that keyframe lies ahead of where the
     decoder is (so nothing is decoded twice), else decode on; keep the first frame at or after it."""
     assert probe.pts is not None  # checked by the caller
-    picked = _Picked()
+    picked = _Picked(room=room)
     frames: Iterator[av.VideoFrame] | None = None
     position = -math.inf  # pts of the last decoded frame
     for index in wanted:
@@ -244,6 +294,9 @@ def _first_at_or_after(frames: Iterator[av.VideoFrame], pts: int) -> av.VideoFra
 
 def _keep(picked: _Picked, frame: av.VideoFrame, index: int, max_pixels: int) -> None:
     _check_size(frame.width, frame.height, max_pixels)
+    pixels = min(frame.width * frame.height, MAX_DECODED_FRAME_PIXELS)
+    picked.pixels += pixels
+    check_room(picked.pixels, picked.room)
     picked.frames.append(_to_rgb_array(frame))
     picked.times.append(float(frame.time or 0.0))
     picked.indices.append(index)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from services.model.engine.kv_slots import GrowingLayer, grow_in_place
+
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
 _FLOAT_KEYS = ("pixel_values", "pixel_values_videos")
 
@@ -109,13 +111,20 @@ def _mrope_positions(
     return positions, delta.reshape(-1)
 
 
-def decode(model: Any, batch: BatchTensors, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode(
+    model: Any, batch: BatchTensors, out: torch.Tensor | None = None, grow: bool = False
+) -> torch.Tensor:
     """One decode step for every row; appends to the cache and returns the logits (B, V).
+
+    With ``grow`` (``KV_LAYOUT=slots``) the cache's layers are first made ``kv_slots.GrowingLayer`` (once: a
+    layer that already is stays), so the step writes its column into preallocated buffers in place.
 
     With ``out`` (a (B, V) tensor of the output head's dtype and device) the logits are written there: the
     base model runs, then the output head as one matrix product into ``out`` (what the model's own head
     computes). On CPU a fresh (B, V) tensor per step is costly once it is large (B=64: 39 MB, beyond
     glibc's mmap threshold, so every step page-faults it in anew); a reused buffer is not."""
+    if grow:
+        grow_in_place(batch.cache)
     ones = torch.ones((batch.size, 1), dtype=batch.mask.dtype, device=batch.mask.device)
     mask = torch.cat([batch.mask, ones], dim=1)
     pos = batch.next_pos[:, None]
@@ -191,9 +200,12 @@ def bytes_per_token(model: Any) -> int:
 
 
 def nbytes(batch: BatchTensors) -> int:
-    """Bytes of the batch's cached keys and values."""
+    """Bytes of the batch's cached keys and values (with ``KV_LAYOUT=slots``: the buffers' allocation)."""
     return sum(
-        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        layer.allocated_bytes()
+        if isinstance(layer, GrowingLayer)
+        else layer.keys.numel() * layer.keys.element_size()
+        + layer.values.numel() * layer.values.element_size()
         for layer in batch.cache.layers
         if layer.keys is not None
     )
@@ -204,7 +216,8 @@ CacheSnapshot = list[tuple[torch.Tensor, torch.Tensor]]
 
 def snapshot(batch: BatchTensors) -> CacheSnapshot:
     """The cache's per-layer (keys, values) tensors, to undo a decode that failed half-way. Free: the
-    cache's layers replace their tensors on update (``torch.cat``), they never write into them."""
+    cache's layers replace their tensors on update (``torch.cat``), they never write into them; a
+    ``GrowingLayer`` writes only past these views' columns, and restoring one only resets its length."""
     return [(layer.keys, layer.values) for layer in batch.cache.layers]
 
 

@@ -42,10 +42,12 @@ def _start_batch(model: Any, processor: Any, rows: int) -> Any:
     )
 
 
-def _run(model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any]) -> tuple[float, float]:
+def _run(
+    model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any], grow: bool
+) -> tuple[float, float]:
     """Mean seconds per step of ``steps`` decode steps and of the leaves + joins amortised over all steps;
     with ``churn_every`` > 0 every ``churn_every``-th step first drops one row (rotating) and merges in a copy
-    of a prefilled joiner (the copy is made off the clock)."""
+    of a prefilled joiner (the copy is made off the clock). ``grow``: the ``slots`` KV layout."""
     from services.model.engine import batch as kv
 
     decoding = churning = 0.0
@@ -58,37 +60,48 @@ def _run(model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any
             batch = kv.merge([batch, joiner])
             churning += time.perf_counter() - started
         started = time.perf_counter()
-        kv.decode(model, batch)
+        kv.decode(model, batch, grow=grow)
         decoding += time.perf_counter() - started
     return decoding / steps, churning / steps
 
 
 def measure_churn(
     model: Any, processor: Any, steps: int = 200, churn_every: int = 4, repeats: int = 3
-) -> dict[str, Any]:
-    """(g) Mean ms per step at ``CHURN_ROWS`` rows: steady decode vs decode plus one leave + one join every
-    ``churn_every`` steps (amortised); each the best (lowest) of ``repeats`` alternating runs."""
+) -> list[dict[str, Any]]:
+    """(g) Mean ms per step at ``CHURN_ROWS`` rows, for the ``concat`` and ``slots`` KV layouts: steady
+    decode vs decode plus one leave + one join every ``churn_every`` steps (amortised); each figure the best
+    (lowest) of ``repeats`` runs, the four kinds of run interleaved."""
     import torch
 
+    best: dict[tuple[bool, int], tuple[float, float]] = {}
     with torch.inference_mode():
         joiners = [_prefill_text(model, processor, p) for p in _PROMPTS]
-        _run(model, _start_batch(model, processor, CHURN_ROWS), 10, 2, joiners)  # warm-up
-        steady = churn_decode = churn_total = float("inf")
+        for grow in (False, True):  # warm-up
+            _run(model, _start_batch(model, processor, CHURN_ROWS), 10, 2, joiners, grow)
         for _ in range(repeats):
-            steady = min(
-                steady, _run(model, _start_batch(model, processor, CHURN_ROWS), steps, 0, joiners)[0]
-            )
-            dec, joins = _run(model, _start_batch(model, processor, CHURN_ROWS), steps, churn_every, joiners)
-            if dec + joins < churn_total:
-                churn_decode, churn_total = dec, dec + joins
+            for grow in (False, True):
+                for every in (0, churn_every):
+                    batch = _start_batch(model, processor, CHURN_ROWS)
+                    dec, joins = _run(model, batch, steps, every, joiners, grow)
+                    if (grow, every) not in best or dec + joins < sum(best[grow, every]):
+                        best[grow, every] = (dec, joins)
+    return [
+        _churn_row(grow, best[grow, 0], best[grow, churn_every], steps, churn_every) for grow in (False, True)
+    ]
+
+
+def _churn_row(
+    grow: bool, steady: tuple[float, float], churn: tuple[float, float], steps: int, every: int
+) -> dict[str, Any]:
     return {
+        "layout": "slots" if grow else "concat",
         "rows": CHURN_ROWS,
         "steps": steps,
-        "churn_every": churn_every,
-        "steady_ms": round(steady * 1000, 3),
-        "join_heavy_ms": round(churn_total * 1000, 3),
-        "join_heavy_decode_ms": round(churn_decode * 1000, 3),
-        "ratio": round(churn_total / steady, 3),
+        "churn_every": every,
+        "steady_ms": round(steady[0] * 1000, 3),
+        "join_heavy_ms": round(sum(churn) * 1000, 3),
+        "join_heavy_decode_ms": round(churn[0] * 1000, 3),
+        "ratio": round(sum(churn) / steady[0], 3),
     }
 
 
@@ -160,27 +173,35 @@ def _turn_summary(runs: list[tuple[dict[str, float], dict[str, float]]], side: i
     return out
 
 
-def kv_table(churn: dict[str, Any], turns: dict[str, Any]) -> str:
-    """(g) and (h) as one markdown table, with the targets."""
+def kv_table(churn: list[dict[str, Any]], turns: dict[str, Any]) -> str:
+    """(g) (one row per KV layout) and (h) as one markdown table, with the targets."""
     rows = [
         "(g) KV cache while rows join and leave, (h) prefix cache across chat turns "
         "(in-process, tiny checkpoint)",
         "| measure | baseline | with churn / turn 2 | ratio | target |",
         "|---|---:|---:|---:|---|",
-        f"| (g) mean ms/step @{churn['rows']} rows, 1 leave + 1 join every {churn['churn_every']} steps | "
-        f"{churn['steady_ms']:.3f} (steady) | {churn['join_heavy_ms']:.3f} "
-        f"(decode {churn['join_heavy_decode_ms']:.3f}) | {churn['ratio']:.2f} | ~1.0 |",
+    ]
+    for c in churn:
+        rows.append(
+            f"| (g) KV_LAYOUT={c['layout']}: mean ms/step @{c['rows']} rows, 1 leave + 1 join every "
+            f"{c['churn_every']} steps | {c['steady_ms']:.3f} (steady) | {c['join_heavy_ms']:.3f} "
+            f"(decode {c['join_heavy_decode_ms']:.3f}) | {c['ratio']:.2f} | ~1.0 |"
+        )
+    rows += [
         f"| (h) TTFT s, engine only, {turns['image_side']}px image, turn 1 vs turn 2 | "
         f"{turns['turn1_engine_s']:.3f} | "
         f"{turns['turn2_engine_s']:.3f} | {turns['ratio_engine']:.2f} | <= 0.30 |",
         f"| (h) TTFT s, end to end (image decode, processor, digest) | {turns['turn1_end_to_end_s']:.3f} | "
         f"{turns['turn2_end_to_end_s']:.3f} | {turns['ratio_end_to_end']:.2f} | <= 0.30 |",
     ]
-    note = (
+    notes = [
         f"turn 2: {turns['turn2_cached_tokens']} of {turns['turn2_prompt_tokens']} prompt tokens "
         "from the prefix cache"
-    )
-    return "\n".join(rows) + "\n" + note + "\n"
+    ]
+    if len(churn) == 2:
+        slots, concat = churn[1]["join_heavy_ms"], churn[0]["join_heavy_ms"]
+        notes.append(f"(g) join-heavy, slots / concat: {slots / concat:.2f}")
+    return "\n".join(rows + notes) + "\n"
 
 
 def run_kv(model_dir: Path, quick: bool = False, loader: Callable[..., Any] | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """A video's pixels are checked against the request's budget before its frames are decoded: a frame list
-after its first frame, a video file from its header; and each frame as it is kept."""
+after its first frame, a video file from its header; and each frame as it is kept. Per-request resizing
+never passes its band, whatever the aspect ratio."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from services.model.multimodal import prompt
 from services.model.multimodal import video as video_module
+from services.model.multimodal.budget import PixelBand, fit
 from services.model.multimodal.prompt import MediaLimits, build_inputs
 from services.model.multimodal.video import decode_video, frame_list_video
 from services.protocol.errors import InvalidMedia
@@ -92,3 +94,17 @@ def test_build_inputs_refuses_a_frame_list_over_the_budget_left_by_earlier_media
     with pytest.raises(InvalidMedia, match="decoded pixels"):
         build_inputs(engine.loaded.processor, [Message(role="user", content=image_first)], limits)
     assert decoded == [128 * 128, 256 * 256]  # the image, then the video's first frame only
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(1, 16_000_000), (16_000_000, 1), (3, 90_000), (100, 20_000), (4096, 4096)]
+)
+def test_fit_never_passes_the_band_for_extreme_aspect_ratios(height: int, width: int) -> None:
+    band = PixelBand(low=32 * 32 * 4, high=1_000_000, factor=32)
+    h, w = fit(height, width, band)
+    assert h * w <= band.high and h % 32 == 0 and w % 32 == 0 and min(h, w) >= 32
+
+
+def test_a_video_file_with_an_extreme_aspect_ratio_is_refused() -> None:
+    with pytest.raises(InvalidMedia, match="more extreme than 200:1"):
+        video_module._check_size(20_002, 100, 10**9)

@@ -62,13 +62,20 @@ def request_band(
 
 def fit(height: int, width: int, band: PixelBand) -> tuple[int, int]:
     """(height, width) with the aspect ratio about kept, each a multiple of ``band.factor`` (at least
-    one), and height * width within the band where the grid allows."""
+    one), and height * width within the band where the grid allows. A side raised to one ``factor`` (an
+    extreme aspect ratio) takes its pixels from the other side's share, so the product never passes
+    ``band.high`` (when ``band.high`` >= factor^2)."""
     f = band.factor
     h, w = max(f, round(height / f) * f), max(f, round(width / f) * f)
     if h * w > band.high:
         scale = math.sqrt(height * width / band.high)
         h = max(f, math.floor(height / scale / f) * f)
         w = max(f, math.floor(width / scale / f) * f)
+        if h * w > band.high:  # one side was raised to f: shorten the other to what is left
+            if h == f:
+                w = max(f, band.high // h // f * f)
+            else:
+                h = max(f, band.high // w // f * f)
     elif h * w < band.low:
         scale = math.sqrt(band.low / (height * width))
         h, w = math.ceil(height * scale / f) * f, math.ceil(width * scale / f) * f

@@ -23,7 +23,7 @@ import numpy as np
 from av.container import InputContainer
 from transformers.video_utils import VideoMetadata
 
-from services.model.multimodal.images import decode_base64
+from services.model.multimodal.images import MAX_ASPECT_RATIO, decode_base64
 from services.protocol.errors import InvalidMedia
 
 # Qwen3-VL's reference sampling: 2 frames per second, at least 4 frames (both capped by our limits).
@@ -311,6 +311,8 @@ def _keep_again(picked: _Picked) -> None:
 def _check_size(width: int | None, height: int | None, max_pixels: int) -> None:
     if width and height and width * height > max_pixels:
         raise InvalidMedia(f"video frames are {width}x{height}: more than the limit of {max_pixels} pixels")
+    if width and height and max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidMedia(f"video frames are {width}x{height}: more extreme than {MAX_ASPECT_RATIO}:1")
 
 
 def _video_stream(container: InputContainer) -> av.VideoStream:

@@ -736,14 +736,35 @@ class Scheduler:
                     continue
                 masked.append(i)
         if masked:
-            assert self._bitmask is not None
-            pickable = [i for i in masked if self._pickable(self._rows[i], logits)]
-            picked, rest = pick_greedy(logits, self._bitmask, pickable) if pickable else ({}, [])
-            picks.update({self._rows[i]: token for i, token in picked.items()})
-            rest += [i for i in masked if i not in pickable]
-            if rest:
-                apply_bitmasks(logits, self._bitmask, sorted(rest))
+            picks.update(self._masked(step, logits, masked))
         return picks
+
+    def _masked(self, step: _Step, logits: torch.Tensor, masked: list[int]) -> dict[_Row, int]:
+        """``_mask_rows`` for the ``masked`` rows together; when that raises, row by row, and a row that
+        still raises fails alone (masking a row twice leaves it as masked once)."""
+        try:
+            return self._mask_rows(logits, masked)
+        except Exception:
+            log.exception("grammar masking failed for a batch of %d rows", len(masked))
+        picks: dict[_Row, int] = {}
+        for i in masked:
+            try:
+                picks.update(self._mask_rows(logits, [i]))
+            except Exception as exc:
+                log.exception("grammar mask of %s failed", self._rows[i].request_id)
+                self._fail_rows(step, [self._rows[i]], f"grammar failed: {exc}")
+        return picks
+
+    def _mask_rows(self, logits: torch.Tensor, masked: list[int]) -> dict[_Row, int]:
+        """Greedy picks among the allowed ids for the rows that allow it, the bitmask applied to the others
+        (in place); the picks by row."""
+        assert self._bitmask is not None
+        pickable = [i for i in masked if self._pickable(self._rows[i], logits)]
+        picked, rest = pick_greedy(logits, self._bitmask, pickable) if pickable else ({}, [])
+        rest += [i for i in masked if i not in pickable]
+        if rest:
+            apply_bitmasks(logits, self._bitmask, sorted(rest))
+        return {self._rows[i]: token for i, token in picked.items()}
 
     def _pickable(self, row: _Row, logits: torch.Tensor) -> bool:
         config = row.sampler.config

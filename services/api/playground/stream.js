@@ -223,9 +223,12 @@ export class SessionStream {
       this.onNotice(null, error);
       return "retry";
     }
-    if (!this.posted) {
-      this.state.status = "error"; // the session never started
-      this.state.error = describe(error);
+    // Not retryable: the session never started, or can no longer be followed (expired or unknown: 404;
+    // a key refused: 401). A final status, so the page and the saved session list stop "reconnecting".
+    this.state.status = "error";
+    this.state.error = describe(error);
+    if (this.state.endedAt === null && this.state.sentAt !== null) {
+      this.state.endedAt = Date.now();
     }
     this.onNotice(null, error);
     this.onChange(this.state);

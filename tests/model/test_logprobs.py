@@ -103,8 +103,20 @@ def _run(engine: Any, reqs: list[Any]) -> tuple[Recorder, Any]:
 @pytest.mark.integration
 def test_tiny_model_logprobs(engine: Any) -> None:
     k = 5
-    greedy = request("g", "describe a cat", max_tokens=30, temperature=0.0, top_logprobs=k)
-    sampled = request("s", "describe a dog", max_tokens=30, temperature=1.0, seed=3, top_k=0, top_logprobs=k)
+    # a reasoning budget of 8 forces </think>: both parts get entries whatever the random model writes
+    greedy = request(
+        "g", "describe a cat", max_tokens=30, temperature=0.0, top_logprobs=k, max_reasoning_tokens=8
+    )
+    sampled = request(
+        "s",
+        "describe a dog",
+        max_tokens=30,
+        temperature=1.0,
+        seed=3,
+        top_k=0,
+        top_logprobs=k,
+        max_reasoning_tokens=8,
+    )
     plain = request("p", "describe a cat", max_tokens=30, temperature=0.0)
     rec, sched = _run(engine, [greedy, sampled, plain])
     alone, _ = _run(engine, [request("p", "describe a cat", max_tokens=30, temperature=0.0)])
@@ -129,10 +141,9 @@ def test_tiny_model_logprobs(engine: Any) -> None:
                 assert logprob == pytest.approx(values[0])  # greedy: the row maximum
         assert in_top > 0
         think_end = engine.table.think_end_id
-        if think_end in sched.tokens[rid]:  # </think> is the last reasoning token
-            assert len(reasoning) == sched.tokens[rid].index(think_end) + 1
-        else:
-            assert content == []
+        assert think_end in sched.tokens[rid][:9]  # closed by the budget at the latest
+        assert len(reasoning) == sched.tokens[rid].index(think_end) + 1  # </think> ends the reasoning
+        assert content and len(content) == len(sched.tokens[rid]) - len(reasoning)
 
 
 def test_the_model_log_keeps_logprobs_through_compaction() -> None:
@@ -155,3 +166,36 @@ def test_the_model_log_keeps_logprobs_through_compaction() -> None:
     }
     gen.compact()
     assert gen.events == before and gen.events_from(1) == before[1:]
+
+
+@pytest.mark.integration
+def test_logprobs_of_a_forced_think_end_and_of_a_grammar_masked_answer(engine: Any) -> None:
+    """The server's own </think> (budget spent) has probability 1 in the distribution it was taken from;
+    an answer under a grammar reports the masked distribution: the chosen token is its maximum (greedy),
+    only allowed tokens have a probability, and the alternatives listed are allowed ones."""
+    import json
+
+    from services.protocol.generate import ResponseFormat
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    fmt = ResponseFormat(type="json_schema", json_schema=schema)
+    constrained = request(
+        "j", "answer in JSON", max_tokens=40, temperature=0.0, top_logprobs=3, max_reasoning_tokens=2
+    ).model_copy(update={"response_format": fmt})
+    rec, sched = _run(engine, [constrained])
+    final = rec.final("j")
+    assert isinstance(final, FinalOutput) and final.finish_reason == "stop", final
+    reasoning, content = _entries(rec, "j")
+    assert len(reasoning) == 3 and sched.tokens["j"][2] == engine.table.think_end_id
+    forced_token, forced_logprob, _, _ = reasoning[2]
+    assert forced_token == "</think>" and forced_logprob == pytest.approx(0.0)
+    assert json.loads(rec.text("j")[1]) in ({"ok": True}, {"ok": False})
+    for token, logprob, _, tops in content:
+        values = [v for _, v, _ in tops]
+        assert logprob == pytest.approx(values[0])  # greedy among the allowed tokens
+        assert math.fsum(math.exp(v) for v in values) <= 1.0 + 1e-6
+        assert (token, logprob) == (tops[0][0], tops[0][1])
+        if logprob == pytest.approx(0.0):  # one allowed token: the others listed are masked (the floor)
+            assert all(v == FLOOR for v in values[1:]), tops
+    # where the grammar allows one token only (the fixed key), it has probability 1
+    assert any(logprob == pytest.approx(0.0) for _, logprob, _, _ in content)

@@ -172,6 +172,98 @@ ROWS: list[tuple[str, list[Panel]]] = [
         ],
     ),
     (
+        "KV cache, prefill and engine",
+        [
+            Panel(
+                "KV cache in use vs budget",
+                [
+                    ("sum by (instance, kind) (model_kv_cache_bytes)", "{{instance}} {{kind}}"),
+                    ("sum by (instance) (model_kv_cache_budget_bytes)", "{{instance}} budget"),
+                ],
+                unit="bytes",
+                description=(
+                    "rows: reserved by running requests (a request waits when they would pass the budget);"
+                    " prefixes: kept prompts, evicted first, so they may fill what the rows leave."
+                    " Budget: KV_CACHE_BYTES (0: the engine keeps no KV, e.g. ENGINE=fake)."
+                ),
+            ),
+            Panel(
+                "KV cache share of budget",
+                [
+                    (
+                        'max by (instance) (model_kv_cache_bytes{kind="rows"})'
+                        " / max by (instance) (model_kv_cache_budget_bytes > 0)",
+                        "{{instance}} rows",
+                    ),
+                    (
+                        "sum by (instance) (model_kv_cache_bytes)"
+                        " / max by (instance) (model_kv_cache_budget_bytes > 0)",
+                        "{{instance}} rows + prefixes",
+                    ),
+                ],
+                unit="percentunit",
+                description="ModelKVCacheNearBudget watches the rows' share (kept prefixes go first).",
+            ),
+            Panel(
+                "Prefix cache hit ratio and reused share of prompt tokens",
+                [
+                    (
+                        f"sum(rate(model_prefix_cache_hits_total[{RATE}]))"
+                        f" / (sum(rate(model_prefix_cache_hits_total[{RATE}]))"
+                        f" + sum(rate(model_prefix_cache_misses_total[{RATE}])))",
+                        "hit ratio",
+                    ),
+                    (
+                        f"sum(rate(model_prefix_cache_reused_tokens_total[{RATE}]))"
+                        f" / sum(rate(model_prompt_tokens_total[{RATE}]))",
+                        "reused / prompt tokens",
+                    ),
+                ],
+                unit="percentunit",
+                description=(
+                    "Prefills that started from a kept prompt prefix, and the share of prompt tokens whose KV"
+                    " was reused instead of computed."
+                ),
+            ),
+            Panel(
+                "Prefix cache lookups and reused tokens",
+                [
+                    (f"sum(rate(model_prefix_cache_hits_total[{RATE}]))", "hits/s"),
+                    (f"sum(rate(model_prefix_cache_misses_total[{RATE}]))", "misses/s"),
+                    (f"sum(rate(model_prefix_cache_reused_tokens_total[{RATE}]))", "reused tokens/s"),
+                ],
+                unit="short",
+            ),
+            Panel(
+                "Prefills vs requests",
+                [
+                    (f"sum(rate(model_prefills_total[{RATE}]))", "prefills"),
+                    (
+                        f'sum(rate(model_requests_total{{outcome!="rejected"}}[{RATE}]))',
+                        "requests finished (not rejected)",
+                    ),
+                ],
+                unit="reqps",
+                description="One prefill per admitted request whatever its n: n choices share one prefill.",
+            ),
+            Panel(
+                "Engine restarts (15 min)",
+                [("sum by (instance) (increase(model_engine_restarts_total[15m]))", "{{instance}}")],
+                description=(
+                    "The engine process died and was started anew (ENGINE_PROCESS); past ENGINE_MAX_RESTARTS"
+                    " within ENGINE_RESTART_WINDOW_SECONDS the service exits."
+                ),
+            ),
+            Panel(
+                "Finished generation logs kept for re-attach",
+                [("sum by (instance) (model_finished_logs_bytes)", "{{instance}}")],
+                unit="bytes",
+                description="Bounded by FINISHED_RETENTION_BYTES (oldest evicted first).",
+                width=24,
+            ),
+        ],
+    ),
+    (
         "Streams and sessions",
         [
             Panel("Active SSE streams", [("sum(api_active_streams)", "streams")]),

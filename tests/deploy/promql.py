@@ -11,6 +11,11 @@ COUNTERS = {
     "model_prompt_tokens_total",
     "model_generated_tokens_total",
     "model_cancellations_total",
+    "model_prefills_total",
+    "model_engine_restarts_total",
+    "model_prefix_cache_hits_total",
+    "model_prefix_cache_misses_total",
+    "model_prefix_cache_reused_tokens_total",
     "api_requests_total",
     "api_resumes_total",
     "api_cancels_total",
@@ -22,6 +27,9 @@ GAUGES = {
     "model_running_generations",
     "model_ready",
     "model_device_memory_bytes",
+    "model_kv_cache_bytes",
+    "model_kv_cache_budget_bytes",
+    "model_finished_logs_bytes",
     "api_active_streams",
 }
 HISTOGRAMS = {

@@ -76,6 +76,8 @@ class ModelMetrics:
             ["kind"],
             registry=r,
         )
+        for kind in ("rows", "prefixes"):  # a series from the start, before the engine's first step
+            self.kv_cache_bytes.labels(kind)
         self.kv_cache_budget = Gauge(
             "model_kv_cache_budget_bytes", "KV_CACHE_BYTES (0: no limit)", registry=r
         )

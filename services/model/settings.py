@@ -65,6 +65,10 @@ class ModelSettings(BaseSettings):
     # keep prefilled prompts' KV (within KV_CACHE_BYTES, least recently used out first) and prefill a later
     # prompt that shares a prefix (same tokens, same images/videos) from where it differs
     prefix_cache: bool = True
+    # how the running batch's KV grows each decode step: concat (transformers' DynamicLayer re-concatenates
+    # every layer each step) or slots (engine/kv_slots.py: buffers grown in 128-column blocks, the new column
+    # written in place). concat by default: on the CPU tiny checkpoint slots measured no gain (make bench (g))
+    kv_layout: Literal["concat", "slots"] = "concat"
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
     finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

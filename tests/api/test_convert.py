@@ -45,8 +45,10 @@ def test_every_sampling_parameter_reaches_the_model() -> None:
         max_reasoning_tokens=12,
         logprobs=True,
         top_logprobs=4,
+        n=3,
     )
     assert on_the_wire(request).sampling.model_dump() == {
+        "n": 3,
         "max_tokens": 9,  # max_completion_tokens wins
         "temperature": 0.3,
         "top_p": 0.5,

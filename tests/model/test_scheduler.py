@@ -74,10 +74,11 @@ def test_references_are_diverse(references: dict[str, list[int]]) -> None:
     assert len({tuple(t) for t in references.values()}) == len(references)
 
 
+@pytest.mark.parametrize("layout", ["concat", "slots"])  # KV_LAYOUT: both give the tokens of `generate` alone
 def test_batched_equals_alone_with_joins_and_leaves(
-    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]]
+    engine: Any, mixed: dict[str, Prepared], references: dict[str, list[int]], layout: str
 ) -> None:
-    sched = scheduler_for(engine)
+    sched = scheduler_for(engine, kv_layout=layout)
     rec = Recorder()
     sched.bind(rec)
     sched.submit(mixed["text-a"])

@@ -48,6 +48,7 @@ class HFEngine:
             eos_token_ids=frozenset(loaded.eos_token_ids or DEFAULT_EOS),
             prefix_cache=settings.prefix_cache,
             kv_cache_bytes=settings.kv_cache_bytes,
+            kv_layout=settings.kv_layout,
         )
         self.scheduler_config = config
         # tokens of KV the budget holds (0: no budget): a request's rows must fit it even alone

@@ -111,6 +111,7 @@ class SchedulerConfig:
     prefix_cache: bool = True  # keep prompts' KV and reuse shared prefixes (prefix.py)
     prefix_min_tokens: int = 16  # shortest shared prefix worth reusing
     kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
+    kv_layout: str = "concat"  # "slots": decode steps write the new column in place (engine/kv_slots.py)
 
 
 @dataclass(slots=True, eq=False)
@@ -588,7 +589,8 @@ class Scheduler:
 
     def _decode_rows(self) -> int:
         assert self._batch is not None
-        kv.decode(self._model, self._batch, out=self._logits.rows(len(self._rows)))
+        grow = self._config.kv_layout == "slots"
+        kv.decode(self._model, self._batch, out=self._logits.rows(len(self._rows)), grow=grow)
         return len(self._rows)
 
     def _recover(

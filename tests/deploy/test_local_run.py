@@ -243,8 +243,9 @@ def test_runner_gives_up_after_too_many_restarts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fresh_starts_in_a_row_never_fail(tmp_path: Path) -> None:
-    """Each start on a new SQLite file, several api workers racing to set it up (it was 1 in 10 failing)."""
-    for attempt in range(5):
+    """20 starts (the issue's count), each on a new SQLite file with several api workers racing to set it up
+    (it was 1 in 10 failing)."""
+    for attempt in range(20):
         work = tmp_path / f"start-{attempt}"
         work.mkdir()
         proc, ports = start_runner(work, "--no-edge", env={"API_WORKERS": "3"}, name=f"runner-{attempt}")

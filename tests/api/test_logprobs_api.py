@@ -14,7 +14,7 @@ import pytest
 
 from tests.api.openai_shapes import check_completion
 from tests.api.sse import SseEvent, check_stream, read_sse
-from tests.helpers.stack import Service, start_api, start_model
+from tests.helpers.stack import Service, keyed_client, keyed_fake_stack
 
 pytestmark = pytest.mark.integration
 
@@ -23,20 +23,15 @@ KEY = "key-logprobs-0123456789"
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    logs = tmp_path_factory.mktemp("api-logprobs")
-    model = start_model(logs, env={"FAKE_STEP_SECONDS": "0.002"})
-    try:
-        env = {"API_KEYS": KEY, "SESSIONS_DB_PATH": str(logs / "s.db")}
-        svc = start_api(logs, model_urls=[model.url], env=env, gunicorn=False)
+    with keyed_fake_stack(
+        tmp_path_factory.mktemp("api-logprobs"), KEY, {"FAKE_STEP_SECONDS": "0.002"}
+    ) as svc:
         yield svc
-        svc.proc.stop()
-    finally:
-        model.proc.stop()
 
 
 @pytest.fixture
 def client(api: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+    with keyed_client(api, KEY) as c:
         yield c
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.api.openai_shapes import check_completion, check_error
-from tests.helpers.stack import Service, start_api, start_model
+from tests.helpers.stack import Service, keyed_client, keyed_fake_stack
 from tests.model.media import png_b64
 
 pytestmark = pytest.mark.integration
@@ -22,20 +22,17 @@ PNG = f"data:image/png;base64,{png_b64(32, 32)}"
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    logs = tmp_path_factory.mktemp("api-media-budgets")
-    model = start_model(logs, env={"FAKE_STEP_SECONDS": "0.002", "MAX_VIDEO_FRAMES": "16"})
-    try:
-        env = {"API_KEYS": KEY, "SESSIONS_DB_PATH": str(logs / "s.db")}
-        svc = start_api(logs, model_urls=[model.url], env=env, gunicorn=False)
+    with keyed_fake_stack(
+        tmp_path_factory.mktemp("api-media-budgets"),
+        KEY,
+        {"FAKE_STEP_SECONDS": "0.002", "MAX_VIDEO_FRAMES": "16"},
+    ) as svc:
         yield svc
-        svc.proc.stop()
-    finally:
-        model.proc.stop()
 
 
 @pytest.fixture
 def client(api: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+    with keyed_client(api, KEY) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.api.openai_shapes import check_completion
 from tests.api.sse import check_stream, finish_reason, read_sse, text_of
-from tests.helpers.stack import Service, start_api, start_model
+from tests.helpers.stack import Service, keyed_client, keyed_fake_stack
 
 pytestmark = pytest.mark.integration
 
@@ -37,20 +37,17 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    logs = tmp_path_factory.mktemp("api-structured")
-    model = start_model(logs, env={"FAKE_STEP_SECONDS": "0.002", "FAKE_CONTEXT_TOKENS": "4096"})
-    try:
-        env = {"API_KEYS": KEY, "SESSIONS_DB_PATH": str(logs / "s.db")}
-        svc = start_api(logs, model_urls=[model.url], env=env, gunicorn=False)
+    with keyed_fake_stack(
+        tmp_path_factory.mktemp("api-structured"),
+        KEY,
+        {"FAKE_STEP_SECONDS": "0.002", "FAKE_CONTEXT_TOKENS": "4096"},
+    ) as svc:
         yield svc
-        svc.proc.stop()
-    finally:
-        model.proc.stop()
 
 
 @pytest.fixture
 def client(api: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+    with keyed_client(api, KEY) as c:
         yield c
 
 

@@ -9,10 +9,13 @@ and the api service (under gunicorn, as in production, or one uvicorn process). 
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from tests.helpers.env import REPO, VENV_BIN, free_port
 from tests.helpers.procs import Proc
@@ -101,3 +104,30 @@ def start_api(
         proc.stop()
         raise
     return Service(proc, url, port, full_env)
+
+
+@contextlib.contextmanager
+def keyed_fake_stack(
+    log_dir: Path, key: str, model_env: Mapping[str, str] | None = None
+) -> Iterator[Service]:
+    """The model service (ENGINE=fake, ``model_env``) and one uvicorn api process in front of it with the
+    single API key ``key`` and SQLite in ``log_dir``; yields the api. Both are stopped on the way out."""
+    model = start_model(log_dir, env=model_env)
+    try:
+        env = {"API_KEYS": key, "SESSIONS_DB_PATH": str(log_dir / "s.db")}
+        api = start_api(log_dir, model_urls=[model.url], env=env, gunicorn=False)
+        try:
+            yield api
+        finally:
+            api.proc.stop()
+    finally:
+        model.proc.stop()
+
+
+@contextlib.contextmanager
+def keyed_client(api: Service, key: str, timeout: float = 30.0) -> Iterator[httpx.Client]:
+    """An httpx client for ``api`` that sends ``Authorization: Bearer <key>``."""
+    with httpx.Client(
+        base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+    ) as client:
+        yield client

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from services.api.streaming.runner import SessionRunner
 from services.protocol.events import Delta, Finished, Usage
 from tests.api.fakes import FakeModel, FakeStream
 from tests.api.test_runner import make_deps, new_record
-from tests.api.test_toolcalls import ANSWER, NAMES, wait_stored
+from tests.api.test_toolcalls import ANSWER, NAMES, killed_after
 
 OTHER = 'Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "UTC"}}</tool_call> ok'
 
@@ -101,22 +100,7 @@ async def test_a_takeover_after_any_model_event_rebuilds_every_choice() -> None:
     await asyncio.wait_for(whole.run(), 10)
     expected = await fold(store)
     for k in range(1, len(events) - 1):
-        store = MemoryStore()
-        first = record()
-        await store.create(first)
-        gate: asyncio.Queue[None] = asyncio.Queue()
-        runner = SessionRunner(
-            make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
-        )
-        task = asyncio.create_task(runner.run())
-        for _ in range(k):
-            gate.put_nowait(None)
-        await wait_stored(store, gate)
-        task.cancel()  # the process dies: whatever was not stored is lost
-        await asyncio.gather(task, return_exceptions=True)
-        stale = await store.get("s1")
-        assert stale is not None
-        await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+        store, stale = await killed_after(events, record(), k)
         taker = SessionRunner(
             make_deps(store, FakeModel(events), runner_id="other"),
             stale,

@@ -153,22 +153,7 @@ async def test_a_takeover_after_any_model_event_rebuilds_the_same_result() -> No
     _, expected = await fold(store)
     held_back = 0  # takeovers that re-folded events the dead runner had seen (a tag or block was held)
     for k in range(1, len(events) - 1):
-        store = MemoryStore()
-        first = tool_record()
-        await store.create(first)
-        gate: asyncio.Queue[None] = asyncio.Queue()
-        runner = SessionRunner(
-            make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
-        )
-        task = asyncio.create_task(runner.run())
-        for _ in range(k):
-            gate.put_nowait(None)
-        await wait_stored(store, gate)
-        task.cancel()  # the process dies: whatever was not stored is lost
-        await asyncio.gather(task, return_exceptions=True)
-        stale = await store.get("s1")
-        assert stale is not None
-        await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+        store, stale = await killed_after(events, tool_record(), k)
         model = FakeModel(events)
         taker = SessionRunner(
             make_deps(store, model, runner_id="other"), stale, LiveLog("s1", stale.last_index + 1), None
@@ -178,6 +163,28 @@ async def test_a_takeover_after_any_model_event_rebuilds_the_same_result() -> No
         assert result == expected, k
         held_back += model.reattached[0] < k - 1
     assert held_back > 5
+
+
+async def killed_after(events: list[Delta | Finished], first: Any, k: int) -> tuple[MemoryStore, Any]:
+    """A runner of session ``first`` (id "s1") that folded ``k`` model events, then died (cancelled: what it
+    had not stored is lost); the session is claimed by runner "other". Returns the store and the stale
+    record."""
+    store = MemoryStore()
+    await store.create(first)
+    gate: asyncio.Queue[None] = asyncio.Queue()
+    runner = SessionRunner(
+        make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
+    )
+    task = asyncio.create_task(runner.run())
+    for _ in range(k):
+        gate.put_nowait(None)
+    await wait_stored(store, gate)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    stale = await store.get("s1")
+    assert stale is not None
+    await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+    return store, stale
 
 
 async def wait_stored(store: MemoryStore, gate: asyncio.Queue[None]) -> None:
@@ -261,23 +268,9 @@ async def test_the_runner_makes_one_call_when_parallel_calls_are_off_even_after_
     assert [c["function"]["name"] for c in expected["message"]["tool_calls"]] == ["get_time"]
     assert expected["message"]["content"] == '<tool_call>{"name": "get_weather"}</tool_call>'
     for k in range(1, len(events) - 1):
-        store = MemoryStore()
         first = tool_record()
         first.meta["parallel_tool_calls"] = False
-        await store.create(first)
-        gate: asyncio.Queue[None] = asyncio.Queue()
-        runner = SessionRunner(
-            make_deps(store, FakeModel([])), first, LiveLog("s1", 0), FakeStream(events, gate=gate)
-        )
-        task = asyncio.create_task(runner.run())
-        for _ in range(k):
-            gate.put_nowait(None)
-        await wait_stored(store, gate)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        stale = await store.get("s1")
-        assert stale is not None
-        await store.claim("s1", "other", 5, time.time(), takeover_from=stale.runner_id)
+        store, stale = await killed_after(events, first, k)
         taker = SessionRunner(
             make_deps(store, FakeModel(events), runner_id="other"),
             stale,

@@ -31,21 +31,21 @@ from services.protocol.generate import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
+    MAX_ARGUMENTS_CHARS,
+    MAX_DESCRIPTION_CHARS,
     MAX_FPS,
     MAX_FRAME_ITEMS,
+    MAX_ID_CHARS,
+    MAX_STOP_CHARS,
     MAX_TOP_LOGPROBS,
 )
+from services.protocol.generate import TOOL_NAME_PATTERN as NAME_PATTERN  # function and schema names
 
-MAX_STOP_CHARS = 1000  # per stop string
 MAX_MODEL_CHARS = 256
 MAX_URL_CHARS = 64 * 1024 * 1024  # a data URL is bounded by MAX_REQUEST_BYTES anyway
 PART_TYPES = ("text", "input_text", "image_url", "input_image", "video_url", "input_video", "video")
 MAX_TOOLS = 128  # the OpenAI reference's limit
 MAX_SCHEMA_CHARS = 64 * 1024  # one JSON schema (a tool's parameters, a response format), serialized
-MAX_DESCRIPTION_CHARS = 8192
-MAX_ARGUMENTS_CHARS = 1024 * 1024  # a tool call's arguments sent back in the history
-MAX_ID_CHARS = 256
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # function and schema names (the OpenAI reference's rule)
 # reasoning_effort -> reasoning token budget (None: no limit); ``minimal`` closes the thinking at once
 REASONING_BUDGETS: dict[str, int | None] = {"minimal": 0, "low": 512, "medium": 2048, "high": None}
 

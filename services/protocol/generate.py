@@ -16,6 +16,7 @@ MAX_ID_CHARS = 256  # a history tool call's id and a tool turn's ``tool_call_id`
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1
 MAX_TOP_LOGPROBS = 20  # the OpenAI reference's bound
+MAX_STOP_CHARS = 1000  # one stop string
 MAX_FPS = 60.0  # frames per second a request may ask a video to be sampled at (or say its frames were taken)
 MAX_FRAME_ITEMS = 1024  # images in one frame-list video (then sampled down to the frame cap)
 MAX_CHOICES = 128  # ``n`` as any caller may send it; each service has its own, lower, configured cap
@@ -34,7 +35,7 @@ def _unicode(text: str) -> str:
 
 # Text as the model service accepts it from any caller (the api checks the same before sending).
 UnicodeText = Annotated[str, AfterValidator(_unicode)]
-StopString = Annotated[str, Field(max_length=1000), AfterValidator(_unicode)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
 
 
 class SamplingParams(BaseModel):

@@ -65,6 +65,10 @@ class ModelSettings(BaseSettings):
     # keep prefilled prompts' KV (within KV_CACHE_BYTES, least recently used out first) and prefill a later
     # prompt that shares a prefix (same tokens, same images/videos) from where it differs
     prefix_cache: bool = True
+    # bytes of processed images/videos (the processor's pixel tensors) kept by their raw bytes and parameters,
+    # so that a resent item (the next turn of a chat) is not decoded, resized and hashed again; least
+    # recently used out first; 0 disables
+    media_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     # how the running batch's KV grows each decode step: concat (transformers' DynamicLayer re-concatenates
     # every layer each step) or slots (engine/kv_slots.py: buffers grown in 128-column blocks, the new column
     # written in place). concat by default: on the CPU tiny checkpoint slots measured no gain (make bench (g))

@@ -19,6 +19,7 @@ from services.model.engine.grammar import Grammars
 from services.model.engine.prefix import prompt_key
 from services.model.engine.scheduler import Scheduler, SchedulerConfig
 from services.model.loading import Loaded
+from services.model.multimodal.media_cache import MediaCache
 from services.model.settings import ModelSettings
 from services.protocol.errors import PromptTooLong
 from services.protocol.generate import GenerateRequest, SamplingParams
@@ -54,6 +55,8 @@ class HFEngine:
         # tokens of KV the budget holds (0: no budget): a request's rows must fit it even alone
         self.kv_tokens = settings.kv_cache_bytes // bytes_per_token(loaded.model)
         self._scheduler = Scheduler(loaded.model, self.table, config, observer)
+        # what the processor made of each recent image/video, by raw bytes (prepare skips them on a hit)
+        self.media_cache = MediaCache(settings.media_cache_bytes)
 
     def watch(self, on_exit: Callable[[str], None]) -> None:
         """Nothing to watch: the engine lives as long as this process."""
@@ -91,8 +94,9 @@ class HFEngine:
         return await asyncio.to_thread(self.prepare_sync, request)
 
     def prepare_sync(self, request: GenerateRequest) -> Prepared:
-        """The blocking part of :meth:`prepare` (media decoding, template, processor, limits)."""
-        from services.model.multimodal.prompt import MediaLimits, build_inputs
+        """The blocking part of :meth:`prepare` (media decoding, template, processor, limits); media seen
+        recently come from the processed-media cache (``multimodal/media_cache.py``, MEDIA_CACHE_BYTES)."""
+        from services.model.multimodal.prompt import MediaLimits, prepare_prompt
         from services.model.multimodal.text_bound import check_prompt_text
 
         # Cheap first: a prompt far over the context is refused before media decoding and tokenization.
@@ -103,7 +107,10 @@ class HFEngine:
         # then the grammar (bounded, off the decode loop, one matcher per choice): before any media work
         grammar = self.grammars.matchers(request)
         limits = MediaLimits.from_settings(self.settings)
-        inputs = build_inputs(self.loaded.processor, request.messages, limits, request.tools, request.media)
+        prompt = prepare_prompt(
+            self.loaded.processor, request.messages, limits, request.tools, request.media, self.media_cache
+        )
+        inputs = prompt.inputs
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
         sampling = fit_kv_budget(sampling, request.sampling.max_tokens is None, prompt_tokens, self.kv_tokens)
@@ -113,7 +120,11 @@ class HFEngine:
             prompt_tokens=prompt_tokens,
             inputs=inputs,
             grammar=grammar,
-            prefix_key=prompt_key(self.loaded.model.config, inputs) if self.settings.prefix_cache else None,
+            prefix_key=(
+                prompt_key(self.loaded.model.config, inputs, prompt.digests)
+                if self.settings.prefix_cache
+                else None
+            ),
         )
 
     def submit(self, prepared: Prepared) -> None:

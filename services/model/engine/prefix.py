@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,12 +55,18 @@ class PromptKey:
         return int(self.ids.numel())
 
 
-def prompt_key(config: Any, inputs: Mapping[str, Any]) -> PromptKey:
+def prompt_key(
+    config: Any,
+    inputs: Mapping[str, Any],
+    digests: Mapping[str, Sequence[bytes | None]] | None = None,
+) -> PromptKey:
     """The key of processor ``inputs`` (``input_ids`` (1, L), media tensors) for a model ``config``.
 
-    Each item's digest is BLAKE2b over its grid (t, h, w) and its patches' bytes, so the same picture
-    resized differently (other ``max_pixels``, ``detail``) is another item. Costs one pass over the pixel
-    bytes (~1 GB/s): call it off the decode loop (``HFEngine.prepare_sync``)."""
+    Each item's digest is ``media_digest`` of its grid and patches, so the same picture resized differently
+    (other ``max_pixels``, ``detail``) is another item. ``digests`` gives items' digests already known (by
+    pixel key, ``pixel_values`` / ``pixel_values_videos``, one per item in order, None where unknown; the
+    media cache keeps them); the others cost one pass over their pixel bytes (~1 GB/s): call it off the
+    decode loop (``HFEngine.prepare_sync``)."""
     ids = inputs["input_ids"].reshape(-1).to("cpu", torch.long)
     merge = int(config.vision_config.spatial_merge_size) ** 2
     spans: list[MediaSpan] = []
@@ -70,16 +76,20 @@ def prompt_key(config: Any, inputs: Mapping[str, Any]) -> PromptKey:
             continue
         starts = (ids == int(getattr(config, token_attr))).nonzero().reshape(-1)
         patches = grids.prod(-1)
+        known = list((digests or {}).get(pixels_key) or [None] * len(grids))
         offset = 0
-        for item_pixels, grid, n_patches in zip(pixels.split(patches.tolist()), grids, patches, strict=True):
+        for item_pixels, grid, n_patches, digest in zip(
+            pixels.split(patches.tolist()), grids, patches, known, strict=True
+        ):
             n_tokens = int(n_patches) // merge
             start = int(starts[offset])
-            spans.append(MediaSpan(start, start + n_tokens, _digest(grid, item_pixels)))
+            spans.append(MediaSpan(start, start + n_tokens, digest or media_digest(grid, item_pixels)))
             offset += n_tokens
     return PromptKey(ids=ids, spans=tuple(sorted(spans, key=lambda s: s.start)))
 
 
-def _digest(grid: torch.Tensor, pixels: torch.Tensor) -> bytes:
+def media_digest(grid: torch.Tensor, pixels: torch.Tensor) -> bytes:
+    """BLAKE2b (16 bytes) over one item's grid (t, h, w) and its patches' bytes (patches, dim)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(grid.to("cpu", torch.long).numpy().tobytes())
     h.update(pixels.detach().to("cpu").contiguous().view(torch.uint8).numpy())

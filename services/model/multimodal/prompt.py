@@ -1,15 +1,26 @@
 """Internal ``Message`` list -> processor inputs (token ids, mm token types, pixel tensors).
 
 CPU work (media decoding, chat template, image/video processing): the engine runs it in a worker thread.
+
+The processor's ``apply_chat_template`` renders and tokenizes the conversation; its media steps
+(``_process_images`` / ``_process_videos``: run the image or video processor on all items at once, then
+the prompt text of each item's placeholder) are replaced, on a per-call copy of the processor, by the same
+steps one item at a time through the processed-media cache (``media_cache.py``): an item whose raw bytes
+and parameters were seen before is neither decoded nor processed again. The processor's own per-item
+results concatenate to exactly what one call on all items gives (``tests/model/test_media_cache.py``). The
+conversation given to the template holds one-pixel stand-ins for the media (the template only writes their
+pad tokens; the processor only checks there is one per pad token).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from jinja2 import TemplateError
 
 from services.model.multimodal.budget import (
@@ -21,28 +32,73 @@ from services.model.multimodal.budget import (
 )
 from services.model.multimodal.images import decode_image
 from services.model.multimodal.limits import MediaLimits, check_media_counts, check_media_options
-from services.model.multimodal.video import SAMPLE_FPS, DecodedVideo, decode_video, frame_list_video
+from services.model.multimodal.media_cache import MediaCache, ProcessedMedia, media_key
+from services.model.multimodal.video import (
+    SAMPLE_FPS,
+    DecodedVideo,
+    check_room,
+    decode_video,
+    frame_list_video,
+)
 from services.protocol.errors import InvalidMedia, InvalidRequest
 from services.protocol.generate import ImagePart, MediaOptions, Message, TextPart, Tool, VideoPart
 
-__all__ = ["MediaLimits", "build_inputs"]
+__all__ = ["MediaLimits", "PromptInputs", "build_inputs", "prepare_prompt"]
 
 log = logging.getLogger(__name__)
+
+# What the template and the processor's input checks see in place of an image (H, W, 3) or a video
+# (T, H, W, 3): the real pixels go through the per-item steps.
+_IMAGE_STAND_IN = np.zeros((1, 1, 3), dtype=np.uint8)
+_VIDEO_STAND_IN = np.zeros((1, 1, 1, 3), dtype=np.uint8)
+
+
+@dataclass(slots=True)
+class _Item:
+    """One image or video of the conversation: cached already (``done``), or decoded and resized
+    (``media``: a PIL image or (T, H, W, 3) uint8 frames, with a video's ``metadata``) for the processor;
+    ``key``: its cache key (None: no cache)."""
+
+    key: bytes | None
+    pixels: int
+    done: ProcessedMedia | None = None
+    media: Any = None
+    metadata: Any = None
 
 
 @dataclass(slots=True)
 class _Conversation:
     messages: list[dict[str, Any]]
-    videos: list[DecodedVideo]
     limits: MediaLimits
     band: PixelBand  # the processor's own pixel band (per-request budgets narrow it per item)
     options: MediaOptions | None = None
+    cache: MediaCache | None = None
+    images: list[_Item] = field(default_factory=list)
+    videos: list[_Item] = field(default_factory=list)
     pixels: int = 0  # decoded so far, all media of the request
 
     def count(self, pixels: int, limit: int) -> None:
         self.pixels += pixels
         if self.pixels > limit:
             raise InvalidMedia(f"the request's media have more than {limit} decoded pixels in all")
+
+    def lookup(self, kind: str, parameters: tuple, data: list[str]) -> _Item:
+        """The item's cache entry if there is one (``done``), else an item to decode (``media`` unset)."""
+        if self.cache is None or not self.cache.max_bytes:
+            return _Item(key=None, pixels=0)
+        key = media_key(kind, (parameters, self.limits, self.band), data)
+        done = self.cache.get(key)
+        return _Item(key=key, pixels=done.pixels if done else 0, done=done)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInputs:
+    """``inputs``: what ``build_inputs`` returns; ``digests``: the media items' pixel digests by pixel key
+    (``pixel_values`` / ``pixel_values_videos``, in order; None where not computed), for
+    ``prefix.prompt_key``."""
+
+    inputs: Any
+    digests: dict[str, list[bytes | None]]
 
 
 def build_inputs(
@@ -61,19 +117,40 @@ def build_inputs(
     ``pixel_values_videos``/``video_grid_thw``. Raises ``InvalidMedia`` for bad media and
     ``InvalidRequest`` when the processor rejects the input.
     """
+    return prepare_prompt(processor, messages, limits, tools, options).inputs
+
+
+def prepare_prompt(
+    processor: Any,
+    messages: list[Message],
+    limits: MediaLimits,
+    tools: list[Tool] | None = None,
+    options: MediaOptions | None = None,
+    cache: MediaCache | None = None,
+) -> PromptInputs:
+    """``build_inputs`` through the processed-media ``cache`` (None or a 0-byte cache: none), with the
+    items' pixel digests (computed for the items the cache takes, else None). The same errors as
+    ``build_inputs``."""
     check_media_options(options, limits)
-    conv = _to_conversation(messages, limits, processor_band(processor), options)
+    conv = _to_conversation(messages, limits, processor_band(processor), options, cache)
+    view = copy.copy(processor)  # a shallow copy: the tokenizer and sub-processors are shared
+    digests: dict[str, list[bytes | None]] = {}
+    view._process_images = lambda images, **kw: _process(view, conv, "image", kw, digests)
+    view._process_videos = lambda videos, **kw: _process(view, conv, "video", kw, digests)
     processor_kwargs: dict[str, Any] = {}
     if conv.videos:
         processor_kwargs.update(
-            # Frames are sampled already; the metadata (fps, indices) gives Qwen3-VL its timestamps.
-            video_metadata=[v.metadata for v in conv.videos],
+            # Frames are sampled already; each item's metadata (fps, indices) gives Qwen3-VL its timestamps.
             do_sample_frames=False,
             # The reference (qwen-vl-utils) per-frame pixel budget; also silences a transformers warning.
             cap_pixels_per_frame=True,
         )
+    return PromptInputs(_render(view, conv, tools, processor_kwargs), digests)
+
+
+def _render(view: Any, conv: _Conversation, tools: list[Tool] | None, processor_kwargs: dict) -> Any:
     try:
-        return processor.apply_chat_template(
+        return view.apply_chat_template(
             conv.messages,
             add_generation_prompt=True,
             tokenize=True,
@@ -98,11 +175,56 @@ def build_inputs(
         ) from None
 
 
+def _process(
+    view: Any, conv: _Conversation, kind: str, kwargs: dict[str, Any], digests: dict
+) -> tuple[dict[str, Any], list[str]]:
+    """The processor's ``_process_images``/``_process_videos`` for ``conv``'s items of ``kind``, one at a
+    time: (the items' tensors concatenated in order, each item's placeholder text). ``kwargs``: the
+    processor's merged keyword arguments for that modality."""
+    items = conv.images if kind == "image" else conv.videos
+    done = [item.done or _run(view, item, kind, kwargs, conv.cache) for item in items]
+    digests["pixel_values" if kind == "image" else "pixel_values_videos"] = [d.digest or None for d in done]
+    keys = done[0].tensors.keys()
+    if len(done) == 1:  # shared with the cache, not copied (see media_cache.py)
+        data = dict(done[0].tensors)
+    else:
+        data = {k: torch.cat([d.tensors[k] for d in done]) for k in keys}
+    return data, [d.placeholder for d in done]
+
+
+def _run(
+    view: Any, item: _Item, kind: str, kwargs: dict[str, Any], cache: MediaCache | None
+) -> ProcessedMedia:
+    """Process one decoded item alone; kept in ``cache`` when the item has a key."""
+    from services.model.engine.prefix import media_digest
+
+    kwargs = {**kwargs, "return_tensors": "pt"}
+    if kind == "image":
+        out = view.image_processor([item.media], **kwargs)
+        placeholder = view.replace_image_token(out, 0, **kwargs)
+        pixels, grids = out["pixel_values"], out["image_grid_thw"]
+    else:
+        kwargs["video_metadata"] = [item.metadata]
+        out = view.video_processor([item.media], **kwargs)
+        placeholder = view.replace_video_token(out, 0, **kwargs)
+        pixels, grids = out["pixel_values_videos"], out["video_grid_thw"]
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    digest = media_digest(grids[0], pixels) if item.key is not None else b""
+    processed = ProcessedMedia(tensors=tensors, placeholder=placeholder, digest=digest, pixels=item.pixels)
+    if cache is not None and item.key is not None:
+        cache.put(item.key, processed)
+    return processed
+
+
 def _to_conversation(
-    messages: list[Message], limits: MediaLimits, band: PixelBand, options: MediaOptions | None
+    messages: list[Message],
+    limits: MediaLimits,
+    band: PixelBand,
+    options: MediaOptions | None,
+    cache: MediaCache | None,
 ) -> _Conversation:
     check_media_counts(messages, limits)
-    conv = _Conversation(messages=[], videos=[], limits=limits, band=band, options=options)
+    conv = _Conversation(messages=[], limits=limits, band=band, options=options, cache=cache)
     for message in messages:
         if isinstance(message.content, str):
             content: Any = message.content
@@ -124,44 +246,72 @@ def _tool_fields(message: Message) -> dict[str, Any]:
 
 
 def _part(part: TextPart | ImagePart | VideoPart, conv: _Conversation) -> dict:
-    limits = conv.limits
     if isinstance(part, TextPart):
         return {"type": "text", "text": part.text}
     if isinstance(part, ImagePart):
-        image = decode_image(part.data, limits.max_image_pixels, limits.max_media_bytes)
-        conv.count(image.width * image.height, limits.max_request_pixels)
-        band = request_band(conv.band, conv.options, part.detail == "low", limits)
-        return {"type": "image", "image": resize_image(image, band)}
+        conv.images.append(_image(part, conv))
+        return {"type": "image", "image": _IMAGE_STAND_IN}
     if isinstance(part, VideoPart):
-        video = _video(part, conv)
-        frames, height, width = video.frames.shape[:3]
-        conv.count(frames * height * width, limits.max_request_pixels)
-        video.frames = resize_frames(video.frames, request_band(conv.band, conv.options, False, limits))
-        conv.videos.append(video)
-        return {"type": "video", "video": video.frames}
+        conv.videos.append(_video(part, conv))
+        return {"type": "video", "video": _VIDEO_STAND_IN}
     raise InvalidMedia(f"unsupported content part {type(part).__name__}")
 
 
-def _video(part: VideoPart, conv: _Conversation) -> DecodedVideo:
-    """Decode a video file (sampled at ``mm_processor_kwargs.fps``, default 2 per second) or a list of
-    frames (taken at the part's ``fps``, else the request's, else 2 per second)."""
+def _image(part: ImagePart, conv: _Conversation) -> _Item:
+    """A cached image, or the image decoded and resized to its band; its pixels counted either way."""
+    limits = conv.limits
+    band = request_band(conv.band, conv.options, part.detail == "low", limits)
+    item = conv.lookup("image", (band,), [part.data])
+    if item.done is not None:
+        conv.count(item.pixels, limits.max_request_pixels)
+        return item
+    image = decode_image(part.data, limits.max_image_pixels, limits.max_media_bytes)
+    item.pixels = image.width * image.height
+    conv.count(item.pixels, limits.max_request_pixels)
+    item.media = resize_image(image, band)
+    return item
+
+
+def _video(part: VideoPart, conv: _Conversation) -> _Item:
+    """A cached video, or a video file (sampled at ``mm_processor_kwargs.fps``, default 2 per second) or
+    a list of frames (taken at the part's ``fps``, else the request's, else 2 per second) decoded and
+    resized to its band; at most ``max_frames`` (the request's, within MAX_VIDEO_FRAMES) frames."""
     limits, options = conv.limits, conv.options
     max_frames = limits.max_video_frames
     if options is not None and options.max_frames is not None:
         max_frames = min(max_frames, options.max_frames)
     fps = options.fps if options is not None and options.fps is not None else None
+    sample_fps = (part.fps or fps or SAMPLE_FPS) if part.frames else (fps or SAMPLE_FPS)
+    band = request_band(conv.band, options, False, limits)
+    kind = "frames" if part.frames else "video"
+    item = conv.lookup(kind, (max_frames, sample_fps, band), part.frames or [part.data])
     room = limits.max_request_pixels - conv.pixels  # checked before the frames are decoded
+    if item.done is not None:
+        check_room(item.pixels, room)
+        conv.count(item.pixels, limits.max_request_pixels)
+        return item
+    video = _decode_video(part, limits, max_frames, sample_fps, room)
+    frames, height, width = video.frames.shape[:3]
+    item.pixels = frames * height * width
+    conv.count(item.pixels, limits.max_request_pixels)
+    item.media, item.metadata = resize_frames(video.frames, band), video.metadata
+    return item
+
+
+def _decode_video(
+    part: VideoPart, limits: MediaLimits, max_frames: int, sample_fps: float, room: int
+) -> DecodedVideo:
     if part.frames:
 
         def decode(data: str) -> np.ndarray:
             return np.asarray(decode_image(data, limits.max_image_pixels, limits.max_media_bytes))
 
-        return frame_list_video(part.frames, part.fps or fps or SAMPLE_FPS, max_frames, decode, room)
+        return frame_list_video(part.frames, sample_fps, max_frames, decode, room)
     return decode_video(
         part.data,
         max_frames,
         limits.max_image_pixels,
         limits.max_media_bytes,
-        sample_fps=fps or SAMPLE_FPS,
+        sample_fps=sample_fps,
         pixel_room=room,
     )

@@ -1,78 +1,295 @@
-"""KV_LAYOUT=slots (kv_slots.GrowingLayer): the same greedy tokens as the concatenating layout while rows
-join, leave and a failed step is undone; writes stay in place; views handed out are never overwritten."""
+"""KV_LAYOUT=slots (kv_slots.SlotBatch): rows keep their KV in place while others join and leave.
+
+The oracle is greedy (and seeded) equality: the slots layout decodes exactly the tokens of the concatenating
+layout and of ``generate`` alone, with text, image and video rows joining and leaving in several orders, holes
+refilled, the slot bucket and the column capacity grown, n > 1 forks and a step that failed half-way undone.
+Besides: a join that fits and a leave move no running row's KV, and a decode step reads nothing back from the
+device.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 from services.model.engine import batch as kv
-from services.model.engine.kv_slots import BLOCK, GrowingLayer, grow_in_place
-from tests.model.engine_support import tiny_engine
+from services.model.engine.kv_slots import SlotBatch, SlotConfig, columns_for, slot_bucket, slot_buckets
+from tests.model.engine_support import (
+    Recorder,
+    RecordingScheduler,
+    drain,
+    prepare,
+    reference_tokens,
+    request,
+    scheduler_for,
+    tiny_engine,
+)
+
+pytestmark = pytest.mark.slow
 
 _PROMPTS = ("Tell me a story.", "List the planets in order please.", "Why is the sky blue?", "A haiku")
 
 
-def _prefill(model: object, tokenizer: object, text: str) -> kv.BatchTensors:
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]  # type: ignore[operator]
-    return kv.prefill(model, {"input_ids": ids}, torch.device("cpu"))[1]
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> Any:
+    return tiny_engine(tiny_model_dir)
 
 
-def _greedy_with_churn(model: object, tokenizer: object, grow: bool, steps: int = 40) -> list[list[int]]:
-    batch = kv.merge([_prefill(model, tokenizer, p * (1 + i % 3)) for i, p in enumerate(_PROMPTS * 2)])
-    joiners = [_prefill(model, tokenizer, p) for p in _PROMPTS]
+def _prefill(engine: Any, text: str) -> kv.BatchTensors:
+    ids = engine.loaded.processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    return kv.prefill(engine.loaded.model, {"input_ids": ids}, torch.device("cpu"))[1]
+
+
+def test_slot_buckets_and_column_blocks() -> None:
+    assert slot_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert slot_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert slot_buckets(1) == [1]
+    assert [slot_bucket(n, 64) for n in (0, 1, 3, 9, 17, 25, 33, 49)] == [0, 1, 4, 16, 24, 32, 48, 64]
+    with pytest.raises(ValueError):
+        slot_bucket(65, 64)
+    assert [columns_for(n) for n in (1, 128, 129)] == [128, 128, 256]
+    assert columns_for(30, cap=40) == 40  # a small KV budget caps the block
+    assert columns_for(30, cap=500) == 128
+    assert columns_for(5, block=8) == 8
+
+
+# ---- the batch functions, both layouts side by side -----------------------------------------------------
+
+
+@contextmanager
+def _failing_layer(model: Any, layer: int) -> Iterator[None]:
+    """The decoder layer ``layer`` raises once it runs (earlier layers have written their column)."""
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected fault")
+
+    handle = model.model.language_model.layers[layer].register_forward_pre_hook(boom)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _churn(engine: Any, slots: SlotConfig | None, watch: Callable[[kv.Batch], None]) -> list[list[int]]:
+    """A fixed script of joins and leaves over 36 greedy steps; the tokens of every step (row order)."""
+    model = engine.loaded.model
+    batch = kv.merge([_prefill(engine, p * (1 + i % 3)) for i, p in enumerate(_PROMPTS)], slots)
+    script: dict[int, Callable[[kv.Batch], kv.Batch]] = {
+        3: lambda b: kv.select(b, [0, 2]),  # two rows leave from the middle
+        5: lambda b: kv.merge([b, _prefill(engine, _PROMPTS[1]), _prefill(engine, _PROMPTS[2] * 2)], slots),
+        9: lambda b: kv.merge(
+            [b, *(_prefill(engine, p) for p in _PROMPTS), _prefill(engine, "x " * 40)], slots
+        ),
+        14: lambda b: kv.select(b, [i for i in range(b.size) if i % 3 != 1]),
+        17: lambda b: kv.merge([b, kv.take(_prefill(engine, _PROMPTS[3]), [0, 0])], slots),  # a fork of 2
+        24: lambda b: kv.select(b, [b.size - 1, 0]),  # few rows left, in a new order
+    }
     tokens: list[list[int]] = []
-    for step in range(steps):
-        if step % 5 == 4:  # one row leaves, a new one joins
-            batch = kv.select(batch, [i for i in range(batch.size) if i != step % batch.size])
-            batch = kv.merge([batch, kv.take(joiners[step % len(joiners)], [0])])
-        if step == 7:  # a step that "failed": its cache writes are undone, then the step runs again
+    for step in range(36):
+        if step in script:
+            batch = script[step](batch)
+        if step == 7:  # a step that fails half-way through the layers, undone, then run again
             saved = kv.snapshot(batch)
-            mask, pos = batch.mask, batch.next_pos
-            kv.decode(model, batch, grow=grow)
+            with _failing_layer(model, 1), pytest.raises(RuntimeError, match="injected"):
+                kv.decode(model, batch)
             kv.restore(batch, saved)
-            batch.mask, batch.next_pos = mask, pos
-        logits = kv.decode(model, batch, grow=grow)
+        logits = kv.decode(model, batch, out=torch.empty((batch.size, logits_width(model))))
         batch.tokens = logits.argmax(-1, keepdim=True)
         tokens.append(batch.tokens.flatten().tolist())
+        watch(batch)
     return tokens
 
 
-def test_slots_layout_decodes_the_same_tokens_as_concat(tiny_model_dir: Path) -> None:
-    engine = tiny_engine(tiny_model_dir)
-    model, tokenizer = engine.loaded.model, engine.loaded.processor.tokenizer
-    with torch.inference_mode():
-        assert _greedy_with_churn(model, tokenizer, True) == _greedy_with_churn(model, tokenizer, False)
+def logits_width(model: Any) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
 
 
-def test_a_step_writes_in_place_and_kept_views_stay_untouched(tiny_model_dir: Path) -> None:
-    engine = tiny_engine(tiny_model_dir)
-    model, tokenizer = engine.loaded.model, engine.loaded.processor.tokenizer
+@pytest.mark.parametrize("static", [False, True], ids=["span", "static"])
+def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine: Any, static: bool) -> None:
+    shapes: list[tuple[int, int]] = []
+
+    def watch(batch: kv.Batch) -> None:
+        assert isinstance(batch, SlotBatch)
+        shapes.append(batch.capacity)
+
     with torch.inference_mode():
-        batch = _prefill(model, tokenizer, "Hello there")
-        kept = [(layer.keys, layer.values) for layer in batch.cache.layers]  # what the prefix cache keeps
-        kept_copy = [(k.clone(), v.clone()) for k, v in kept]
-        kv.decode(model, batch, grow=True)
-        layer = batch.cache.layers[0]
-        assert isinstance(layer, GrowingLayer)
-        buffer = layer._k.data
-        assert buffer is not None and buffer.shape[2] == BLOCK  # one block holds the short prompt
-        first = layer.keys.shape[2]
-        kv.decode(model, batch, grow=True)
-        assert layer._k.data is buffer and layer.keys.shape[2] == first + 1  # written in place
-        assert kv.nbytes(batch) == sum(g.allocated_bytes() for g in batch.cache.layers)
-        for (k, v), (k0, v0) in zip(kept, kept_copy, strict=True):
+        concat = _churn(engine, None, lambda b: None)
+        slots = _churn(engine, SlotConfig(16, block=16, static=static), watch)
+    assert slots == concat
+    assert len({t for step in concat for t in step}) > 10  # the model's output depends on its input
+    slot_counts = [s for i, (s, _) in enumerate(shapes) if i == 0 or shapes[i - 1][0] != s]
+    assert slot_counts == [4, 16, 2]  # grown for the 9-row join, compacted when 2 rows were left
+    columns = [c for _, c in shapes]
+    assert any(b > a for a, b in pairwise(columns))  # grown by blocks
+    assert any(b < a for a, b in pairwise(columns))  # shrunk by the compaction
+
+
+def test_a_join_that_fits_and_a_leave_move_no_running_row(engine: Any) -> None:
+    with torch.inference_mode():
+        batch = kv.merge([_prefill(engine, p) for p in _PROMPTS[:3]], SlotConfig(8))
+        assert isinstance(batch, SlotBatch) and batch.capacity == (4, 128)
+        kv.decode(engine.loaded.model, batch)
+        pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers]
+        kept = {batch.slots[i]: _row_copy(batch, i) for i in (0, 2)}
+        nbytes = kv.nbytes(batch)
+
+        batch = kv.select(batch, [0, 2])  # the middle row leaves
+        assert batch.slots == [0, 2]
+        assert _pointers(batch) == pointers and kv.nbytes(batch) == nbytes
+        _assert_rows(batch, kept)
+
+        batch = kv.merge([batch, _prefill(engine, _PROMPTS[3])])  # fills the hole
+        assert batch.slots == [0, 2, 1]
+        assert _pointers(batch) == pointers and kv.nbytes(batch) == nbytes
+        _assert_rows(batch, kept)
+        assert batch.lengths()[2] == _prefill(engine, _PROMPTS[3]).mask.shape[1]
+
+        batch = kv.merge([batch, _prefill(engine, "one more"), _prefill(engine, "and another")])
+        assert batch.capacity == (8, 128) and _pointers(batch) != pointers  # a bucket grow moves once
+        _assert_rows(batch, kept)
+
+
+def _pointers(batch: SlotBatch) -> list[tuple[int, int]]:
+    return [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers]
+
+
+def _row_copy(batch: SlotBatch, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(k.clone(), v.clone()) for k, v in batch.row_kv(row)[0]]
+
+
+def _assert_rows(batch: SlotBatch, kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+    for slot, layers in kept.items():
+        now = batch.row_kv(batch.slots.index(slot))[0]
+        for (k, v), (k0, v0) in zip(now, layers, strict=True):
             assert torch.equal(k, k0) and torch.equal(v, v0)
 
 
-def test_buffers_grow_by_whole_blocks() -> None:
-    cache = kv.DynamicCache()
-    cache.update(torch.ones(2, 1, BLOCK - 1, 4), torch.ones(2, 1, BLOCK - 1, 4), 0)
-    grow_in_place(cache)
-    layer = cache.layers[0]
-    layer.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))  # fills the block
-    assert layer._k.data.shape[2] == BLOCK and layer.keys.shape == (2, 1, BLOCK, 4)
-    layer.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))  # one more block
-    assert layer._k.data.shape[2] == 2 * BLOCK and layer.keys.shape == (2, 1, BLOCK + 1, 4)
-    assert torch.equal(layer.keys[:, :, : BLOCK - 1], torch.ones(2, 1, BLOCK - 1, 4))
+_SYNCS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__index__", "__float__")
+
+
+def test_a_decode_step_reads_nothing_back_from_the_device(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way a tensor's value reaches Python (a device -> host sync on CUDA) raises inside the step."""
+    with torch.inference_mode():
+        batch = kv.merge([_prefill(engine, p) for p in _PROMPTS], SlotConfig(8))
+        batch = kv.select(batch, [0, 3])
+        out = torch.empty((batch.size, logits_width(engine.loaded.model)))
+        kv.decode(engine.loaded.model, batch, out=out)  # warm: the first step picks the mask kind
+
+        def synced(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("host sync inside the decode step")
+
+        with monkeypatch.context() as m:
+            for name in _SYNCS:
+                m.setattr(torch.Tensor, name, synced)
+            kv.decode(engine.loaded.model, batch, out=out)
+        assert batch.lengths() == [n + 2 for n in (_prefill(engine, p).mask.shape[1] for p in _PROMPTS[::3])]
+
+
+# ---- the scheduler ---------------------------------------------------------------------------------------
+
+
+class _ChoiceScheduler(RecordingScheduler):
+    """Keeps the generated ids per (request id, choice index)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.by_choice: dict[tuple[str, int], list[int]] = defaultdict(list)
+
+    def _advance(self, step: Any, row: Any, token: int, now: float) -> None:
+        self.by_choice[(row.request_id, row.index)].append(token)
+        super()._advance(step, row, token, now)
+
+
+def _schedule(
+    engine: Any, arrivals: list[tuple[int, Any]], **config: Any
+) -> tuple[_ChoiceScheduler, Recorder]:
+    """Submit each prepared request at its step (0-based), drive the scheduler until idle."""
+    base = scheduler_for(engine, **config)
+    sched = _ChoiceScheduler(engine.loaded.model, engine.table, base._config)
+    rec = Recorder()
+    sched.bind(rec)
+    step = 0
+    pending = sorted(arrivals, key=lambda a: a[0])
+    while pending or sched.admission.has_work():
+        while pending and pending[0][0] <= step:
+            sched.submit(pending.pop(0)[1])
+        if sched.admission.has_work():
+            sched.step_once()
+        step += 1
+    drain(sched)
+    return sched, rec
+
+
+@pytest.fixture(scope="module")
+def media(engine: Any) -> dict[str, Any]:
+    reqs = [
+        request("video", "Describe the video", video=4, max_tokens=14, temperature=0),
+        request("text-1", "Why do cats purr so loudly at night?", max_tokens=20, temperature=0),
+        request("image", "What is in the image?", image=5, max_tokens=16, temperature=0),
+        request("text-2", "hi", max_tokens=9, temperature=0),
+        request("text-3", "Name three rivers in Europe, please", max_tokens=18, temperature=0),
+        request("image-2", "And this picture?", image=6, max_tokens=12, temperature=0),
+    ]
+    return {r.request_id: prepare(engine, r) for r in reqs}
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["span", "static"])
+def test_scheduler_rows_equal_generate_alone_in_other_orders(
+    engine: Any, media: dict[str, Any], static: bool
+) -> None:
+    """Video first, text joining, the short text leaving from the middle, image rows filling its hole;
+    three slots at most so that rows wait and reuse freed slots."""
+    arrivals = [(0, media["video"]), (2, media["text-1"]), (2, media["text-2"]), (5, media["image"])]
+    arrivals += [(6, media["text-3"]), (9, media["image-2"])]
+    sched, rec = _schedule(engine, arrivals, kv_layout="slots", kv_static_shapes=static, max_batch_size=3)
+    for rid, prepared in media.items():
+        assert sched.tokens[rid] == reference_tokens(engine, prepared), rid
+        assert rec.final(rid).finish_reason in ("stop", "length"), rid  # type: ignore[union-attr]
+    assert sched._batch is None  # idle: the slot buffers are gone
+
+
+def test_forks_and_seeded_sampling_equal_across_layouts(engine: Any) -> None:
+    seeded = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    reqs = [
+        request("fork-greedy", "What is in the image?", image=7, n=2, max_tokens=10, temperature=0),
+        request("fork-seeded", "Tell me a story", n=3, seed=99, max_tokens=12, **seeded),
+        request("seeded", "Count the stars", seed=5, max_tokens=15, **seeded),
+    ]
+    prepared = [(i * 2, prepare(engine, r)) for i, r in enumerate(reqs)]
+    runs = {layout: _schedule(engine, prepared, kv_layout=layout)[0] for layout in ("concat", "slots")}
+    assert runs["slots"].by_choice == runs["concat"].by_choice
+    assert len(runs["slots"].by_choice) == 6
+    greedy = reference_tokens(engine, prepared[0][1])
+    assert (
+        runs["slots"].by_choice[("fork-greedy", 0)] == runs["slots"].by_choice[("fork-greedy", 1)] == greedy
+    )
+    assert len({tuple(runs["slots"].by_choice[("fork-seeded", i)]) for i in range(3)}) == 3
+
+
+def test_the_reservation_covers_the_slot_buffers(engine: Any) -> None:
+    """Under a KV budget, the rows' reservation (what admission checks) is never below the buffers'
+    allocation, and it is the S x C rectangle: slots in buckets, columns in whole blocks."""
+    per_token = kv.bytes_per_token(engine.loaded.model)
+    sched = scheduler_for(engine, kv_layout="slots", kv_cache_bytes=per_token * 4096, prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    reqs = [prepare(engine, request(f"r{i}", "word " * (3 * i + 1), max_tokens=8 + 40 * i)) for i in range(3)]
+    for p in reqs:
+        sched.submit(p)
+    seen = []
+    while sched.step_once():
+        batch, (reserved, _, _) = sched._batch, sched.kv_bytes()
+        if isinstance(batch, SlotBatch):
+            assert kv.nbytes(batch) <= reserved
+            seen.append(reserved)
+    longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in reqs)
+    assert seen[0] == 4 * columns_for(longest) * per_token  # three rows: a bucket of 4 slots

@@ -5,6 +5,11 @@ does not matter; only the attention mask and the explicit per-row positions do. 
 ``position_ids`` of shape (4, B, L): row 0 the text index, rows 1-3 the 3-D mrope position (text index plus
 the row's own rope delta from its prefill). The model's shared ``model.model.rope_deltas`` is never used: a
 multimodal prefill of one request would otherwise shift the positions of every other row.
+
+Two layouts of the running batch's KV (``KV_LAYOUT``): ``concat``, a ``BatchTensors`` whose transformers
+``DynamicCache`` is re-concatenated on every step, join and leave; and ``slots``, a ``kv_slots.SlotBatch``
+whose rows keep their KV in place. The functions below (``merge``, ``select``, ``take``, ``decode``,
+``snapshot``, ``restore``, ``nbytes``) take either; a prefill always makes a one-row ``BatchTensors``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from services.model.engine.kv_slots import GrowingLayer, grow_in_place
+from services.model.engine.kv_slots import SlotBatch, SlotConfig
 
 _MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "mm_token_type_ids")
 _FLOAT_KEYS = ("pixel_values", "pixel_values_videos")
@@ -41,6 +46,10 @@ class BatchTensors:
     @property
     def size(self) -> int:
         return int(self.mask.shape[0])
+
+
+Batch = BatchTensors | SlotBatch
+"""The running batch in either KV layout."""
 
 
 def prefill(model: Any, inputs: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, BatchTensors]:
@@ -111,20 +120,15 @@ def _mrope_positions(
     return positions, delta.reshape(-1)
 
 
-def decode(
-    model: Any, batch: BatchTensors, out: torch.Tensor | None = None, grow: bool = False
-) -> torch.Tensor:
+def decode(model: Any, batch: Batch, out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step for every row; appends to the cache and returns the logits (B, V).
-
-    With ``grow`` (``KV_LAYOUT=slots``) the cache's layers are first made ``kv_slots.GrowingLayer`` (once: a
-    layer that already is stays), so the step writes its column into preallocated buffers in place.
 
     With ``out`` (a (B, V) tensor of the output head's dtype and device) the logits are written there: the
     base model runs, then the output head as one matrix product into ``out`` (what the model's own head
     computes). On CPU a fresh (B, V) tensor per step is costly once it is large (B=64: 39 MB, beyond
     glibc's mmap threshold, so every step page-faults it in anew); a reused buffer is not."""
-    if grow:
-        grow_in_place(batch.cache)
+    if isinstance(batch, SlotBatch):
+        return batch.decode(model, out)
     ones = torch.ones((batch.size, 1), dtype=batch.mask.dtype, device=batch.mask.device)
     mask = torch.cat([batch.mask, ones], dim=1)
     pos = batch.next_pos[:, None]
@@ -164,7 +168,26 @@ class LogitsBuffer:
         return self._buf[:n]
 
 
-def merge(parts: list[BatchTensors]) -> BatchTensors:
+def merge(parts: list[Batch], slots: SlotConfig | None = None) -> Batch:
+    """Join row groups into one batch, in order. A ``SlotBatch`` first takes the others' rows into free
+    slots (their KV copied once, its own rows untouched); with ``slots`` (``KV_LAYOUT=slots``) prefilled
+    rows start a new ``SlotBatch``; otherwise caches and masks are left-padded to the longest and
+    concatenated."""
+    first = parts[0]
+    if isinstance(first, SlotBatch) or slots is not None:
+        target = first if isinstance(first, SlotBatch) else SlotBatch.like(slots, first)  # type: ignore[arg-type]
+        for part in parts if target is not first else parts[1:]:
+            if isinstance(part, SlotBatch):
+                raise ValueError("one slot batch at a time: merge prefilled rows into it")
+            target.join(part)
+        return target
+    plain = [p for p in parts if isinstance(p, BatchTensors)]
+    if len(plain) != len(parts):
+        raise ValueError("a slot batch goes first in a merge")
+    return _concat(plain)
+
+
+def _concat(parts: list[BatchTensors]) -> BatchTensors:
     """Concatenate row groups into one batch, left-padding caches and masks to the longest."""
     if len(parts) == 1:
         return parts[0]
@@ -199,45 +222,68 @@ def bytes_per_token(model: Any) -> int:
     return 2 * int(text.num_hidden_layers) * int(kv_heads) * int(head_dim) * model.dtype.itemsize
 
 
-def nbytes(batch: BatchTensors) -> int:
-    """Bytes of the batch's cached keys and values (with ``KV_LAYOUT=slots``: the buffers' allocation)."""
+def nbytes(batch: Batch) -> int:
+    """Bytes of the batch's cached keys and values (a ``SlotBatch``: its buffers' whole allocation)."""
+    if isinstance(batch, SlotBatch):
+        return batch.nbytes()
     return sum(
-        layer.allocated_bytes()
-        if isinstance(layer, GrowingLayer)
-        else layer.keys.numel() * layer.keys.element_size()
-        + layer.values.numel() * layer.values.element_size()
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
         for layer in batch.cache.layers
         if layer.keys is not None
     )
 
 
-CacheSnapshot = list[tuple[torch.Tensor, torch.Tensor]]
+CacheSnapshot = list[tuple[torch.Tensor, torch.Tensor]] | tuple[list[int], torch.Tensor]
 
 
-def snapshot(batch: BatchTensors) -> CacheSnapshot:
-    """The cache's per-layer (keys, values) tensors, to undo a decode that failed half-way. Free: the
-    cache's layers replace their tensors on update (``torch.cat``), they never write into them; a
-    ``GrowingLayer`` writes only past these views' columns, and restoring one only resets its length."""
+def snapshot(batch: Batch) -> CacheSnapshot:
+    """What undoes a decode that failed half-way. Free: a ``DynamicCache``'s layers replace their tensors
+    on update (``torch.cat``), they never write into them, so its per-layer (keys, values) are kept; a
+    ``SlotBatch`` writes only past its rows' lengths, so its lengths are kept."""
+    if isinstance(batch, SlotBatch):
+        return batch.snapshot()
     return [(layer.keys, layer.values) for layer in batch.cache.layers]
 
 
-def restore(batch: BatchTensors, saved: CacheSnapshot) -> None:
-    """Put back the tensors of :func:`snapshot` (the mask and positions change only after a decode
+def restore(batch: Batch, saved: CacheSnapshot) -> None:
+    """Put back the state of :func:`snapshot` (the mask and positions change only after a decode
     succeeded, so the batch is then as it was before the failed call)."""
+    if isinstance(batch, SlotBatch):
+        assert isinstance(saved, tuple)
+        batch.restore(saved)
+        return
+    assert isinstance(saved, list)
     for layer, (keys, values) in zip(batch.cache.layers, saved, strict=True):
         layer.keys, layer.values = keys, values
 
 
-def take(batch: BatchTensors, rows: list[int]) -> BatchTensors:
-    """An independent copy of the rows at ``rows`` (their own cache object and tensors): decoding it leaves
-    ``batch`` untouched. Costs the memory of those rows' cache."""
+def take(batch: Batch, rows: list[int]) -> BatchTensors:
+    """An independent copy of the rows at ``rows`` (their own cache object and tensors, in the ``concat``
+    layout whatever ``batch``'s): decoding it leaves ``batch`` untouched. Costs the memory of those rows'
+    cache."""
+    if isinstance(batch, SlotBatch):
+        return _concat([_slot_row(batch, i) for i in rows])
     cache = copy.copy(batch.cache)
     cache.layers = [copy.copy(layer) for layer in batch.cache.layers]
     return select(replace(batch, cache=cache), rows)
 
 
-def select(batch: BatchTensors, keep: list[int]) -> BatchTensors:
-    """Keep only the rows at ``keep`` (in that order), then drop leading columns that are padding for all."""
+def _slot_row(batch: SlotBatch, row: int) -> BatchTensors:
+    """Row ``row`` of a ``SlotBatch`` as a one-row ``BatchTensors`` with its own (copied) cache."""
+    layers, length = batch.row_kv(row)
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)  # a first update concatenates into new tensors: a copy
+    state = prefilled_state(cache, length, batch.delta[row : row + 1])
+    state.tokens = batch.tokens[row : row + 1].clone()
+    return state
+
+
+def select(batch: Batch, keep: list[int]) -> Batch:
+    """Keep only the rows at ``keep`` (in that order). ``concat``: then drop leading columns that are
+    padding for all; ``slots``: the others' slots are freed, nothing is copied."""
+    if isinstance(batch, SlotBatch):
+        return batch.select(keep)
     idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
     batch.cache.batch_select_indices(idx)
     mask = batch.mask.index_select(0, idx)

@@ -1,141 +1,428 @@
-"""KV layout ``slots`` (``KV_LAYOUT=slots``): each decoder layer's keys and values live in one preallocated
-buffer (B, H, C, D) with spare columns, so a decode step writes its new column in place instead of re-
-concatenating the whole cache (what ``transformers``' ``DynamicLayer`` does every step).
+"""KV layout ``slots`` (``KV_LAYOUT=slots``): each row keeps its keys and values in one place all its life.
 
-``GrowingLayer`` is a ``DynamicLayer`` whose ``keys`` / ``values`` are views of the first ``used`` columns
-of its buffers. Assigning a tensor (what ``batch.merge``, ``batch.select`` and ``batch_select_indices`` do
-on a join or a leave) copies it into a fresh buffer with spare columns; assigning back a view of the layer's
-own buffer (what ``batch.restore`` does after a failed step) only resets the length, the columns past it
-being free again. Views handed out earlier (snapshots, kept prefixes) are never written: writes go only past
-the current length, and a rebuilt layer gets new buffers. The buffers grow by whole blocks of ``BLOCK``
-columns, so a row holds at most ``BLOCK - 1`` unused columns.
+Per decoder layer one keys and one values buffer of shape (S, kv_heads, C, head_dim), zero-filled when made.
+S *slots* (a bucket of :func:`slot_buckets`: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to the batch size) and C
+columns (whole blocks of ``BLOCK``, never past ``SlotConfig.column_cap``). A row owns one slot from its join
+to its leave; column j of its slot holds its token j (left-aligned: no padding, nothing ever shifts), and the
+slot's *length* (tokens cached) is both an entry of a (S,) tensor and of a host-side list kept in step.
+
+- join (:meth:`SlotBatch.join`): a prefilled newcomer's KV (one row, or ``n`` rows after a fork) is copied
+  into the lowest free slots; only its bytes move. A join that needs more slots than S, or a newcomer longer
+  than C, first reallocates the buffers to the next bucket / block (one copy of everything, amortised).
+- leave (:meth:`SlotBatch.select`): the slot is marked free (length 0) and the row order updated; no KV moves.
+  When the rows left fit a bucket a quarter of S or less, they are compacted into new, smaller buffers (one
+  copy of those rows), so a burst does not hold its memory for ever.
+- decode (:meth:`SlotBatch.decode`): one step over the slots [0, hi) (hi = 1 + the highest slot in use; with
+  ``static`` the whole bucket S and all C columns, fixed shapes per bucket as CUDA graph capture needs). Each
+  slot's new column is written at its own length (``scatter_`` along the column dim, in place); attention
+  spans the columns [0, width) with a per-slot mask built from the lengths (a prebuilt 4-D mask, which
+  transformers' ``create_causal_mask`` passes through as it is). Free slots decode a harmless dummy: token 0
+  at length 0, one valid column (their own), so no row of softmax is empty (no NaN). The last hidden states
+  of the rows are gathered in the scheduler's row order and the output head writes the (B, V) logits. The
+  step never reads a device value on the host: spans come from the host-side lengths, the writes, mask and
+  positions from the (S,) tensors.
+
+A failed step is undone by its lengths (:meth:`snapshot` / :meth:`restore`): the lengths advance only after a
+step succeeded, and a step writes only at the columns just past them, which stay masked.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-BLOCK = 128  # columns: buffers are allocated in multiples of this
-
-
-def _capacity(columns: int) -> int:
-    """Columns to allocate for ``columns`` used ones plus at least one free column to write into."""
-    return (columns // BLOCK + 1) * BLOCK
+BLOCK = 128  # columns: buffers are allocated in multiples of this (unless the KV budget caps them)
 
 
-class _Buffer:
-    """One of a layer's two tensors: a (B, H, C, D) buffer and how many of its columns are in use."""
+def slot_buckets(max_slots: int) -> list[int]:
+    """The slot counts buffers take: 1, 2, 4, 8, 16, then 1.5x and 2x of each power of two (24, 32, 48,
+    64, 96, ...) below ``max_slots``, and ``max_slots`` itself last."""
+    sizes = [1, 2, 4, 8]
+    power = 16
+    while power < max_slots:
+        sizes += [power, power * 3 // 2]
+        power *= 2
+    return sorted({s for s in sizes if s < max_slots} | {max_slots})
 
-    __slots__ = ("data", "used")
+
+def slot_bucket(needed: int, max_slots: int) -> int:
+    """The smallest bucket of :func:`slot_buckets` holding ``needed`` slots (0 for 0); raises ValueError
+    past ``max_slots``."""
+    if needed <= 0:
+        return 0
+    for size in slot_buckets(max_slots):
+        if size >= needed:
+            return size
+    raise ValueError(f"{needed} slots asked for, {max_slots} at most")
+
+
+def columns_for(needed: int, cap: int = 0, block: int = BLOCK) -> int:
+    """Columns to allocate for ``needed`` ones: whole blocks, but not past ``cap`` (the tokens the KV budget
+    holds; 0: no cap) unless ``needed`` itself is."""
+    rounded = -(-needed // block) * block
+    return min(rounded, max(needed, cap)) if cap else rounded
+
+
+@dataclass(frozen=True, slots=True)
+class SlotConfig:
+    """``max_slots``: the batch size; ``column_cap``: tokens of KV the budget holds (0: no budget);
+    ``static``: decode over the whole (S, C) rectangle every step."""
+
+    max_slots: int
+    column_cap: int = 0
+    static: bool = False
+    block: int = BLOCK
+
+
+class RowsState(Protocol):
+    """What a join takes: ``batch.BatchTensors`` of prefilled rows: left-padded ``mask`` (r, T), a
+    ``transformers`` cache whose layers have ``keys``/``values`` (r, H, T, D), ``delta`` (r,), ``tokens``
+    (r, 1)."""
+
+    cache: Any
+    mask: torch.Tensor
+    delta: torch.Tensor
+    tokens: torch.Tensor
+
+
+class _Span:
+    """The decode step in progress: where each slot writes ((hi, H, 1, D) column indices) and the span."""
+
+    __slots__ = ("hi", "index", "width")
 
     def __init__(self) -> None:
-        self.data: torch.Tensor | None = None
-        self.used = 0
+        self.hi, self.width = 0, 0
+        self.index: torch.Tensor | None = None
 
-    def view(self) -> torch.Tensor | None:
-        return None if self.data is None else self.data[:, :, : self.used]
-
-    def assign(self, tensor: torch.Tensor | None) -> None:
-        """Take ``tensor`` (B, H, T, D) as the cached columns: a leading view of this buffer only sets the
-        length; anything else is copied into a new buffer with room to grow."""
-        if tensor is None:
-            self.data, self.used = None, 0
-        elif self._is_own_view(tensor):
-            self.used = int(tensor.shape[2])
-        else:
-            b, h, t, d = tensor.shape
-            self.data = tensor.new_empty((b, h, _capacity(t), d))
-            self.data[:, :, :t].copy_(tensor)
-            self.used = int(t)
-
-    def _is_own_view(self, tensor: torch.Tensor) -> bool:
-        data = self.data
-        return (
-            data is not None
-            and tensor.data_ptr() == data.data_ptr()
-            and tensor.stride() == data.stride()
-            and tensor.shape[:2] == data.shape[:2]
-            and tensor.shape[3] == data.shape[3]
-            and tensor.shape[2] <= data.shape[2]
-        )
-
-    def append(self, states: torch.Tensor) -> torch.Tensor:
-        """Write ``states`` (B, H, t, D) after the used columns (growing by whole blocks when full) and
-        return the view of all used columns."""
-        assert self.data is not None
-        t = int(states.shape[2])
-        if self.used + t > self.data.shape[2]:
-            grown = self.data.new_empty((*self.data.shape[:2], _capacity(self.used + t), self.data.shape[3]))
-            grown[:, :, : self.used].copy_(self.data[:, :, : self.used])
-            self.data = grown
-        self.data[:, :, self.used : self.used + t].copy_(states)
-        self.used += t
-        return self.data[:, :, : self.used]
-
-    def nbytes(self) -> int:
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+    def write(self, buffer: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Write ``states`` (hi, H, 1, D) at each slot's column; returns the view (hi, H, width, D) that
+        attention reads."""
+        if self.index is None or states.shape[2] != 1:
+            raise ValueError("a slot cache takes one decode token per row (prefill runs on its own cache)")
+        rows = buffer[: self.hi]
+        index = self.index.expand(-1, states.shape[1], 1, states.shape[3])
+        rows.scatter_(2, index, states.to(rows.dtype))
+        return rows[:, :, : self.width]
 
 
-class GrowingLayer(DynamicLayer):
-    """A cache layer over preallocated buffers (see the module docstring); drop-in for ``DynamicLayer``."""
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's keys and values buffers (S, H, C, D); writes go where the step's span says."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._k, self._v = _Buffer(), _Buffer()
-        super().__init__(*args, **kwargs)
+    is_sliding = False
 
-    @property
-    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self._k.view()
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, span: _Span) -> None:
+        super().__init__()
+        self.keys, self.values, self._span = keys, values, span
+        self.device = keys.device
+        self.is_initialized = True
 
-    @keys.setter
-    def keys(self, tensor: torch.Tensor | None) -> None:
-        self._k.assign(tensor)
-
-    @property
-    def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self._v.view()
-
-    @values.setter
-    def values(self, tensor: torch.Tensor | None) -> None:
-        self._v.assign(tensor)
-
-    def __copy__(self) -> GrowingLayer:
-        """A layer sharing this one's buffers until either is assigned anew (``batch.take`` then selects
-        rows, which rebuilds the copy's buffers)."""
-        other = object.__new__(GrowingLayer)
-        other.__dict__.update(self.__dict__)
-        other._k, other._v = _Buffer(), _Buffer()
-        other._k.data, other._k.used = self._k.data, self._k.used
-        other._v.data, other._v.used = self._v.data, self._v.used
-        return other
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None  # made with its buffers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the step's keys and values (B, H, t, D) in place; returns all cached keys and values."""
-        if not self.is_initialized or self._k.data is None:
-            self.device = key_states.device
-            self.is_initialized = True
-            self._k.assign(key_states[:, :, :0])
-            self._v.assign(value_states[:, :, :0])
-        return self._k.append(key_states), self._v.append(value_states)
+        assert self.keys is not None and self.values is not None
+        return self._span.write(self.keys, key_states), self._span.write(self.values, value_states)
 
-    def allocated_bytes(self) -> int:
-        """Bytes of both buffers, spare columns included."""
-        return self._k.nbytes() + self._v.nbytes()
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._span.width, 0
+
+    def get_seq_length(self) -> int:
+        return self._span.width
+
+    def get_max_length(self) -> int:
+        return -1 if self.keys is None else int(self.keys.shape[2])
 
 
-def grow_in_place(cache: Any) -> None:
-    """Turn every ``DynamicLayer`` of ``cache`` into a ``GrowingLayer`` holding the same columns (one copy of
-    each layer's keys and values); layers that already are stay as they are."""
-    for i, layer in enumerate(cache.layers):
-        if isinstance(layer, GrowingLayer) or not isinstance(layer, DynamicLayer):
-            continue
-        grown = GrowingLayer()
-        if layer.is_initialized and layer.keys is not None:
-            grown.device, grown.is_initialized = layer.device, True
-            grown.keys, grown.values = layer.keys, layer.values
-        cache.layers[i] = grown
+class SlotCache(Cache):
+    """The ``transformers`` cache the decode step passes to the model: one :class:`SlotLayer` per layer."""
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        super().__init__(layers=layers)  # type: ignore[arg-type]
+
+
+class SlotBatch:
+    """The running rows' KV in slots (see the module docstring) and their per-row decode inputs.
+
+    Row ``i`` of the scheduler's order lives in slot ``slots[i]``. ``tokens`` (B, 1) in row order are the
+    tokens to feed next. Not thread-safe: the scheduler thread owns it."""
+
+    def __init__(self, config: SlotConfig, layers: int, heads: int, head_dim: int, dtype: Any, device: Any):
+        self.config = config
+        self._shape = (layers, heads, head_dim)
+        self._dtype, self._device = dtype, device
+        self._span = _Span()
+        self.cache = SlotCache([])
+        self._slots, self._columns = 0, 0
+        self._order: list[int] = []  # slot of each row
+        self._lengths: list[int] = []  # per slot, host side
+        self._length_t = self._zeros(0)  # (S,) the same, on the device
+        self._delta_t = self._zeros(0)  # (S,) mrope delta per slot
+        self._active_t = self._zeros(0)  # (S,) 1 where a row lives
+        self._slot_tokens = self._zeros(0, 1)  # (S, 1) the step's input per slot (free slots: any id)
+        self._column_ids = self._zeros(0)  # (C,) 0..C-1
+        self._order_t = self._zeros(0)
+        self._tokens = self._zeros(0, 1)
+        self._mask_kind: str | None = None
+
+    @classmethod
+    def like(cls, config: SlotConfig, part: RowsState) -> SlotBatch:
+        """An empty batch for rows of ``part``'s layers, heads, dtype and device."""
+        keys = part.cache.layers[0].keys
+        return cls(
+            config, len(part.cache.layers), int(keys.shape[1]), int(keys.shape[3]), keys.dtype, keys.device
+        )
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.long, device=self._device)
+
+    # ---- what the scheduler reads -------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._order)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, tokens: torch.Tensor) -> None:
+        self._tokens = tokens.reshape(-1, 1)
+
+    @property
+    def slots(self) -> list[int]:
+        """The slot of each row, in row order."""
+        return list(self._order)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(S, C): slots and columns allocated."""
+        return self._slots, self._columns
+
+    @property
+    def next_pos(self) -> torch.Tensor:
+        """(B,) text position of each row's next token (= its cached tokens), in row order."""
+        return self._length_t.index_select(0, self._order_t)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """(B,) each row's mrope delta, in row order."""
+        return self._delta_t.index_select(0, self._order_t)
+
+    def lengths(self) -> list[int]:
+        """Tokens cached by each row, in row order (host side)."""
+        return [self._lengths[s] for s in self._order]
+
+    def nbytes(self) -> int:
+        """Bytes of the keys and values buffers (the whole S x C rectangle of every layer)."""
+        layers, heads, head_dim = self._shape
+        return 2 * layers * self._slots * heads * self._columns * head_dim * self._dtype.itemsize
+
+    def high_after(self, new_rows: int) -> int:
+        """1 + the highest slot in use once ``new_rows`` more rows took the lowest free slots."""
+        taken = self._free_slots(new_rows)
+        return max([*self._order, *taken], default=-1) + 1
+
+    def _free_slots(self, n: int) -> list[int]:
+        """The ``n`` lowest free slots (past S where S has too few)."""
+        used = set(self._order)
+        free = [s for s in range(self._slots) if s not in used][:n]
+        return free + list(range(self._slots, self._slots + n - len(free)))
+
+    # ---- join and leave -----------------------------------------------------------------------------
+
+    def join(self, part: RowsState) -> list[int]:
+        """Copy the rows of ``part`` into the lowest free slots (growing S or C first when needed); returns
+        their slots. The rows already here are not moved unless the buffers had to grow."""
+        rows = int(part.tokens.shape[0])
+        valid = [int(n) for n in part.mask.sum(dim=1).tolist()]  # host read: a join is not a decode step
+        width = int(part.mask.shape[1])
+        slots = self._free_slots(rows)
+        self._reallocate(
+            max(self._slots, slot_bucket(max(slots) + 1, self.config.max_slots)),
+            max(self._columns, self._columns_for(max(valid))),
+        )
+        for mine, theirs in zip(self.cache.layers, part.cache.layers, strict=True):
+            for i, (slot, n) in enumerate(zip(slots, valid, strict=True)):
+                mine.keys[slot, :, :n].copy_(theirs.keys[i, :, width - n :])
+                mine.values[slot, :, :n].copy_(theirs.values[i, :, width - n :])
+        index = torch.tensor(slots, dtype=torch.long, device=self._device)
+        self._length_t.index_copy_(0, index, torch.tensor(valid, dtype=torch.long, device=self._device))
+        self._delta_t.index_copy_(0, index, part.delta.to(self._device, torch.long).reshape(-1))
+        self._active_t.index_fill_(0, index, 1)
+        for slot, n in zip(slots, valid, strict=True):
+            self._lengths[slot] = n
+        self._set_order(self._order + slots)
+        self._tokens = torch.cat([self._tokens, part.tokens.reshape(-1, 1).to(self._tokens)])
+        return slots
+
+    def select(self, keep: Sequence[int]) -> SlotBatch:
+        """Keep the rows at ``keep`` (in that order; each at most once) and free the others' slots; no KV
+        is copied unless the rows left are few enough to compact (see the module docstring)."""
+        order = [self._order[i] for i in keep]
+        if len(set(order)) != len(order):
+            raise ValueError("a slot batch cannot keep a row twice")
+        gone = sorted(set(self._order) - set(order))
+        if gone:
+            index = torch.tensor(gone, dtype=torch.long, device=self._device)
+            for t in (self._length_t, self._delta_t, self._active_t):
+                t.index_fill_(0, index, 0)
+            for slot in gone:
+                self._lengths[slot] = 0
+        self._tokens = self._tokens.index_select(
+            0, torch.tensor(list(keep), dtype=torch.long, device=self._device)
+        )
+        self._set_order(order)
+        if order and slot_bucket(len(order), self.config.max_slots) * 4 <= self._slots:
+            self._compact()
+        return self
+
+    def row_kv(self, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """Views of row ``row``'s cached (keys, values) per layer, (1, H, L, D) each, and L."""
+        slot = self._order[row]
+        n = self._lengths[slot]
+        return [
+            (layer.keys[slot : slot + 1, :, :n], layer.values[slot : slot + 1, :, :n])
+            for layer in self.cache.layers
+        ], n
+
+    def _set_order(self, order: list[int]) -> None:
+        self._order = order
+        self._order_t = torch.tensor(order, dtype=torch.long, device=self._device)
+
+    def _columns_for(self, needed: int) -> int:
+        return columns_for(needed, self.config.column_cap, self.config.block)
+
+    def _compact(self) -> None:
+        """Move the rows into the lowest slots of new buffers of the smallest bucket and the columns they
+        need (one copy of those rows only)."""
+        n = len(self._order)
+        columns = self._columns_for(max(self._lengths[s] for s in self._order) + 1)
+        self._reallocate(slot_bucket(n, self.config.max_slots), columns, sources=self._order)
+        self._set_order(list(range(n)))
+
+    def _reallocate(self, slots: int, columns: int, sources: list[int] | None = None) -> None:
+        """New buffers of (``slots``, ``columns``): slot i takes old slot ``sources[i]`` (None: every slot
+        stays where it is); the per-slot state moves alike and every other slot is free."""
+        if sources is None and (slots, columns) == (self._slots, self._columns):
+            return
+        if sources is None:
+            sources = list(range(min(slots, self._slots)))
+        index = torch.tensor(sources, dtype=torch.long, device=self._device)
+        n, width = len(sources), min(columns, self._columns)
+        in_place = sources == list(range(n))  # a grow: one slice copy, no gathered temporary
+        layers: list[SlotLayer] = []
+        for old in self.cache.layers if self._slots else [None] * self._shape[0]:
+            pair = [self._buffer(slots, columns) for _ in range(2)]
+            for new, held in zip(pair, (None, None) if old is None else (old.keys, old.values), strict=True):
+                if held is not None and n:
+                    held = held[:n] if in_place else held.index_select(0, index)
+                    new[:n, :, :width].copy_(held[:, :, :width])
+            layers.append(SlotLayer(pair[0], pair[1], self._span))
+        self.cache = SlotCache(layers)
+        self._length_t, self._delta_t, self._active_t, self._slot_tokens = (
+            _moved(t, index, slots)
+            for t in (self._length_t, self._delta_t, self._active_t, self._slot_tokens)
+        )
+        self._lengths = [self._lengths[s] for s in sources] + [0] * (slots - len(sources))
+        self._column_ids = torch.arange(columns, dtype=torch.long, device=self._device)
+        self._slots, self._columns = slots, columns
+
+    def _buffer(self, slots: int, columns: int) -> torch.Tensor:
+        """Zeros, not garbage: masked columns still enter the attention products, and 0 x NaN is NaN."""
+        _, heads, head_dim = self._shape
+        return torch.zeros((slots, heads, columns, head_dim), dtype=self._dtype, device=self._device)
+
+    # ---- decode -------------------------------------------------------------------------------------
+
+    def decode(self, model: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for every row: feeds ``tokens``, writes each row's new column in place, returns the
+        logits (B, V) in row order (into ``out`` when given: a (B, V) tensor of the head's dtype/device).
+        Raises ValueError for an attention implementation that cannot take a 4-D mask."""
+        hi, width = self._step_span()
+        lengths = self._length_t[:hi]
+        self._span.hi, self._span.width = hi, width
+        self._span.index = lengths.view(hi, 1, 1, 1)
+        self._slot_tokens.index_copy_(0, self._order_t, self._tokens)
+        pos = lengths[:, None]
+        mrope = pos + self._delta_t[:hi, None]
+        result = model.model(
+            input_ids=self._slot_tokens[:hi],
+            attention_mask=self._mask(model, lengths, width),
+            position_ids=torch.stack([pos, mrope, mrope, mrope]),
+            cache=self.cache,
+            use_cache=True,
+        )
+        hidden = result.last_hidden_state[:, -1].index_select(0, self._order_t)  # (B, hidden)
+        head = model.get_output_embeddings()
+        logits = head(hidden) if out is None else torch.mm(hidden, head.weight.t(), out=out)
+        self._length_t.add_(self._active_t)  # only now: a step that raised left the lengths as they were
+        for slot in self._order:
+            self._lengths[slot] += 1
+        self._span.index = None
+        return logits
+
+    def _step_span(self) -> tuple[int, int]:
+        """(hi, width) of the next step, growing the columns first when a row's new column needs it."""
+        needed = max(self._lengths[s] for s in self._order) + 1
+        if needed > self._columns:
+            self._reallocate(self._slots, self._columns_for(needed))
+        if self.config.static:
+            return self._slots, self._columns
+        return max(self._order) + 1, needed
+
+    def _mask(self, model: Any, lengths: torch.Tensor, width: int) -> torch.Tensor:
+        """(hi, 1, 1, width): column j is visible to slot s when j <= its length (its new column included);
+        bool for sdpa, additive for eager attention."""
+        if self._mask_kind is None:
+            kind = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "sdpa"
+            if kind not in ("sdpa", "eager"):
+                raise ValueError(f"KV_LAYOUT=slots needs sdpa or eager attention, not {kind}")
+            self._mask_kind = kind
+        visible = (self._column_ids[:width][None, :] <= lengths[:, None])[:, None, None, :]
+        if self._mask_kind == "sdpa":
+            return visible
+        dtype = model.dtype
+        return torch.zeros(visible.shape, dtype=dtype, device=self._device).masked_fill_(
+            ~visible, torch.finfo(dtype).min
+        )
+
+    # ---- undo a failed step -------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[int], torch.Tensor]:
+        """The lengths: all the state a decode step changes (its writes lie past them)."""
+        return list(self._lengths), self._length_t.clone()
+
+    def restore(self, saved: tuple[list[int], torch.Tensor]) -> None:
+        lengths, tensor = saved
+        self._lengths = lengths[: self._slots] + [0] * (self._slots - len(lengths))
+        self._length_t[: tensor.shape[0]].copy_(tensor[: self._slots])
+
+
+def _moved(t: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (rows, ...) tensor of zeros whose first rows are ``t``'s rows at ``index``."""
+    moved = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    if index.numel():
+        moved[: index.numel()].copy_(t.index_select(0, index))
+    return moved
+
+
+def reserved_shape(
+    batch: SlotBatch | None, config: SlotConfig, new_rows: int, longest: int
+) -> tuple[int, int]:
+    """(S, C) the slot buffers may reach: ``batch`` (None: none yet) with ``new_rows`` more rows joining and
+    every row growing to ``longest`` tokens (prompt + max_tokens)."""
+    if batch is None:
+        high, slots, columns = new_rows, 0, 0
+    else:
+        high, (slots, columns) = batch.high_after(new_rows), batch.capacity
+    if high == 0:
+        return slots, columns
+    need_slots = slot_bucket(min(high, config.max_slots), config.max_slots)
+    return max(slots, need_slots), max(columns, columns_for(longest, config.column_cap, config.block))

@@ -84,6 +84,7 @@ from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
 from services.model.engine.isolate import Probe, culprits
+from services.model.engine.kv_slots import SlotBatch, SlotConfig, reserved_shape
 from services.model.engine.logprobs import entries as logprob_entries
 from services.model.engine.prefix import PrefixCache, PrefixEntry, PromptKey, prompt_key
 from services.model.engine.sampling import (
@@ -111,7 +112,8 @@ class SchedulerConfig:
     prefix_cache: bool = True  # keep prompts' KV and reuse shared prefixes (prefix.py)
     prefix_min_tokens: int = 16  # shortest shared prefix worth reusing
     kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
-    kv_layout: str = "concat"  # "slots": decode steps write the new column in place (engine/kv_slots.py)
+    kv_layout: str = "concat"  # "slots": rows keep their KV in place in slot buffers (engine/kv_slots.py)
+    kv_static_shapes: bool = False  # slots: every decode step spans the whole slot bucket and column capacity
 
 
 @dataclass(slots=True, eq=False)
@@ -199,9 +201,10 @@ class Scheduler:
         self._sampler_stale = False  # the rows changed since the last BatchSampler.set_rows
         # a long prompt being prefilled: its request's rows (one per choice) and the job
         self._chunked: tuple[list[_Row], ChunkedPrefill] | None = None
-        self._batch: kv.BatchTensors | None = None
+        self._batch: kv.Batch | None = None
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
+        self._slots = self._slot_config() if config.kv_layout == "slots" else None
         self._admitting: list[_Row] = []  # rows prefilled in the step in progress, not merged yet
         self._kv_reported: KVCacheStats | None = None
         self._sink: OutputSink | None = None
@@ -354,16 +357,31 @@ class Scheduler:
         prefix = self.prefix.nbytes if self.prefix is not None else 0
         return self._kv_reserved([]), prefix, self._config.kv_cache_bytes
 
+    def _slot_config(self) -> SlotConfig:
+        """``KV_LAYOUT=slots``: buffers of at most the batch size in slots and, under a KV budget, never
+        more columns than the budget holds tokens (a row alone always fits where ``prepare`` let it in)."""
+        budget = self._config.kv_cache_bytes
+        cap = budget // self._kv_per_token if budget else 0
+        return SlotConfig(self._config.max_batch_size, cap, self._config.kv_static_shapes)
+
     def _kv_lengths(self) -> list[int]:
         chunked = self._chunked[0] if self._chunked is not None else []
         rows = [*self._rows, *self._admitting, *chunked]
         return [r.prepared.prompt_tokens + r.max_tokens for r in rows if r.finish_reason is None]
 
     def _kv_reserved(self, extra: list[int]) -> int:
-        """Bytes of the batch's KV at its largest with ``extra`` more rows of those lengths: every row
-        padded to the longest reservation (prompt + max_tokens)."""
+        """Bytes of the batch's KV at its largest with ``extra`` more rows of those lengths (prompt +
+        max_tokens). ``concat``: every row padded to the longest. ``slots``: the S x C rectangle the slot
+        buffers may reach (``kv_slots.reserved_shape``: the rows not merged yet take the lowest free slots,
+        C in whole blocks for the longest row), and never less than what they hold now."""
         lengths = self._kv_lengths() + extra
-        return len(lengths) * max(lengths, default=0) * self._kv_per_token
+        if self._slots is None:
+            return len(lengths) * max(lengths, default=0) * self._kv_per_token
+        chunked = self._chunked[0] if self._chunked is not None else []
+        joining = len(self._admitting) + len(chunked) + len(extra)
+        batch = self._batch if isinstance(self._batch, SlotBatch) else None
+        slots, columns = reserved_shape(batch, self._slots, joining, max(lengths, default=0))
+        return slots * columns * self._kv_per_token
 
     def _kv_room_for(self, prepared: Prepared) -> bool:
         """Whether the request's rows fit the KV budget next to the running rows, after evicting kept
@@ -562,7 +580,9 @@ class Scheduler:
         for i, row_logits in enumerate(new_logits):
             logits[running + i].copy_(row_logits.reshape(-1))
         if new_rows:
-            self._batch = kv.merge(([self._batch] if self._batch is not None else []) + new_state)
+            self._batch = kv.merge(
+                ([self._batch] if self._batch is not None else []) + new_state, self._slots
+            )
             self._rows = self._rows + new_rows
             self._admitting = []
             self._sampler_stale = True
@@ -589,8 +609,7 @@ class Scheduler:
 
     def _decode_rows(self) -> int:
         assert self._batch is not None
-        grow = self._config.kv_layout == "slots"
-        kv.decode(self._model, self._batch, out=self._logits.rows(len(self._rows)), grow=grow)
+        kv.decode(self._model, self._batch, out=self._logits.rows(len(self._rows)))
         return len(self._rows)
 
     def _recover(

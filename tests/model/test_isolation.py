@@ -163,11 +163,13 @@ def test_hostile_long_prompt_fails_alone_at_chunked_admission(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", ["concat", "slots"])  # KV_LAYOUT: slots probes on concat copies of rows
 def test_a_row_that_breaks_the_batched_decode_fails_alone(
     engine: Any,
     greedy: dict[str, Prepared],
     references: dict[str, list[int]],
     monkeypatch: pytest.MonkeyPatch,
+    layout: str,
 ) -> None:
     """A fault that fires in the batched decode whenever one row is in the batch (its position passed a
     limit, as a row past a position table would): bisection finds it; the others go on."""
@@ -184,7 +186,7 @@ def test_a_row_that_breaks_the_batched_decode_fails_alone(
     poison = prepare(engine, request("poison", "word " * POSITION_LIMIT, max_tokens=8, temperature=0))
     assert poison.prompt_tokens >= POSITION_LIMIT
     assert all(p.prompt_tokens + p.sampling.max_tokens < POSITION_LIMIT for p in greedy.values())
-    sched = scheduler_for(engine)
+    sched = scheduler_for(engine, kv_layout=layout)
     rec = _run(sched, list(greedy.values()), [poison])
     assert "index out of range" in _error(rec, "poison")
     assert rec.final("poison").completion_tokens == 1  # type: ignore[union-attr]  # sampled at its join

@@ -11,6 +11,7 @@ import pytest
 
 from services.model.engine import batch as kv
 from services.model.engine.hf import fit_kv_budget
+from services.model.engine.kv_slots import BLOCK
 from services.protocol.errors import PromptTooLong
 from services.protocol.generate import SamplingParams
 from tests.model.engine_support import (
@@ -50,12 +51,14 @@ def test_prepare_refuses_a_request_that_can_never_fit(engine: Any, monkeypatch: 
     assert fitted.prompt_tokens + (fitted.sampling.max_tokens or 0) == 40
 
 
-def test_a_request_that_does_not_fit_yet_waits_then_runs(engine: Any) -> None:
+@pytest.mark.parametrize("layout", ["concat", "slots"])
+def test_a_request_that_does_not_fit_yet_waits_then_runs(engine: Any, layout: str) -> None:
     a = prepare(engine, request("wait-a", "Tell me a story about cats", max_tokens=12, temperature=0))
     b = prepare(engine, request("wait-b", "Count to ten, slowly and carefully", max_tokens=10, temperature=0))
     per_token = kv.bytes_per_token(engine.loaded.model)
     longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in (a, b))
-    sched = scheduler_for(engine, kv_cache_bytes=per_token * (2 * longest - 1), prefix_cache=False)
+    budget = per_token * (2 * longest - 1)  # one row fits, two do not (slots: columns capped at the budget)
+    sched = scheduler_for(engine, kv_cache_bytes=budget, prefix_cache=False, kv_layout=layout)
     rec = Recorder()
     sched.bind(rec)
     sched.submit(a)
@@ -91,16 +94,20 @@ class _KvWatch:
     def on_finish(self, request_id: str, finish_reason: str, completion_tokens: int) -> None: ...
 
 
-def test_kv_in_use_never_exceeds_the_budget_under_64_streams(engine: Any) -> None:
+@pytest.mark.parametrize("layout", ["concat", "slots"])
+def test_kv_in_use_never_exceeds_the_budget_under_64_streams(engine: Any, layout: str) -> None:
     prepared = [
         prepare(engine, request(f"load-{i}", f"Question {i}: " + "more " * (i % 7), max_tokens=6 + i % 5))
         for i in range(64)
     ]
     per_token = kv.bytes_per_token(engine.loaded.model)
     longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in prepared)
-    budget = per_token * longest * 20  # about 20 of the 64 rows at once, with the kept prefixes
+    # about 20 of the 64 rows at once, with the kept prefixes (slots: a row's columns are a whole block)
+    budget = per_token * (longest if layout == "concat" else BLOCK) * 20
     watch = _KvWatch()
-    sched = scheduler_for(engine, observer=watch, kv_cache_bytes=budget, max_batch_size=64, max_queue=64)
+    sched = scheduler_for(
+        engine, observer=watch, kv_cache_bytes=budget, max_batch_size=64, max_queue=64, kv_layout=layout
+    )
     watch.sched = sched
     rec = Recorder()
     sched.start(rec)

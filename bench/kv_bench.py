@@ -2,8 +2,11 @@
 
 (g) mean time per step at 16 rows, steady (nobody joins or leaves) vs join-heavy (every few steps one row
 leaves and a freshly prefilled one joins), on the engine's batch functions (``services.model.engine.batch``)
-and the tiny checkpoint: the timed part of a churn step is the leave, the join and the decode step; the
-joining row's own prefill is done before the clock starts (it costs the same whatever the cache layout).
+and the tiny checkpoint, driven as the scheduler drives them: a leave is ``select``, a join ``merge`` of the
+running batch with the newcomer's one-row prefill state (``KV_LAYOUT=slots``: into a free slot), a decode
+step writes its logits into one reused buffer. The timed part of a churn step is the leave, the join and the
+decode step; the joining row's own prefill is done before the clock starts (it costs the same whatever the
+cache layout).
 (h) time to first token of turn 2 of a chat about one 1024x1024 image vs turn 1, on the in-process
 ``HFEngine`` with its prefix cache: engine-only (submit to first token) and end to end (request
 preparation, i.e. image decode, processor and pixel digest, included).
@@ -34,22 +37,30 @@ def _prefill_text(model: Any, processor: Any, text: str) -> Any:
     return kv.prefill(model, {"input_ids": ids}, next(model.parameters()).device)[1]
 
 
-def _start_batch(model: Any, processor: Any, rows: int) -> Any:
+def _slots(layout: str) -> Any:
+    """The ``SlotConfig`` the scheduler uses for ``layout`` at 16 rows and no KV budget (None: concat)."""
+    from services.model.engine.kv_slots import SlotConfig
+
+    return SlotConfig(CHURN_ROWS) if layout == "slots" else None
+
+
+def _start_batch(model: Any, processor: Any, rows: int, layout: str) -> Any:
     from services.model.engine import batch as kv
 
-    return kv.merge(
-        [_prefill_text(model, processor, _PROMPTS[i % len(_PROMPTS)] * (1 + i % 3)) for i in range(rows)]
-    )
+    prompts = [_PROMPTS[i % len(_PROMPTS)] * (1 + i % 3) for i in range(rows)]
+    return kv.merge([_prefill_text(model, processor, p) for p in prompts], _slots(layout))
 
 
 def _run(
-    model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any], grow: bool
+    model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any], layout: str
 ) -> tuple[float, float]:
     """Mean seconds per step of ``steps`` decode steps and of the leaves + joins amortised over all steps;
     with ``churn_every`` > 0 every ``churn_every``-th step first drops one row (rotating) and merges in a copy
-    of a prefilled joiner (the copy is made off the clock). ``grow``: the ``slots`` KV layout."""
+    of a prefilled joiner (the copy is made off the clock)."""
     from services.model.engine import batch as kv
 
+    slots = _slots(layout)
+    logits = kv.LogitsBuffer(model)
     decoding = churning = 0.0
     for step in range(steps):
         if churn_every > 0 and step % churn_every == churn_every - 1:
@@ -57,10 +68,10 @@ def _run(
             started = time.perf_counter()
             leave = step % batch.size
             batch = kv.select(batch, [i for i in range(batch.size) if i != leave])
-            batch = kv.merge([batch, joiner])
+            batch = kv.merge([batch, joiner], slots)
             churning += time.perf_counter() - started
         started = time.perf_counter()
-        kv.decode(model, batch, grow=grow)
+        kv.decode(model, batch, out=logits.rows(batch.size))
         decoding += time.perf_counter() - started
     return decoding / steps, churning / steps
 
@@ -73,28 +84,27 @@ def measure_churn(
     (lowest) of ``repeats`` runs, the four kinds of run interleaved."""
     import torch
 
-    best: dict[tuple[bool, int], tuple[float, float]] = {}
+    layouts = ("concat", "slots")
+    best: dict[tuple[str, int], tuple[float, float]] = {}
     with torch.inference_mode():
         joiners = [_prefill_text(model, processor, p) for p in _PROMPTS]
-        for grow in (False, True):  # warm-up
-            _run(model, _start_batch(model, processor, CHURN_ROWS), 10, 2, joiners, grow)
+        for layout in layouts:  # warm-up
+            _run(model, _start_batch(model, processor, CHURN_ROWS, layout), 10, 2, joiners, layout)
         for _ in range(repeats):
-            for grow in (False, True):
+            for layout in layouts:
                 for every in (0, churn_every):
-                    batch = _start_batch(model, processor, CHURN_ROWS)
-                    dec, joins = _run(model, batch, steps, every, joiners, grow)
-                    if (grow, every) not in best or dec + joins < sum(best[grow, every]):
-                        best[grow, every] = (dec, joins)
-    return [
-        _churn_row(grow, best[grow, 0], best[grow, churn_every], steps, churn_every) for grow in (False, True)
-    ]
+                    batch = _start_batch(model, processor, CHURN_ROWS, layout)
+                    dec, joins = _run(model, batch, steps, every, joiners, layout)
+                    if (layout, every) not in best or dec + joins < sum(best[layout, every]):
+                        best[layout, every] = (dec, joins)
+    return [_churn_row(x, best[x, 0], best[x, churn_every], steps, churn_every) for x in layouts]
 
 
 def _churn_row(
-    grow: bool, steady: tuple[float, float], churn: tuple[float, float], steps: int, every: int
+    layout: str, steady: tuple[float, float], churn: tuple[float, float], steps: int, every: int
 ) -> dict[str, Any]:
     return {
-        "layout": "slots" if grow else "concat",
+        "layout": layout,
         "rows": CHURN_ROWS,
         "steps": steps,
         "churn_every": every,

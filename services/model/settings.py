@@ -69,10 +69,13 @@ class ModelSettings(BaseSettings):
     # so that a resent item (the next turn of a chat) is not decoded, resized and hashed again; least
     # recently used out first; 0 disables
     media_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
-    # how the running batch's KV grows each decode step: concat (transformers' DynamicLayer re-concatenates
-    # every layer each step) or slots (engine/kv_slots.py: buffers grown in 128-column blocks, the new column
-    # written in place). concat by default: on the CPU tiny checkpoint slots measured no gain (make bench (g))
+    # how the running batch's KV is held: concat (one transformers DynamicCache, re-concatenated on every
+    # decode step, join and leave) or slots (engine/kv_slots.py: each row keeps its KV in its own slot of
+    # preallocated buffers; a join copies only the newcomer, a leave copies nothing, a step writes in place)
     kv_layout: Literal["concat", "slots"] = "concat"
+    # KV_LAYOUT=slots: every decode step spans the whole slot bucket and column capacity (fixed shapes per
+    # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU
+    kv_static_shapes: bool = False
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
     finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

@@ -293,3 +293,11 @@ def test_the_reservation_covers_the_slot_buffers(engine: Any) -> None:
             seen.append(reserved)
     longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in reqs)
     assert seen[0] == 4 * columns_for(longest) * per_token  # three rows: a bucket of 4 slots
+
+
+def test_the_settings_reach_the_scheduler(engine: Any) -> None:
+    from services.model.engine.hf import HFEngine
+
+    settings = engine.settings.model_copy(update={"kv_layout": "slots", "kv_static_shapes": True})
+    config = HFEngine(engine.loaded, settings).scheduler_config
+    assert (config.kv_layout, config.kv_static_shapes) == ("slots", True)

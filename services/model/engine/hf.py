@@ -50,6 +50,7 @@ class HFEngine:
             prefix_cache=settings.prefix_cache,
             kv_cache_bytes=settings.kv_cache_bytes,
             kv_layout=settings.kv_layout,
+            kv_static_shapes=settings.kv_static_shapes,
         )
         self.scheduler_config = config
         # tokens of KV the budget holds (0: no budget): a request's rows must fit it even alone

@@ -400,9 +400,11 @@ class SlotBatch:
         return list(self._lengths), self._length_t.clone()
 
     def restore(self, saved: tuple[list[int], torch.Tensor]) -> None:
+        """Put back the lengths of :meth:`snapshot` (taken since the last join or leave: a decode step may
+        grow the columns, never the slots)."""
         lengths, tensor = saved
-        self._lengths = lengths[: self._slots] + [0] * (self._slots - len(lengths))
-        self._length_t[: tensor.shape[0]].copy_(tensor[: self._slots])
+        self._lengths = list(lengths)
+        self._length_t.copy_(tensor)
 
 
 def _moved(t: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:

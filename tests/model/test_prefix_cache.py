@@ -117,7 +117,8 @@ def test_a_different_image_of_the_same_size_is_not_a_hit(engine: Any) -> None:
     assert sched.tokens["img-b"] == reference_tokens(engine, other)
 
 
-def test_shared_system_prompt_hits_while_other_rows_run_and_in_chunks(engine: Any) -> None:
+@pytest.mark.parametrize("layout", ["concat", "slots"])  # KV_LAYOUT: a hit's rows join either batch
+def test_shared_system_prompt_hits_while_other_rows_run_and_in_chunks(engine: Any, layout: str) -> None:
     """Text rows sharing a system prompt join a running batch (whole, then chunked at a small step budget):
     each equals ``generate`` alone."""
     reqs = [
@@ -132,7 +133,7 @@ def test_shared_system_prompt_hits_while_other_rows_run_and_in_chunks(engine: An
     prepared = [prepare(engine, r) for r in reqs]
     refs = {p.request_id: reference_tokens(engine, p) for p in prepared}
     for budget in (4096, 24):
-        sched = scheduler_for(engine, max_step_tokens=budget)
+        sched = scheduler_for(engine, max_step_tokens=budget, kv_layout=layout)
         rec = Recorder()
         sched.bind(rec)
         sched.submit(prepared[0])

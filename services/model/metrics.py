@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ class ModelMetrics:
         self._add_request_metrics(self.registry)
         self._add_engine_metrics(self.registry)
         self._add_kv_metrics(self.registry)
+        self._add_media_metrics(self.registry)
         # Reported by an engine in a child process (ENGINE_PROCESS): its RSS adds to ours, its devices' rows
         # are set as they are (this process never imports torch then).
         self.engine_process_memory: dict[tuple[str, str], float] = {}
@@ -93,6 +95,30 @@ class ModelMetrics:
             registry=r,
         )
 
+    def _add_media_metrics(self, r: CollectorRegistry) -> None:
+        """The processed-media cache (MEDIA_CACHE_BYTES): lookups, evictions, size."""
+        self._media_totals = (0, 0, 0)
+        self._media_lock = threading.Lock()  # reported from the engine's prepare threads
+        self.media_cache_hits = Counter(
+            "model_media_cache_hits",
+            "Images/videos whose processed pixels came from the media cache",
+            registry=r,
+        )
+        self.media_cache_misses = Counter(
+            "model_media_cache_misses",
+            "Images/videos decoded and processed (not in the media cache)",
+            registry=r,
+        )
+        self.media_cache_evictions = Counter(
+            "model_media_cache_evictions", "Media cache entries evicted for room", registry=r
+        )
+        self.media_cache_bytes = Gauge(
+            "model_media_cache_bytes", "Bytes of processed pixels in the media cache", registry=r
+        )
+        self.media_cache_entries = Gauge(
+            "model_media_cache_entries", "Images/videos in the media cache", registry=r
+        )
+
     def _add_engine_metrics(self, r: CollectorRegistry) -> None:
         """The engine's state: queue, batch, steps (seconds), readiness, restarts, memory (bytes)."""
         self.queue_depth = Gauge("model_queue_depth", "Requests waiting for a batch slot", registry=r)
@@ -147,6 +173,22 @@ class ModelMetrics:
             if now > seen:
                 counter.inc(now - seen)
         self._kv_totals = totals
+
+    def on_media_cache(self, stats: Any) -> None:
+        """The engine's ``MediaCacheStats``: gauges set, counters advanced by the totals' growth (from 0 again
+        after an engine restart), like ``on_kv_cache``; any thread."""
+        with self._media_lock:
+            self.media_cache_bytes.set(stats.nbytes)
+            self.media_cache_entries.set(stats.entries)
+            totals = (stats.hits, stats.misses, stats.evictions)
+            last = self._media_totals
+            if any(t < seen for t, seen in zip(totals, last, strict=True)):
+                last = (0, 0, 0)
+            counters = (self.media_cache_hits, self.media_cache_misses, self.media_cache_evictions)
+            for counter, now, seen in zip(counters, totals, last, strict=True):
+                if now > seen:
+                    counter.inc(now - seen)
+            self._media_totals = totals
 
     def on_memory(self, rows: dict[tuple[str, str], float]) -> None:
         """An engine process's memory by ``(device, kind)`` in bytes: its RSS adds to ours at scrape."""

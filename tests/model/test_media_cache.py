@@ -341,3 +341,28 @@ def test_media_key_separates_parameters_and_frame_boundaries() -> None:
     assert media_key("image", (None,), ["abc"]) != media_key("image", (1,), ["abc"])
     assert media_key("frames", (), ["ab", "c"]) != media_key("frames", (), ["a", "bc"])
     assert media_key("frames", (), ["abc"]) != media_key("video", (), ["abc"])
+
+
+def test_media_cache_metrics_reach_prometheus(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.model.metrics import ModelMetrics
+
+    metrics = ModelMetrics()
+    image = png_b64(128, 96, seed=33)
+    monkeypatch.setattr(engine, "_observer", metrics)
+    monkeypatch.setattr(engine, "media_cache", MediaCache(256 << 20))
+    for rid in ("m1", "m2", "m3"):
+        engine.prepare_sync(_turn(rid, image))
+    with pytest.raises(InvalidMedia):  # a failed prepare reports too (its lookup was a miss)
+        engine.prepare_sync(_turn("bad", b64(b"not an image")))
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics.render(None).decode())
+        for s in family.samples
+    }
+    assert samples["model_media_cache_hits_total"] == 2
+    assert samples["model_media_cache_misses_total"] == 2
+    assert samples["model_media_cache_evictions_total"] == 0
+    assert samples["model_media_cache_entries"] == 1
+    assert samples["model_media_cache_bytes"] == engine.media_cache.stats().nbytes > 0

@@ -91,6 +91,9 @@ def test_tokens_equal_the_in_thread_engine(
     assert isinstance(metrics, ModelMetrics)
     assert metrics.engine_process_memory["cpu", "rss"] > 50_000_000
     assert _count(metrics, "step_duration") > 0  # on_step forwarded
+    # the child's media cache reaches them too: the image request processed its image (a miss)
+    assert metrics.media_cache_misses._value.get() >= 1
+    assert metrics.media_cache_entries._value.get() >= 1
 
 
 def _count(metrics: object, histogram: str) -> float:

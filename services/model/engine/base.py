@@ -118,6 +118,18 @@ class KVCacheStats:
     reused_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class MediaCacheStats:
+    """The processed-media cache (``multimodal/media_cache.py``): totals since the engine started (hits,
+    misses, entries evicted) and its size now (entries, bytes of tensors)."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    entries: int = 0
+    nbytes: int = 0
+
+
 MemoryRows = dict[tuple[str, str], float]
 """Memory in bytes by ``(device, kind)``, e.g. ``("cpu", "rss")``, ``("cuda:0", "allocated")``."""
 
@@ -142,6 +154,10 @@ class EngineObserver(Protocol):
     def on_kv_cache(self, stats: KVCacheStats) -> None:
         """The KV cache after a step that changed it (the HF engine only; optional: engines call it only
         when the observer has it)."""
+
+    def on_media_cache(self, stats: MediaCacheStats) -> None:
+        """The processed-media cache after a prepare (the HF engine only, from its prepare threads; optional
+        like ``on_kv_cache``)."""
 
 
 class Engine(Protocol):

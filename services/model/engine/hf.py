@@ -36,6 +36,7 @@ class HFEngine:
         self.model_id = loaded.model_id
         self.max_batch_size = settings.max_batch_size
         self.failure: str | None = None  # an in-thread engine never dies on its own
+        self._observer = observer
         self.loaded = loaded
         self.settings = settings
         vocab = loaded.model.get_output_embeddings().weight.shape[0]
@@ -95,6 +96,14 @@ class HFEngine:
         return await asyncio.to_thread(self.prepare_sync, request)
 
     def prepare_sync(self, request: GenerateRequest) -> Prepared:
+        try:
+            return self._prepare(request)
+        finally:
+            on_media = getattr(self._observer, "on_media_cache", None)
+            if on_media is not None:
+                on_media(self.media_cache.stats())
+
+    def _prepare(self, request: GenerateRequest) -> Prepared:
         """The blocking part of :meth:`prepare` (media decoding, template, processor, limits); media seen
         recently come from the processed-media cache (``multimodal/media_cache.py``, MEDIA_CACHE_BYTES)."""
         from services.model.multimodal.prompt import MediaLimits, prepare_prompt

@@ -249,6 +249,9 @@ class ProcessEngine:
             on_kv = getattr(observer, "on_kv_cache", None)
             if report.kv_cache is not None and on_kv is not None:
                 on_kv(report.kv_cache)
+            on_media = getattr(observer, "on_media_cache", None)
+            if report.media_cache is not None and on_media is not None:
+                on_media(report.media_cache)
         if self._sink is not None and outputs:
             self._sink(outputs)
 

@@ -26,6 +26,7 @@ from services.model.engine.base import (
     Admitted,
     FinalOutput,
     KVCacheStats,
+    MediaCacheStats,
     MemoryRows,
     Output,
     TokenLogprobs,
@@ -104,6 +105,7 @@ class StepReport:
     queued: int = 0
     memory: MemoryRows | None = None
     kv_cache: KVCacheStats | None = None  # the latest, when it changed since the last report
+    media_cache: MediaCacheStats | None = None  # the latest, when it changed since the last report
 
     def outputs(self) -> list[tuple[str, Output]]:
         """The step's outputs as the sink takes them, in their order."""

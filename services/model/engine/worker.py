@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.model.engine import wire
-from services.model.engine.base import KVCacheStats, MemoryRows, Output
+from services.model.engine.base import KVCacheStats, MediaCacheStats, MemoryRows, Output
 from services.model.settings import ModelSettings
 from services.protocol import errors
 from services.protocol.generate import GenerateRequest
@@ -37,6 +37,9 @@ class EngineWorker:
         self._send_lock = threading.Lock()
         self._report = wire.StepReport()  # what the step in progress has to say so far (engine thread)
         self._memory_at = 0.0
+        # the media cache's latest stats (prepare threads write, the engine thread sends) and the last sent
+        self._media: MediaCacheStats | None = None
+        self._media_sent: MediaCacheStats | None = None
         self._drain: threading.Thread | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
         self.engine: Any = None  # an HFEngine, set by ``child_main`` once loaded
@@ -98,6 +101,9 @@ class EngineWorker:
         report.packed = wire.pack_outputs(outputs)
         stats = self.engine.stats()
         report.running, report.queued = stats.running, stats.queued
+        media = self._media
+        if media != self._media_sent:
+            report.media_cache = self._media_sent = media
         now = time.monotonic()
         if now - self._memory_at >= MEMORY_REPORT_SECONDS:
             self._memory_at, report.memory = now, _memory()
@@ -117,6 +123,10 @@ class EngineWorker:
 
     def on_kv_cache(self, stats: KVCacheStats) -> None:
         self._report.kv_cache = stats
+
+    def on_media_cache(self, stats: MediaCacheStats) -> None:
+        """From a prepare thread: kept until the next step's report carries it."""
+        self._media = stats
 
 
 def _memory() -> MemoryRows:

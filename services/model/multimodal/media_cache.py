@@ -30,6 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from services.model.engine.base import MediaCacheStats
+
+__all__ = ["MediaCache", "MediaCacheStats", "ProcessedMedia", "media_key"]
+
 
 @dataclass(frozen=True, slots=True)
 class ProcessedMedia:
@@ -49,17 +53,6 @@ class ProcessedMedia:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-@dataclass(frozen=True, slots=True)
-class MediaCacheStats:
-    """Totals since start (hits, misses, entries evicted) and the current size (entries, bytes)."""
-
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    entries: int = 0
-    nbytes: int = 0
 
 
 def media_key(kind: str, parameters: object, data: Iterable[str]) -> bytes:

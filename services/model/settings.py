@@ -71,7 +71,9 @@ class ModelSettings(BaseSettings):
     media_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     # how the running batch's KV is held: concat (one transformers DynamicCache, re-concatenated on every
     # decode step, join and leave) or slots (engine/kv_slots.py: each row keeps its KV in its own slot of
-    # preallocated buffers; a join copies only the newcomer, a leave copies nothing, a step writes in place)
+    # preallocated buffers; a join copies only the newcomer, a leave copies nothing, a step writes in place).
+    # concat by default: on the CPU tiny checkpoint the output head dominates a step and make bench (g) cannot
+    # tell the two apart; the layout matters at the real model's size (a GPU measurement decides)
     kv_layout: Literal["concat", "slots"] = "concat"
     # KV_LAYOUT=slots: every decode step spans the whole slot bucket and column capacity (fixed shapes per
     # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU

@@ -235,6 +235,29 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 unit="short",
             ),
             Panel(
+                "Media cache: processed images/videos looked up, evicted",
+                [
+                    (f"sum(rate(model_media_cache_hits_total[{RATE}]))", "hits/s"),
+                    (f"sum(rate(model_media_cache_misses_total[{RATE}]))", "misses/s"),
+                    (f"sum(rate(model_media_cache_evictions_total[{RATE}]))", "evictions/s"),
+                ],
+                unit="short",
+                description=(
+                    "A hit skips the image/video decode, the processor and the pixel digest"
+                    " (MEDIA_CACHE_BYTES); evictions mean the bound is too small for the media in use."
+                ),
+            ),
+            Panel(
+                "Media cache size",
+                [("sum by (instance) (model_media_cache_bytes)", "{{instance}}")],
+                unit="bytes",
+            ),
+            Panel(
+                "Media cache entries",
+                [("sum by (instance) (model_media_cache_entries)", "{{instance}} images/videos")],
+                unit="short",
+            ),
+            Panel(
                 "Prefills vs requests",
                 [
                     (f"sum(rate(model_prefills_total[{RATE}]))", "prefills"),

@@ -16,6 +16,9 @@ COUNTERS = {
     "model_prefix_cache_hits_total",
     "model_prefix_cache_misses_total",
     "model_prefix_cache_reused_tokens_total",
+    "model_media_cache_hits_total",
+    "model_media_cache_misses_total",
+    "model_media_cache_evictions_total",
     "api_requests_total",
     "api_resumes_total",
     "api_cancels_total",
@@ -30,6 +33,8 @@ GAUGES = {
     "model_kv_cache_bytes",
     "model_kv_cache_budget_bytes",
     "model_finished_logs_bytes",
+    "model_media_cache_bytes",
+    "model_media_cache_entries",
     "api_active_streams",
 }
 HISTOGRAMS = {

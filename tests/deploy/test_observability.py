@@ -29,6 +29,7 @@ from tests.deploy.test_grafana import panel_exprs
 from tests.helpers.env import REPO, free_port, require_binary
 from tests.helpers.procs import Proc
 from tests.helpers.stack import Service, start_api, start_model
+from tests.model.media import png_b64
 from tests.model.service_helpers import body as model_body
 from tests.model.service_helpers import generate, iter_events, wait_for
 from tests.model.test_engine_restart import _engine_child
@@ -53,7 +54,7 @@ MUST_BE_POSITIVE = {
 }
 # ... except these expressions: the running rows' KV is 0 once the requests finished (`tiny_events` proves,
 # through Prometheus, that it is positive while one runs).
-ZERO_AT_REST = ('model_kv_cache_bytes{kind="rows"}',)
+ZERO_AT_REST = ('model_kv_cache_bytes{kind="rows"}', "model_media_cache_evictions_total")
 # Listed metric families that have no sample until a failure these tests do not cause (a labelled counter:
 # the api cannot reach the model; tests/api count it). The dashboard reads it with `or vector(0)`.
 ON_FAILURE_ONLY = {"api_model_errors_total"}
@@ -240,18 +241,21 @@ def prove_rows_reserved(prom: str, tiny: Service) -> None:
 @pytest.fixture(scope="module")
 def tiny_events(prometheus: str, tiny: Service) -> str:
     """On the tiny replica: an engine restart, a running request's KV rows seen by Prometheus, then two
-    prompts sharing their text (the second one a prefix-cache hit). Returns its instance label."""
+    prompts sharing their text and an image (the second one a prefix-cache and a media-cache hit). Returns its
+    instance label."""
     kill_engine_and_await_restart(prometheus, tiny)
     prove_rows_reserved(prometheus, tiny)
+    image = [{"type": "image", "data": png_b64(seed=3)}]
     with httpx.Client(base_url=tiny.url, timeout=60) as c:
-        generate(
-            c, model_body("obs-prefix-1", SHARED_PROMPT + "Answer briefly.", max_tokens=4, temperature=0)
-        )
-        events = generate(c, model_body("obs-prefix-2", SHARED_PROMPT + "Answer in French.", max_tokens=4))
+        first = SHARED_PROMPT + "Answer briefly."
+        generate(c, model_body("obs-prefix-1", first, parts=image, max_tokens=4, temperature=0))
+        second = SHARED_PROMPT + "Answer in French."
+        events = generate(c, model_body("obs-prefix-2", second, parts=image, max_tokens=4))
     usage = events[-1].usage  # type: ignore[union-attr]
     assert usage is not None and usage.cached_tokens >= 16, events[-1]
     assert counter(tiny, "model_prefix_cache_hits_total") >= 1
     assert counter(tiny, "model_prefix_cache_reused_tokens_total") >= 16
+    assert counter(tiny, "model_media_cache_hits_total") >= 1
     return f"127.0.0.1:{tiny.port}"
 
 

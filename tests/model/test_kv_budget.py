@@ -11,7 +11,7 @@ import pytest
 
 from services.model.engine import batch as kv
 from services.model.engine.hf import fit_kv_budget
-from services.model.engine.kv_slots import BLOCK
+from services.model.engine.kv_slots import SlotConfig
 from services.protocol.errors import PromptTooLong
 from services.protocol.generate import SamplingParams
 from tests.model.engine_support import (
@@ -41,6 +41,41 @@ def test_fit_kv_budget_shortens_a_default_and_refuses_what_cannot_fit() -> None:
         fit_kv_budget(s, False, 50, 120)  # asked for: refused, as a context overflow is
     with pytest.raises(PromptTooLong):
         fit_kv_budget(s, True, 130, 120)  # the prompt alone does not fit
+
+
+def test_fit_kv_budget_sizes_slots_by_their_bucket() -> None:
+    """KV_LAYOUT=slots: n rows alone take a bucket of slots (3 -> 4), each needing its prompt + max_tokens."""
+    s = SamplingParams(max_tokens=100, n=3)
+    slots = SlotConfig(max_slots=8)
+    assert fit_kv_budget(s, False, 50, 450) is s  # concat: 3 x 150 fit
+    with pytest.raises(PromptTooLong, match="3 choice"):
+        fit_kv_budget(s, False, 50, 450, slots)  # slots: 4 x 150 do not
+    assert fit_kv_budget(s, False, 50, 600, slots) is s
+    assert fit_kv_budget(s, True, 50, 450, slots).max_tokens == 450 // 4 - 50
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_slots_never_allocate_past_a_budget_that_prepare_accepted(engine: Any, n: int) -> None:
+    """n > 1 under the smallest budget ``fit_kv_budget`` accepts for the slots layout, nothing else running:
+    the slot buffers plus the kept prefixes stay within the budget at every step."""
+    p = prepare(engine, request(f"fork-{n}", "Tell me a story about cats", n=n, max_tokens=20, temperature=0))
+    per_token = kv.bytes_per_token(engine.loaded.model)
+    config = SlotConfig(max_slots=8)
+    tokens = config.alone_rows(n) * (p.prompt_tokens + (p.sampling.max_tokens or 0))
+    assert fit_kv_budget(p.sampling, False, p.prompt_tokens, tokens, config) is p.sampling
+    with pytest.raises(PromptTooLong):
+        fit_kv_budget(p.sampling, False, p.prompt_tokens, tokens - 1, config)
+    budget = per_token * tokens
+    sched = scheduler_for(engine, kv_layout="slots", kv_cache_bytes=budget, max_batch_size=8)
+    rec = Recorder()
+    sched.bind(rec)
+    sched.submit(p)
+    peak = 0
+    while sched.step_once():
+        if sched._batch is not None:
+            peak = max(peak, kv.nbytes(sched._batch) + sched.prefix.nbytes)
+    assert 0 < peak <= budget
+    assert rec.final(f"fork-{n}").finish_reason in ("stop", "length")  # type: ignore[union-attr]
 
 
 def test_prepare_refuses_a_request_that_can_never_fit(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,8 +137,8 @@ def test_kv_in_use_never_exceeds_the_budget_under_64_streams(engine: Any, layout
     ]
     per_token = kv.bytes_per_token(engine.loaded.model)
     longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in prepared)
-    # about 20 of the 64 rows at once, with the kept prefixes (slots: a row's columns are a whole block)
-    budget = per_token * (longest if layout == "concat" else BLOCK) * 20
+    # about 20 of the 64 rows at once, with the kept prefixes (slots: 16, a bucket, whose 16 x C fit)
+    budget = per_token * longest * 20
     watch = _KvWatch()
     sched = scheduler_for(
         engine, observer=watch, kv_cache_bytes=budget, max_batch_size=64, max_queue=64, kv_layout=layout

@@ -9,6 +9,7 @@ device.
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -125,7 +126,8 @@ def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine
     assert slots == concat
     assert len({t for step in concat for t in step}) > 10  # the model's output depends on its input
     slot_counts = [s for i, (s, _) in enumerate(shapes) if i == 0 or shapes[i - 1][0] != s]
-    assert slot_counts == [4, 16, 2]  # grown for the 9-row join, compacted when 2 rows were left
+    # compacted whenever the rows left fit a smaller bucket (4 -> 2 rows, 13 -> 6, 8 -> 2), grown by joins
+    assert slot_counts == [4, 2, 4, 16, 8, 2]
     columns = [c for _, c in shapes]
     assert any(b > a for a, b in pairwise(columns))  # grown by blocks
     assert any(b < a for a, b in pairwise(columns))  # shrunk by the compaction
@@ -133,23 +135,23 @@ def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine
 
 def test_a_join_that_fits_and_a_leave_move_no_running_row(engine: Any) -> None:
     with torch.inference_mode():
-        batch = kv.merge([_prefill(engine, p) for p in _PROMPTS[:3]], SlotConfig(8))
+        batch = kv.merge([_prefill(engine, p) for p in _PROMPTS], SlotConfig(8))
         assert isinstance(batch, SlotBatch) and batch.capacity == (4, 128)
         kv.decode(engine.loaded.model, batch)
         pointers = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in batch.cache.layers]
-        kept = {batch.slots[i]: _row_copy(batch, i) for i in (0, 2)}
+        kept = {batch.slots[i]: _row_copy(batch, i) for i in (0, 2, 3)}
         nbytes = kv.nbytes(batch)
 
-        batch = kv.select(batch, [0, 2])  # the middle row leaves
-        assert batch.slots == [0, 2]
+        batch = kv.select(batch, [0, 2, 3])  # the row of slot 1 leaves; 3 rows still need a bucket of 4
+        assert batch.slots == [0, 2, 3]
         assert _pointers(batch) == pointers and kv.nbytes(batch) == nbytes
         _assert_rows(batch, kept)
 
-        batch = kv.merge([batch, _prefill(engine, _PROMPTS[3])])  # fills the hole
-        assert batch.slots == [0, 2, 1]
+        batch = kv.merge([batch, _prefill(engine, _PROMPTS[1])])  # fills the hole
+        assert batch.slots == [0, 2, 3, 1]
         assert _pointers(batch) == pointers and kv.nbytes(batch) == nbytes
         _assert_rows(batch, kept)
-        assert batch.lengths()[2] == _prefill(engine, _PROMPTS[3]).mask.shape[1]
+        assert batch.lengths()[3] == _prefill(engine, _PROMPTS[1]).mask.shape[1]
 
         batch = kv.merge([batch, _prefill(engine, "one more"), _prefill(engine, "and another")])
         assert batch.capacity == (8, 128) and _pointers(batch) != pointers  # a bucket grow moves once
@@ -301,3 +303,115 @@ def test_the_settings_reach_the_scheduler(engine: Any) -> None:
     settings = engine.settings.model_copy(update={"kv_layout": "slots", "kv_static_shapes": True})
     config = HFEngine(engine.loaded, settings).scheduler_config
     assert (config.kv_layout, config.kv_static_shapes) == ("slots", True)
+
+
+# ---- review findings: stale KV, memory following the rows down, transient memory, devices, attention ------
+
+
+def test_a_freed_slot_s_stale_non_finite_kv_does_not_reach_its_next_row(engine: Any) -> None:
+    """A row whose KV went non-finite (bf16 overflow on a GPU) leaves; a shorter newcomer takes its slot.
+    Masked columns still enter attention's products (0 x NaN = NaN), so the join must clear them."""
+    model = engine.loaded.model
+    prompts = ("Why?", "a long prompt " * 20, "hi")
+
+    def run(slots: SlotConfig | None, poison: bool) -> torch.Tensor:
+        batch = kv.merge([_prefill(engine, p) for p in prompts[:2]], slots)
+        kv.decode(model, batch)
+        if poison:
+            assert isinstance(batch, SlotBatch)
+            for layer in batch.cache.layers:
+                layer.keys[batch.slots[1]].fill_(float("nan"))
+                layer.values[batch.slots[1]].fill_(float("inf"))
+        batch = kv.merge([kv.select(batch, [0]), _prefill(engine, prompts[2])], slots)
+        if poison:
+            assert isinstance(batch, SlotBatch) and batch.slots == [0, 1]  # the newcomer took the slot
+        return kv.decode(model, batch)
+
+    with torch.inference_mode():
+        slots, concat = run(SlotConfig(4), poison=True), run(None, poison=False)
+    assert torch.isfinite(slots).all()
+    assert torch.equal(slots.argmax(-1), concat.argmax(-1))
+    torch.testing.assert_close(slots, concat)
+
+
+def test_slot_memory_follows_the_rows_down_when_a_long_row_leaves(engine: Any) -> None:
+    """16 rows, one long: the long row leaving shrinks the columns, fewer rows a smaller bucket; the rows
+    left decode the tokens of concat."""
+    model = engine.loaded.model
+    texts = ["word " * 300] + [f"short {i}" for i in range(15)]
+
+    def run(slots: SlotConfig | None, watch: Callable[[kv.Batch], None]) -> list[list[int]]:
+        batch = kv.merge([_prefill(engine, t) for t in texts], slots)
+        tokens = []
+        for step in range(6):
+            if step == 2:
+                batch = kv.select(batch, list(range(1, 16)))  # the long row leaves
+            if step == 4:
+                batch = kv.select(batch, [0, 4, 8, 12, 14])  # spread slots: 5 rows
+            logits = kv.decode(model, batch)
+            batch.tokens = logits.argmax(-1, keepdim=True)
+            tokens.append(batch.tokens.flatten().tolist())
+            watch(batch)
+        return tokens
+
+    shapes: list[tuple[int, int]] = []
+    with torch.inference_mode():
+        concat = run(None, lambda b: None)
+        slots = run(SlotConfig(16), lambda b: shapes.append(b.capacity))  # type: ignore[union-attr]
+    assert slots == concat
+    assert shapes[:2] == [(16, 384)] * 2
+    assert shapes[2:4] == [(16, 128)] * 2  # 15 short rows: the long row's columns are gone
+    assert shapes[4:] == [(8, 128)] * 2  # 5 rows fit the bucket of 8, in its lowest slots
+
+
+def test_a_reallocation_releases_each_old_layer_after_copying_it(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the buffers grow, each layer's old keys and values are gone before the next layer's new ones
+    are made: the transient extra memory is one layer, not a second copy of the cache."""
+    with torch.inference_mode():
+        batch = kv.merge([_prefill(engine, p) for p in _PROMPTS[:3]], SlotConfig(8))
+        assert isinstance(batch, SlotBatch) and batch.capacity[0] == 4
+        old = [weakref.ref(t) for layer in batch.cache.layers for t in (layer.keys, layer.values)]
+        alive: list[int] = []
+        made = SlotBatch._buffer
+
+        def counting(self: SlotBatch, *args: Any) -> torch.Tensor:
+            alive.append(sum(ref() is not None for ref in old))
+            return made(self, *args)
+
+        monkeypatch.setattr(SlotBatch, "_buffer", counting)
+        batch = kv.merge([batch, *(_prefill(engine, p) for p in ("one", "two"))])
+    layers = len(old) // 2
+    assert batch.capacity[0] == 8
+    assert alive == [2 * (layers - i // 2) for i in range(2 * layers)]
+
+
+def test_each_layer_s_buffers_live_on_that_layer_s_device(engine: Any) -> None:
+    """A device_map may split the layers: the slot buffers follow each layer's own device (here the
+    ``meta`` device stands in for a second accelerator)."""
+    part = _prefill(engine, _PROMPTS[0])
+    second = part.cache.layers[1]
+    second.keys, second.values = second.keys.to("meta"), second.values.to("meta")
+    with torch.inference_mode():
+        batch = kv.merge([part], SlotConfig(4))
+    assert isinstance(batch, SlotBatch)
+    devices = [layer.keys.device.type for layer in batch.cache.layers]
+    assert devices[1] == "meta" and devices.count("cpu") == len(devices) - 1
+    assert batch.cache.layers[1].values.device.type == "meta"
+
+
+def test_the_scheduler_refuses_slots_with_an_attention_it_cannot_serve(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = engine.loaded.model.config.get_text_config(decoder=True)
+    monkeypatch.setattr(text, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(ValueError, match=r"KV_LAYOUT=slots.*'flash_attention_2'"):
+        scheduler_for(engine, kv_layout="slots")
+    scheduler_for(engine, kv_layout="concat")  # concat does not care
+
+
+def test_static_shapes_with_concat_warn_at_start(engine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        scheduler_for(engine, kv_layout="concat", kv_static_shapes=True)
+    assert "KV_STATIC_SHAPES=true has no effect with KV_LAYOUT=concat" in caplog.text

@@ -16,6 +16,7 @@ from services.model.engine.base import Admitted, EngineObserver, EngineStats, Ou
 from services.model.engine.batch import bytes_per_token
 from services.model.engine.detokenize import TokenTable
 from services.model.engine.grammar import Grammars
+from services.model.engine.kv_slots import SlotConfig
 from services.model.engine.prefix import prompt_key
 from services.model.engine.scheduler import Scheduler, SchedulerConfig
 from services.model.loading import Loaded
@@ -123,7 +124,13 @@ class HFEngine:
         inputs = prompt.inputs
         prompt_tokens = int(inputs["input_ids"].shape[1])
         sampling = resolve_sampling(request.sampling, self.settings, self.loaded, prompt_tokens)
-        sampling = fit_kv_budget(sampling, request.sampling.max_tokens is None, prompt_tokens, self.kv_tokens)
+        sampling = fit_kv_budget(
+            sampling,
+            request.sampling.max_tokens is None,
+            prompt_tokens,
+            self.kv_tokens,
+            self._scheduler.slot_config,
+        )
         return Prepared(
             request_id=request.request_id,
             sampling=sampling,
@@ -193,21 +200,28 @@ def _max_tokens(requested: int | None, default: int, loaded: Any, prompt_tokens:
 
 
 def fit_kv_budget(
-    sampling: SamplingParams, defaulted: bool, prompt_tokens: int, kv_tokens: int
+    sampling: SamplingParams,
+    defaulted: bool,
+    prompt_tokens: int,
+    kv_tokens: int,
+    slots: SlotConfig | None = None,
 ) -> SamplingParams:
     """``sampling`` whose rows (prompt + ``max_tokens`` each, ``n`` of them) fit ``kv_tokens`` of KV cache
-    even alone: a defaulted ``max_tokens`` is shortened to what fits; a requested one that does not fit, or a
-    prompt that leaves no room, raises ``PromptTooLong`` (400). ``kv_tokens`` 0: no budget."""
+    even alone, in the rectangle the layout gives them: ``n`` rows (concat), or ``slots``'s bucket of
+    slots for ``n`` (``KV_LAYOUT=slots``: the S x C buffers stay within the budget when each of S slots
+    fits its share). A defaulted ``max_tokens`` is shortened to what fits; a requested one that does not
+    fit, or a prompt that leaves no room, raises ``PromptTooLong`` (400). ``kv_tokens`` 0: no budget."""
     if not kv_tokens:
         return sampling
-    rows = int(getattr(sampling, "n", 1) or 1)
+    choices = int(getattr(sampling, "n", 1) or 1)
+    rows = choices if slots is None else slots.alone_rows(choices)
     room = kv_tokens // rows - prompt_tokens
     max_tokens = sampling.max_tokens or 1
     if room >= max_tokens:
         return sampling
     if room < 1 or not defaulted:
         raise PromptTooLong(
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {rows} choice(s) needs "
-            f"more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {choices} choice(s) "
+            f"needs more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"
         )
     return sampling.model_copy(update={"max_tokens": room})

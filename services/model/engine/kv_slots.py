@@ -1,26 +1,39 @@
 """KV layout ``slots`` (``KV_LAYOUT=slots``): each row keeps its keys and values in one place all its life.
 
-Per decoder layer one keys and one values buffer of shape (S, kv_heads, C, head_dim), zero-filled when made.
-S *slots* (a bucket of :func:`slot_buckets`: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to the batch size) and C
-columns (whole blocks of ``BLOCK``, never past ``SlotConfig.column_cap``). A row owns one slot from its join
-to its leave; column j of its slot holds its token j (left-aligned: no padding, nothing ever shifts), and the
-slot's *length* (tokens cached) is both an entry of a (S,) tensor and of a host-side list kept in step.
+Per decoder layer one keys and one values buffer of shape (S, kv_heads, C, head_dim), zero-filled when made,
+on that layer's own device (a ``device_map`` may split the layers). S *slots* (a bucket of
+:func:`slot_buckets`: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to the batch size) and C columns (whole blocks
+of ``BLOCK``; under a KV budget never past ``budget_tokens // S`` unless a row itself needs more, so that
+S x C stays within the budget whenever the rows fit it). A row owns one slot from its join to its leave;
+column j of its slot holds its token j (left-aligned: no padding, nothing ever shifts), and the slot's
+*length* (tokens cached) is both an entry of a (S,) tensor and of a host-side list kept in step.
 
 - join (:meth:`SlotBatch.join`): a prefilled newcomer's KV (one row, or ``n`` rows after a fork) is copied
-  into the lowest free slots; only its bytes move. A join that needs more slots than S, or a newcomer longer
-  than C, first reallocates the buffers to the next bucket / block (one copy of everything, amortised).
-- leave (:meth:`SlotBatch.select`): the slot is marked free (length 0) and the row order updated; no KV moves.
-  When the rows left fit a bucket a quarter of S or less, they are compacted into new, smaller buffers (one
-  copy of those rows), so a burst does not hold its memory for ever.
+  into the lowest free slots, and the rest of each of those slots is zeroed (a freed slot still holds its
+  last occupant's KV; masked columns still enter the products, and 0 x NaN is NaN). A join that needs more
+  slots than S, or a newcomer longer than C, first reallocates the buffers to the next bucket / the columns
+  the rows need (one copy of everything, amortised).
+- leave (:meth:`SlotBatch.select`): the slot is marked free (length 0) and the row order updated; no KV
+  moves, unless the rows left fit a smaller bucket or need at most half the columns: then they are
+  compacted into new, smaller buffers (one copy of those rows), so memory follows the rows down.
 - decode (:meth:`SlotBatch.decode`): one step over the slots [0, hi) (hi = 1 + the highest slot in use; with
   ``static`` the whole bucket S and all C columns, fixed shapes per bucket as CUDA graph capture needs). Each
   slot's new column is written at its own length (``scatter_`` along the column dim, in place); attention
   spans the columns [0, width) with a per-slot mask built from the lengths (a prebuilt 4-D mask, which
-  transformers' ``create_causal_mask`` passes through as it is). Free slots decode a harmless dummy: token 0
-  at length 0, one valid column (their own), so no row of softmax is empty (no NaN). The last hidden states
-  of the rows are gathered in the scheduler's row order and the output head writes the (B, V) logits. The
-  step never reads a device value on the host: spans come from the host-side lengths, the writes, mask and
-  positions from the (S,) tensors.
+  transformers' ``create_causal_mask`` passes through as it is: sdpa or eager attention only, checked by
+  :func:`attention_kind` when the scheduler is built). Free slots decode a harmless dummy: their step input
+  is whatever id their entry of the (S, 1) token buffer holds (0 when never used, else their last
+  occupant's last input) at length 0, one valid column (their own), so no row of softmax is empty (no NaN);
+  their outputs are never read. The last hidden states of the rows are gathered in the scheduler's row
+  order and the output head writes the (B, V) logits. The step never reads a device value on the host:
+  spans come from the host-side lengths, the writes, mask and positions from the (S,) tensors.
+
+Reallocation (a grow, a compaction) makes each layer's new buffers, copies that layer's rows and releases
+its old buffers before the next layer, so the transient extra memory is one layer's new keys and values
+(plus, for a compaction, one layer's gathered rows), not a second copy of the whole cache. The caching
+allocator of CUDA may still hold the freed blocks (reserved, not allocated) for later reuse. A
+reallocation that fails half-way (out of memory) leaves the batch unusable: every later join or decode
+raises, and the scheduler fails its rows.
 
 A failed step is undone by its lengths (:meth:`snapshot` / :meth:`restore`): the lengths advance only after a
 step succeeded, and a step writes only at the columns just past them, which stay masked.
@@ -36,6 +49,19 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 BLOCK = 128  # columns: buffers are allocated in multiples of this (unless the KV budget caps them)
+ATTENTION = ("sdpa", "eager")  # the implementations that take the prebuilt 4-D mask as it is
+
+
+def attention_kind(model: Any) -> str:
+    """The text decoder's attention implementation (``sdpa`` when unset); raises ValueError, naming
+    KV_LAYOUT and the implementation, for one that cannot take the slots' 4-D mask."""
+    kind = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "sdpa"
+    if kind not in ATTENTION:
+        raise ValueError(
+            f"KV_LAYOUT=slots needs sdpa or eager attention; the model uses {kind!r} attention "
+            "(use KV_LAYOUT=concat, or load the model with attn_implementation='sdpa')"
+        )
+    return kind
 
 
 def slot_buckets(max_slots: int) -> list[int]:
@@ -61,21 +87,34 @@ def slot_bucket(needed: int, max_slots: int) -> int:
 
 
 def columns_for(needed: int, cap: int = 0, block: int = BLOCK) -> int:
-    """Columns to allocate for ``needed`` ones: whole blocks, but not past ``cap`` (the tokens the KV budget
-    holds; 0: no cap) unless ``needed`` itself is."""
+    """Columns to allocate for ``needed`` ones: whole blocks, but not past ``cap`` (a slot's share of the
+    KV budget, :meth:`SlotConfig.column_cap`; 0: no cap) unless ``needed`` itself is."""
     rounded = -(-needed // block) * block
     return min(rounded, max(needed, cap)) if cap else rounded
 
 
 @dataclass(frozen=True, slots=True)
 class SlotConfig:
-    """``max_slots``: the batch size; ``column_cap``: tokens of KV the budget holds (0: no budget);
-    ``static``: decode over the whole (S, C) rectangle every step."""
+    """``max_slots``: the batch size; ``budget_tokens``: tokens of KV the budget holds (0: no budget): the
+    S x C rectangle stays within it whenever the rows' own lengths allow; ``static``: decode over the whole
+    (S, C) rectangle every step."""
 
     max_slots: int
-    column_cap: int = 0
+    budget_tokens: int = 0
     static: bool = False
     block: int = BLOCK
+
+    def column_cap(self, slots: int) -> int:
+        """Columns a buffer of ``slots`` slots may take within the budget (0: no budget)."""
+        return self.budget_tokens // slots if self.budget_tokens and slots else 0
+
+    def columns(self, needed: int, slots: int) -> int:
+        """Columns to allocate for ``needed`` in buffers of ``slots`` slots (:func:`columns_for`)."""
+        return columns_for(needed, self.column_cap(slots), self.block)
+
+    def alone_rows(self, rows: int) -> int:
+        """Slots the rows of one request (its ``n``) take when they run alone: the bucket holding them."""
+        return slot_bucket(min(rows, self.max_slots), self.max_slots)
 
 
 class RowsState(Protocol):
@@ -90,21 +129,30 @@ class RowsState(Protocol):
 
 
 class _Span:
-    """The decode step in progress: where each slot writes ((hi, H, 1, D) column indices) and the span."""
+    """The decode step in progress: where each slot writes ((hi, 1, 1, 1) column indices, one copy per
+    device the layers live on) and the span."""
 
     __slots__ = ("hi", "index", "width")
 
     def __init__(self) -> None:
         self.hi, self.width = 0, 0
-        self.index: torch.Tensor | None = None
+        self.index: dict[torch.device, torch.Tensor] = {}
+
+    def start(self, hi: int, width: int, lengths: torch.Tensor) -> None:
+        """Begin a step over the slots [0, ``hi``) and columns [0, ``width``); ``lengths`` (hi,) long."""
+        self.hi, self.width = hi, width
+        self.index = {lengths.device: lengths.view(hi, 1, 1, 1)}
 
     def write(self, buffer: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Write ``states`` (hi, H, 1, D) at each slot's column; returns the view (hi, H, width, D) that
-        attention reads."""
-        if self.index is None or states.shape[2] != 1:
+        attention reads. Raises ValueError outside a decode step or for more than one token per row."""
+        if not self.index or states.shape[2] != 1:
             raise ValueError("a slot cache takes one decode token per row (prefill runs on its own cache)")
         rows = buffer[: self.hi]
-        index = self.index.expand(-1, states.shape[1], 1, states.shape[3])
+        at = self.index.get(buffer.device)
+        if at is None:  # a layer on another device (device_map): one copy of the indices per device
+            at = self.index[buffer.device] = next(iter(self.index.values())).to(buffer.device)
+        index = at.expand(-1, states.shape[1], 1, states.shape[3])
         rows.scatter_(2, index, states.to(rows.dtype))
         return rows[:, :, : self.width]
 
@@ -126,13 +174,21 @@ class SlotLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's ``key_states``/``value_states`` (hi, H, 1, D) at each slot's own column (its
+        length) in place; returns the keys and values attention reads, (hi, H, width, D) views of the
+        buffers (the step's span; the mask hides each slot's columns past its length). Raises ValueError
+        outside a decode step or for more than one token per row."""
         assert self.keys is not None and self.values is not None
         return self._span.write(self.keys, key_states), self._span.write(self.values, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for transformers' mask builder: the step's width and no offset (the
+        4-D mask the step passes is used as it is; these only size the one it would build)."""
         return self._span.width, 0
 
     def get_seq_length(self) -> int:
+        """The step's width: the columns attention spans (the longest row's length + 1, or C when
+        static), not any one row's length (each row's is its slot's entry of the lengths)."""
         return self._span.width
 
     def get_max_length(self) -> int:
@@ -152,10 +208,23 @@ class SlotBatch:
     Row ``i`` of the scheduler's order lives in slot ``slots[i]``. ``tokens`` (B, 1) in row order are the
     tokens to feed next. Not thread-safe: the scheduler thread owns it."""
 
-    def __init__(self, config: SlotConfig, layers: int, heads: int, head_dim: int, dtype: Any, device: Any):
+    def __init__(
+        self,
+        config: SlotConfig,
+        layers: int,
+        heads: int,
+        head_dim: int,
+        dtype: Any,
+        device: Any,
+        layer_devices: Sequence[Any] | None = None,
+    ):
+        """Empty: no buffers until the first join. ``device`` holds the per-slot state (lengths, tokens,
+        mask); ``layer_devices`` (one per layer; default ``device`` for all) the layers' buffers."""
         self.config = config
         self._shape = (layers, heads, head_dim)
         self._dtype, self._device = dtype, device
+        self._layer_devices = list(layer_devices) if layer_devices is not None else [device] * layers
+        self._lost = False  # a reallocation failed half-way: the buffers are gone
         self._span = _Span()
         self.cache = SlotCache([])
         self._slots, self._columns = 0, 0
@@ -172,10 +241,17 @@ class SlotBatch:
 
     @classmethod
     def like(cls, config: SlotConfig, part: RowsState) -> SlotBatch:
-        """An empty batch for rows of ``part``'s layers, heads, dtype and device."""
+        """An empty batch for rows of ``part``'s layers, heads, dtype and devices (each layer's own)."""
         keys = part.cache.layers[0].keys
+        devices = [layer.keys.device for layer in part.cache.layers]
         return cls(
-            config, len(part.cache.layers), int(keys.shape[1]), int(keys.shape[3]), keys.dtype, keys.device
+            config,
+            len(devices),
+            int(keys.shape[1]),
+            int(keys.shape[3]),
+            keys.dtype,
+            part.mask.device,
+            devices,
         )
 
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -238,20 +314,28 @@ class SlotBatch:
     # ---- join and leave -----------------------------------------------------------------------------
 
     def join(self, part: RowsState) -> list[int]:
-        """Copy the rows of ``part`` into the lowest free slots (growing S or C first when needed); returns
-        their slots. The rows already here are not moved unless the buffers had to grow."""
+        """Copy the rows of ``part`` into the lowest free slots, zeroing the rest of those slots; returns
+        their slots. The rows already here are not moved unless the buffers had to grow (more slots than S,
+        or a newcomer longer than C: new buffers of the next bucket and the columns every row needs).
+
+        ``part`` (:class:`RowsState`) is left-padded: row i's real tokens are the last ``mask[i].sum()``
+        columns of its cache, whose layers match this batch's (count, heads, head_dim, dtype). Raises
+        ValueError when the rows would need more than ``max_slots`` slots (the scheduler never lets them
+        in) and RuntimeError once a failed reallocation lost the buffers."""
+        self._check_usable()
         rows = int(part.tokens.shape[0])
         valid = [int(n) for n in part.mask.sum(dim=1).tolist()]  # host read: a join is not a decode step
         width = int(part.mask.shape[1])
         slots = self._free_slots(rows)
-        self._reallocate(
-            max(self._slots, slot_bucket(max(slots) + 1, self.config.max_slots)),
-            max(self._columns, self._columns_for(max(valid))),
-        )
+        if max(slots) >= self._slots or max(valid) > self._columns:
+            grown = max(self._slots, slot_bucket(max(slots) + 1, self.config.max_slots))
+            needed = max([n + 1 for n in valid] + [self._lengths[s] + 1 for s in self._order])
+            self._reallocate(grown, self.config.columns(needed, grown))
         for mine, theirs in zip(self.cache.layers, part.cache.layers, strict=True):
             for i, (slot, n) in enumerate(zip(slots, valid, strict=True)):
-                mine.keys[slot, :, :n].copy_(theirs.keys[i, :, width - n :])
-                mine.values[slot, :, :n].copy_(theirs.values[i, :, width - n :])
+                for buffer, states in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+                    buffer[slot, :, :n].copy_(states[i, :, width - n :])
+                    buffer[slot, :, n:].zero_()  # the slot's last occupant's KV (maybe non-finite)
         index = torch.tensor(slots, dtype=torch.long, device=self._device)
         self._length_t.index_copy_(0, index, torch.tensor(valid, dtype=torch.long, device=self._device))
         self._delta_t.index_copy_(0, index, part.delta.to(self._device, torch.long).reshape(-1))
@@ -263,8 +347,9 @@ class SlotBatch:
         return slots
 
     def select(self, keep: Sequence[int]) -> SlotBatch:
-        """Keep the rows at ``keep`` (in that order; each at most once) and free the others' slots; no KV
-        is copied unless the rows left are few enough to compact (see the module docstring)."""
+        """Keep the rows at ``keep`` (in that order; each at most once; ValueError otherwise) and free the
+        others' slots; no KV is copied unless the rows left fit a smaller bucket or need at most half the
+        columns, when they are compacted (see the module docstring)."""
         order = [self._order[i] for i in keep]
         if len(set(order)) != len(order):
             raise ValueError("a slot batch cannot keep a row twice")
@@ -279,7 +364,7 @@ class SlotBatch:
             0, torch.tensor(list(keep), dtype=torch.long, device=self._device)
         )
         self._set_order(order)
-        if order and slot_bucket(len(order), self.config.max_slots) * 4 <= self._slots:
+        if order and self._shrinks():
             self._compact()
         return self
 
@@ -296,16 +381,30 @@ class SlotBatch:
         self._order = order
         self._order_t = torch.tensor(order, dtype=torch.long, device=self._device)
 
-    def _columns_for(self, needed: int) -> int:
-        return columns_for(needed, self.config.column_cap, self.config.block)
+    def _compact_shape(self) -> tuple[int, int]:
+        """(S, C) that the rows left need: the smallest bucket, and the columns for their next step."""
+        slots = slot_bucket(len(self._order), self.config.max_slots)
+        needed = max(self._lengths[s] for s in self._order) + 1
+        return slots, self.config.columns(needed, slots)
+
+    def _shrinks(self) -> bool:
+        """Whether the rows left fit a smaller bucket or need at most half the columns (and the new
+        buffers would be smaller)."""
+        slots, columns = self._compact_shape()
+        needed = max(self._lengths[s] for s in self._order) + 1
+        smaller = slots * columns < self._slots * self._columns
+        return smaller and (slots < self._slots or 2 * needed <= self._columns)
 
     def _compact(self) -> None:
-        """Move the rows into the lowest slots of new buffers of the smallest bucket and the columns they
-        need (one copy of those rows only)."""
-        n = len(self._order)
-        columns = self._columns_for(max(self._lengths[s] for s in self._order) + 1)
-        self._reallocate(slot_bucket(n, self.config.max_slots), columns, sources=self._order)
-        self._set_order(list(range(n)))
+        """Move the rows into the lowest slots of new buffers of :meth:`_compact_shape` (one copy of those
+        rows only)."""
+        slots, columns = self._compact_shape()
+        self._reallocate(slots, columns, sources=self._order)
+        self._set_order(list(range(len(self._order))))
+
+    def _check_usable(self) -> None:
+        if self._lost:
+            raise RuntimeError("the slot buffers were lost to a reallocation that failed half-way")
 
     def _reallocate(self, slots: int, columns: int, sources: list[int] | None = None) -> None:
         """New buffers of (``slots``, ``columns``): slot i takes old slot ``sources[i]`` (None: every slot
@@ -315,16 +414,20 @@ class SlotBatch:
         if sources is None:
             sources = list(range(min(slots, self._slots)))
         index = torch.tensor(sources, dtype=torch.long, device=self._device)
-        n, width = len(sources), min(columns, self._columns)
-        in_place = sources == list(range(n))  # a grow: one slice copy, no gathered temporary
+        width = min(columns, self._columns)
+        old_layers = list(self.cache.layers) if self._slots else [None] * self._shape[0]
         layers: list[SlotLayer] = []
-        for old in self.cache.layers if self._slots else [None] * self._shape[0]:
-            pair = [self._buffer(slots, columns) for _ in range(2)]
-            for new, held in zip(pair, (None, None) if old is None else (old.keys, old.values), strict=True):
-                if held is not None and n:
-                    held = held[:n] if in_place else held.index_select(0, index)
-                    new[:n, :, :width].copy_(held[:, :, :width])
-            layers.append(SlotLayer(pair[0], pair[1], self._span))
+        try:
+            for old, device in zip(old_layers, self._layer_devices, strict=True):
+                keys, values = self._buffer(slots, columns, device), self._buffer(slots, columns, device)
+                if old is not None:
+                    _copy_rows(keys, old.keys, sources, index, width)
+                    _copy_rows(values, old.values, sources, index, width)
+                    old.keys = old.values = None  # released now: the transient extra is one layer
+                layers.append(SlotLayer(keys, values, self._span))
+        except BaseException:
+            self._lost, self.cache = True, SlotCache([])
+            raise
         self.cache = SlotCache(layers)
         self._length_t, self._delta_t, self._active_t, self._slot_tokens = (
             _moved(t, index, slots)
@@ -334,21 +437,23 @@ class SlotBatch:
         self._column_ids = torch.arange(columns, dtype=torch.long, device=self._device)
         self._slots, self._columns = slots, columns
 
-    def _buffer(self, slots: int, columns: int) -> torch.Tensor:
-        """Zeros, not garbage: masked columns still enter the attention products, and 0 x NaN is NaN."""
+    def _buffer(self, slots: int, columns: int, device: Any) -> torch.Tensor:
+        """(slots, H, columns, D) zeros on ``device``, not garbage: masked columns still enter the
+        attention products, and 0 x NaN is NaN."""
         _, heads, head_dim = self._shape
-        return torch.zeros((slots, heads, columns, head_dim), dtype=self._dtype, device=self._device)
+        return torch.zeros((slots, heads, columns, head_dim), dtype=self._dtype, device=device)
 
     # ---- decode -------------------------------------------------------------------------------------
 
     def decode(self, model: Any, out: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step for every row: feeds ``tokens``, writes each row's new column in place, returns the
         logits (B, V) in row order (into ``out`` when given: a (B, V) tensor of the head's dtype/device).
-        Raises ValueError for an attention implementation that cannot take a 4-D mask."""
+        Raises ValueError for an attention implementation that cannot take a 4-D mask (see
+        :func:`attention_kind`) and RuntimeError once a failed reallocation lost the buffers."""
+        self._check_usable()
         hi, width = self._step_span()
         lengths = self._length_t[:hi]
-        self._span.hi, self._span.width = hi, width
-        self._span.index = lengths.view(hi, 1, 1, 1)
+        self._span.start(hi, width, lengths)
         self._slot_tokens.index_copy_(0, self._order_t, self._tokens)
         pos = lengths[:, None]
         mrope = pos + self._delta_t[:hi, None]
@@ -359,20 +464,21 @@ class SlotBatch:
             cache=self.cache,
             use_cache=True,
         )
-        hidden = result.last_hidden_state[:, -1].index_select(0, self._order_t)  # (B, hidden)
+        last = result.last_hidden_state[:, -1]  # (hi, hidden), on the last layer's device
         head = model.get_output_embeddings()
+        hidden = last.index_select(0, self._order_t.to(last.device)).to(head.weight.device)  # (B, hidden)
         logits = head(hidden) if out is None else torch.mm(hidden, head.weight.t(), out=out)
         self._length_t.add_(self._active_t)  # only now: a step that raised left the lengths as they were
         for slot in self._order:
             self._lengths[slot] += 1
-        self._span.index = None
+        self._span.index = {}
         return logits
 
     def _step_span(self) -> tuple[int, int]:
         """(hi, width) of the next step, growing the columns first when a row's new column needs it."""
         needed = max(self._lengths[s] for s in self._order) + 1
         if needed > self._columns:
-            self._reallocate(self._slots, self._columns_for(needed))
+            self._reallocate(self._slots, self.config.columns(needed, self._slots))
         if self.config.static:
             return self._slots, self._columns
         return max(self._order) + 1, needed
@@ -381,10 +487,7 @@ class SlotBatch:
         """(hi, 1, 1, width): column j is visible to slot s when j <= its length (its new column included);
         bool for sdpa, additive for eager attention."""
         if self._mask_kind is None:
-            kind = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None) or "sdpa"
-            if kind not in ("sdpa", "eager"):
-                raise ValueError(f"KV_LAYOUT=slots needs sdpa or eager attention, not {kind}")
-            self._mask_kind = kind
+            self._mask_kind = attention_kind(model)
         visible = (self._column_ids[:width][None, :] <= lengths[:, None])[:, None, None, :]
         if self._mask_kind == "sdpa":
             return visible
@@ -407,6 +510,21 @@ class SlotBatch:
         self._length_t.copy_(tensor)
 
 
+def _copy_rows(
+    new: torch.Tensor, old: torch.Tensor, sources: list[int], index: torch.Tensor, width: int
+) -> None:
+    """Copy ``old``'s slots ``sources`` (``index`` the same on the state's device; columns [0, width)) into
+    ``new``'s first slots. Kept apart so that no reference to ``old`` outlives the copy (its caller
+    releases it next)."""
+    n = len(sources)
+    if not n:
+        return
+    if sources == list(range(n)):  # a grow: one slice copy, no gathered temporary
+        new[:n, :, :width].copy_(old[:n, :, :width])
+    else:
+        new[:n, :, :width].copy_(old.index_select(0, index.to(old.device))[:, :, :width])
+
+
 def _moved(t: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
     """A (rows, ...) tensor of zeros whose first rows are ``t``'s rows at ``index``."""
     moved = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
@@ -419,7 +537,8 @@ def reserved_shape(
     batch: SlotBatch | None, config: SlotConfig, new_rows: int, longest: int
 ) -> tuple[int, int]:
     """(S, C) the slot buffers may reach: ``batch`` (None: none yet) with ``new_rows`` more rows joining and
-    every row growing to ``longest`` tokens (prompt + max_tokens)."""
+    every row growing to ``longest`` tokens (prompt + max_tokens). A join that grows S reallocates with the
+    columns for the new S (:meth:`SlotConfig.columns`); otherwise C is at least what is allocated now."""
     if batch is None:
         high, slots, columns = new_rows, 0, 0
     else:
@@ -427,4 +546,6 @@ def reserved_shape(
     if high == 0:
         return slots, columns
     need_slots = slot_bucket(min(high, config.max_slots), config.max_slots)
-    return max(slots, need_slots), max(columns, columns_for(longest, config.column_cap, config.block))
+    if need_slots > slots:
+        return need_slots, config.columns(longest, need_slots)
+    return slots, max(columns, config.columns(longest, slots))

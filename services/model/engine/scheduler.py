@@ -84,7 +84,7 @@ from services.model.engine.chunked import ChunkedPrefill, visual_tokens
 from services.model.engine.detokenize import IncrementalDetokenizer, Piece, TokenTable
 from services.model.engine.grammar import allocate_bitmask, apply_bitmasks, pick_greedy
 from services.model.engine.isolate import Probe, culprits
-from services.model.engine.kv_slots import SlotBatch, SlotConfig, reserved_shape
+from services.model.engine.kv_slots import SlotBatch, SlotConfig, attention_kind, reserved_shape
 from services.model.engine.logprobs import entries as logprob_entries
 from services.model.engine.prefix import PrefixCache, PrefixEntry, PromptKey, prompt_key
 from services.model.engine.sampling import (
@@ -204,7 +204,7 @@ class Scheduler:
         self._batch: kv.Batch | None = None
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
-        self._slots = self._slot_config() if config.kv_layout == "slots" else None
+        self._slots = self._slot_config(model)
         self._admitting: list[_Row] = []  # rows prefilled in the step in progress, not merged yet
         self._kv_reported: KVCacheStats | None = None
         self._sink: OutputSink | None = None
@@ -357,12 +357,26 @@ class Scheduler:
         prefix = self.prefix.nbytes if self.prefix is not None else 0
         return self._kv_reserved([]), prefix, self._config.kv_cache_bytes
 
-    def _slot_config(self) -> SlotConfig:
-        """``KV_LAYOUT=slots``: buffers of at most the batch size in slots and, under a KV budget, never
-        more columns than the budget holds tokens (a row alone always fits where ``prepare`` let it in)."""
-        budget = self._config.kv_cache_bytes
-        cap = budget // self._kv_per_token if budget else 0
-        return SlotConfig(self._config.max_batch_size, cap, self._config.kv_static_shapes)
+    @property
+    def slot_config(self) -> SlotConfig | None:
+        """The slot buffers' configuration (None: ``KV_LAYOUT=concat``); ``prepare`` sizes requests by it."""
+        return self._slots
+
+    def _slot_config(self, model: Any) -> SlotConfig | None:
+        """``KV_LAYOUT=slots``: buffers of at most the batch size in slots and, under a KV budget, S x C
+        within the budget (``SlotConfig.budget_tokens``). Raises ValueError, before any request, for an
+        attention implementation the slots cannot serve. ``KV_STATIC_SHAPES`` with concat has no effect: a
+        warning says so."""
+        config = self._config
+        if config.kv_layout != "slots":
+            if config.kv_static_shapes:
+                log.warning(
+                    "KV_STATIC_SHAPES=true has no effect with KV_LAYOUT=%s (slots only)", config.kv_layout
+                )
+            return None
+        attention_kind(model)
+        budget = config.kv_cache_bytes // self._kv_per_token if config.kv_cache_bytes else 0
+        return SlotConfig(config.max_batch_size, budget, config.kv_static_shapes)
 
     def _kv_lengths(self) -> list[int]:
         chunked = self._chunked[0] if self._chunked is not None else []

@@ -1,12 +1,13 @@
 """(g) and (h) of ``make bench``: the KV cache while rows come and go, and what the prefix cache saves.
 
 (g) mean time per step at 16 rows, steady (nobody joins or leaves) vs join-heavy (every few steps one row
-leaves and a freshly prefilled one joins), on the engine's batch functions (``services.model.engine.batch``)
-and the tiny checkpoint, driven as the scheduler drives them: a leave is ``select``, a join ``merge`` of the
-running batch with the newcomer's one-row prefill state (``KV_LAYOUT=slots``: into a free slot), a decode
-step writes its logits into one reused buffer. The timed part of a churn step is the leave, the join and the
-decode step; the joining row's own prefill is done before the clock starts (it costs the same whatever the
-cache layout).
+leaves and a freshly prefilled one joins), for each KV layout (``concat``, ``slots``, ``slots`` with
+``KV_STATIC_SHAPES``), on the engine's batch functions (``services.model.engine.batch``) and the tiny
+checkpoint, driven as the scheduler drives them: a leave is ``select``, a join ``merge`` of the running batch
+with the newcomer's one-row prefill state (``KV_LAYOUT=slots``: into a free slot), a decode step writes its
+logits into one reused buffer. The timed part of a churn step is the leave, the join and the decode step; the
+joining row's own prefill is done before the clock starts (it costs the same whatever the cache layout). On
+CUDA each clock read first waits for the model's kernels (``make gpu-check`` runs the same measure).
 (h) time to first token of turn 2 of a chat about one 1024x1024 image vs turn 1, on the in-process
 ``HFEngine`` with its prefix cache: engine-only (submit to first token) and end to end (request
 preparation included: turn 1 decodes, processes and hashes the image; turn 2 finds it in the media cache).
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHURN_ROWS = 16
+CHURN_EVERY = 4
+WARMUP_STEPS = 10  # per layout, one leave + one join every 2 steps, before any timed run
 TURN_IMAGE_SIDE = 1024
 _PROMPTS = (
     "Tell me a story about a lighthouse keeper.",
@@ -27,6 +31,25 @@ _PROMPTS = (
     "Why is the sky blue? Explain briefly.",
     "Write a haiku about autumn rain on a tin roof.",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class KvLayout:
+    """One KV layout as the scheduler runs it: ``name`` (the rows' ``layout`` key), the settings that select
+    it, whether it keeps row slots (``KV_LAYOUT=slots``) and whether slots decode with static shapes."""
+
+    name: str
+    setting: str
+    slots: bool
+    static: bool = False
+
+
+LAYOUTS = (
+    KvLayout("concat", "KV_LAYOUT=concat", slots=False),
+    KvLayout("slots", "KV_LAYOUT=slots", slots=True),
+    KvLayout("slots-static", "KV_LAYOUT=slots + KV_STATIC_SHAPES=true", slots=True, static=True),
+)
+SETTINGS = {layout.name: layout.setting for layout in LAYOUTS}
 
 
 def _prefill_text(model: Any, processor: Any, text: str) -> Any:
@@ -37,75 +60,125 @@ def _prefill_text(model: Any, processor: Any, text: str) -> Any:
     return kv.prefill(model, {"input_ids": ids}, next(model.parameters()).device)[1]
 
 
-def _slots(layout: str) -> Any:
-    """The ``SlotConfig`` the scheduler uses for ``layout`` at 16 rows and no KV budget (None: concat)."""
+def _slots(layout: KvLayout, rows: int) -> Any:
+    """The ``SlotConfig`` the scheduler builds for ``layout`` with ``MAX_BATCH_SIZE`` = ``rows`` and no KV
+    budget (None: concat)."""
     from services.model.engine.kv_slots import SlotConfig
 
-    return SlotConfig(CHURN_ROWS) if layout == "slots" else None
+    return SlotConfig(rows, static=layout.static) if layout.slots else None
 
 
-def _start_batch(model: Any, processor: Any, rows: int, layout: str) -> Any:
+def _cuda_devices(model: Any) -> tuple[Any, ...]:
+    """The CUDA devices holding ``model``'s parameters (empty on CPU): the clock waits for their kernels."""
+    return tuple(sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str))
+
+
+def _clock(devices: tuple[Any, ...]) -> float:
+    """``time.perf_counter()`` once the kernels queued on ``devices`` have finished (CUDA runs them
+    asynchronously: without this the clock would time their launch, not their work)."""
+    if devices:
+        import torch
+
+        for device in devices:
+            torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _start_batch(starts: list[Any], slots: Any) -> Any:
+    """A running batch of copies of the prefilled ``starts`` (they stay untouched for the next run)."""
     from services.model.engine import batch as kv
 
-    prompts = [_PROMPTS[i % len(_PROMPTS)] * (1 + i % 3) for i in range(rows)]
-    return kv.merge([_prefill_text(model, processor, p) for p in prompts], _slots(layout))
+    return kv.merge([kv.take(state, [0]) for state in starts], slots)
 
 
 def _run(
-    model: Any, batch: Any, steps: int, churn_every: int, joiners: list[Any], layout: str
+    model: Any,
+    batch: Any,
+    steps: int,
+    churn_every: int,
+    joiners: list[Any],
+    slots: Any,
+    devices: tuple[Any, ...] = (),
 ) -> tuple[float, float]:
     """Mean seconds per step of ``steps`` decode steps and of the leaves + joins amortised over all steps;
     with ``churn_every`` > 0 every ``churn_every``-th step first drops one row (rotating) and merges in a copy
-    of a prefilled joiner (the copy is made off the clock)."""
+    of a prefilled joiner (the copy is made off the clock). ``slots``: the layout's ``SlotConfig`` (None:
+    concat); ``devices``: CUDA devices to synchronise before each clock read (:func:`_cuda_devices`)."""
     from services.model.engine import batch as kv
 
-    slots = _slots(layout)
     logits = kv.LogitsBuffer(model)
     decoding = churning = 0.0
     for step in range(steps):
         if churn_every > 0 and step % churn_every == churn_every - 1:
             joiner = kv.take(joiners[step % len(joiners)], [0])
-            started = time.perf_counter()
+            started = _clock(devices)
             leave = step % batch.size
             batch = kv.select(batch, [i for i in range(batch.size) if i != leave])
             batch = kv.merge([batch, joiner], slots)
-            churning += time.perf_counter() - started
-        started = time.perf_counter()
+            churning += _clock(devices) - started
+        started = _clock(devices)
         kv.decode(model, batch, out=logits.rows(batch.size))
-        decoding += time.perf_counter() - started
+        decoding += _clock(devices) - started
     return decoding / steps, churning / steps
 
 
 def measure_churn(
-    model: Any, processor: Any, steps: int = 200, churn_every: int = 4, repeats: int = 3
+    model: Any,
+    processor: Any,
+    steps: int = 200,
+    churn_every: int = CHURN_EVERY,
+    repeats: int = 3,
+    rows: int = CHURN_ROWS,
+    layouts: tuple[KvLayout, ...] = LAYOUTS,
 ) -> list[dict[str, Any]]:
-    """(g) Mean ms per step at ``CHURN_ROWS`` rows, for the ``concat`` and ``slots`` KV layouts: steady
-    decode vs decode plus one leave + one join every ``churn_every`` steps (amortised); each figure the best
-    (lowest) of ``repeats`` runs, the four kinds of run interleaved."""
+    """(g) Mean ms per step at ``rows`` rows for each of ``layouts``: steady decode vs decode plus one leave
+    + one join every ``churn_every`` steps (amortised); each figure the best (lowest) of ``repeats`` runs,
+    the kinds of run interleaved. On CUDA every clock read waits for the model's kernels. The starting rows
+    and the joiners are prefilled once (off the clock); each run decodes copies of them."""
     import torch
 
-    layouts = ("concat", "slots")
     best: dict[tuple[str, int], tuple[float, float]] = {}
+    devices = _cuda_devices(model)
     with torch.inference_mode():
-        joiners = [_prefill_text(model, processor, p) for p in _PROMPTS]
+        prefilled: dict[str, Any] = {}
+        for text in dict.fromkeys([*_start_prompts(rows), *_PROMPTS]):
+            prefilled[text] = _prefill_text(model, processor, text)
+        starts = [prefilled[text] for text in _start_prompts(rows)]
+        joiners = [prefilled[text] for text in _PROMPTS]
         for layout in layouts:  # warm-up
-            _run(model, _start_batch(model, processor, CHURN_ROWS, layout), 10, 2, joiners, layout)
+            slots = _slots(layout, rows)
+            _run(model, _start_batch(starts, slots), WARMUP_STEPS, 2, joiners, slots, devices)
         for _ in range(repeats):
             for layout in layouts:
+                slots = _slots(layout, rows)
                 for every in (0, churn_every):
-                    batch = _start_batch(model, processor, CHURN_ROWS, layout)
-                    dec, joins = _run(model, batch, steps, every, joiners, layout)
-                    if (layout, every) not in best or dec + joins < sum(best[layout, every]):
-                        best[layout, every] = (dec, joins)
-    return [_churn_row(x, best[x, 0], best[x, churn_every], steps, churn_every) for x in layouts]
+                    batch = _start_batch(starts, slots)
+                    dec, joins = _run(model, batch, steps, every, joiners, slots, devices)
+                    key = (layout.name, every)
+                    if key not in best or dec + joins < sum(best[key]):
+                        best[key] = (dec, joins)
+    return [
+        _churn_row(x.name, rows, best[x.name, 0], best[x.name, churn_every], steps, churn_every)
+        for x in layouts
+    ]
+
+
+def _start_prompts(rows: int) -> list[str]:
+    """The ``rows`` prompts of the starting batch (12 distinct ones, of three lengths, repeated)."""
+    return [_PROMPTS[i % len(_PROMPTS)] * (1 + i % 3) for i in range(rows)]
 
 
 def _churn_row(
-    layout: str, steady: tuple[float, float], churn: tuple[float, float], steps: int, every: int
+    layout: str,
+    rows: int,
+    steady: tuple[float, float],
+    churn: tuple[float, float],
+    steps: int,
+    every: int,
 ) -> dict[str, Any]:
     return {
         "layout": layout,
-        "rows": CHURN_ROWS,
+        "rows": rows,
         "steps": steps,
         "churn_every": every,
         "steady_ms": round(steady[0] * 1000, 3),
@@ -192,8 +265,9 @@ def kv_table(churn: list[dict[str, Any]], turns: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---|",
     ]
     for c in churn:
+        setting = SETTINGS.get(c["layout"], c["layout"])
         rows.append(
-            f"| (g) KV_LAYOUT={c['layout']}: mean ms/step @{c['rows']} rows, 1 leave + 1 join every "
+            f"| (g) {setting}: mean ms/step @{c['rows']} rows, 1 leave + 1 join every "
             f"{c['churn_every']} steps | {c['steady_ms']:.3f} (steady) | {c['join_heavy_ms']:.3f} "
             f"(decode {c['join_heavy_decode_ms']:.3f}) | {c['ratio']:.2f} | ~1.0 |"
         )
@@ -201,16 +275,18 @@ def kv_table(churn: list[dict[str, Any]], turns: dict[str, Any]) -> str:
         f"| (h) TTFT s, engine only, {turns['image_side']}px image, turn 1 vs turn 2 | "
         f"{turns['turn1_engine_s']:.3f} | "
         f"{turns['turn2_engine_s']:.3f} | {turns['ratio_engine']:.2f} | <= 0.30 |",
-        f"| (h) TTFT s, end to end (prepare included; turn 2 hits the media cache) | {turns['turn1_end_to_end_s']:.3f} | "
+        "| (h) TTFT s, end to end (prepare included; turn 2 hits the media cache) | "
+        f"{turns['turn1_end_to_end_s']:.3f} | "
         f"{turns['turn2_end_to_end_s']:.3f} | {turns['ratio_end_to_end']:.2f} | <= 0.30 |",
     ]
     notes = [
         f"turn 2: {turns['turn2_cached_tokens']} of {turns['turn2_prompt_tokens']} prompt tokens "
         "from the prefix cache"
     ]
-    if len(churn) == 2:
-        slots, concat = churn[1]["join_heavy_ms"], churn[0]["join_heavy_ms"]
-        notes.append(f"(g) join-heavy, slots / concat: {slots / concat:.2f}")
+    concat = next((c["join_heavy_ms"] for c in churn if c["layout"] == "concat"), None)
+    for c in churn:
+        if concat and c["layout"] != "concat":
+            notes.append(f"(g) join-heavy, {c['layout']} / concat: {c['join_heavy_ms'] / concat:.2f}")
     return "\n".join(rows + notes) + "\n"
 
 

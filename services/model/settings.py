@@ -76,7 +76,8 @@ class ModelSettings(BaseSettings):
     # tell the two apart; the layout matters at the real model's size (a GPU measurement decides)
     kv_layout: Literal["concat", "slots"] = "concat"
     # KV_LAYOUT=slots: every decode step spans the whole slot bucket and column capacity (fixed shapes per
-    # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU
+    # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU. With
+    # KV_LAYOUT=concat it has no effect: the engine logs a warning at start
     kv_static_shapes: bool = False
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first

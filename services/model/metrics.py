@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,36 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class EngineTotals:
+    """Prometheus counters fed with an engine's cumulative totals, one snapshot at a time.
+
+    Totals are counted per ``epoch`` (one engine's, or one cache's, lifetime: they start at 0 with it).
+    Each counter advances by how far a total passes the largest one seen from the same epoch, so a
+    snapshot that arrives late (older, smaller totals: several prepare threads hand them on) adds nothing,
+    and a restarted engine's totals add from 0 even when they are already past the old engine's. The last
+    ``KEEP_EPOCHS`` epochs are remembered (a late snapshot of one forgotten before would count again)."""
+
+    KEEP_EPOCHS = 8
+
+    def __init__(self, *counters: Counter) -> None:
+        self._counters = counters
+        self._seen: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # the largest totals, by epoch
+
+    def advance(self, epoch: str, totals: tuple[int, ...]) -> bool:
+        """Count ``totals`` of ``epoch``; True when ``epoch`` is the latest one seen (the running engine:
+        its gauges may be set)."""
+        seen = self._seen.get(epoch)
+        if seen is None:
+            seen = (0,) * len(totals)
+            while len(self._seen) >= self.KEEP_EPOCHS:
+                self._seen.popitem(last=False)
+        for counter, now, last in zip(self._counters, totals, seen, strict=True):
+            if now > last:
+                counter.inc(now - last)
+        self._seen[epoch] = tuple(max(now, last) for now, last in zip(totals, seen, strict=True))
+        return epoch == next(reversed(self._seen))
 
 
 class ModelMetrics:
@@ -71,7 +102,6 @@ class ModelMetrics:
 
     def _add_kv_metrics(self, r: CollectorRegistry) -> None:
         """The KV cache (bytes, bounded by KV_CACHE_BYTES) and the prefix cache's outcomes."""
-        self._kv_totals = (0, 0, 0)
         self.kv_cache_bytes = Gauge(
             "model_kv_cache_bytes",
             "KV cache memory in use: rows (reserved by running requests) and prefixes (kept prompts)",
@@ -94,11 +124,13 @@ class ModelMetrics:
             "Prompt tokens whose KV came from the prefix cache",
             registry=r,
         )
+        self._kv_totals = EngineTotals(self.prefix_hits, self.prefix_misses, self.prefix_reused)
+        self._kv_lock = threading.Lock()  # an old engine process's last report may race the new one's
 
     def _add_media_metrics(self, r: CollectorRegistry) -> None:
         """The processed-media cache (MEDIA_CACHE_BYTES): lookups, evictions, size."""
-        self._media_totals = (0, 0, 0)
         self._media_lock = threading.Lock()  # reported from the engine's prepare threads
+        self._media_gauged: Any = None  # the snapshot the gauges show
         self.media_cache_hits = Counter(
             "model_media_cache_hits",
             "Images/videos whose processed pixels came from the media cache",
@@ -117,6 +149,9 @@ class ModelMetrics:
         )
         self.media_cache_entries = Gauge(
             "model_media_cache_entries", "Images/videos in the media cache", registry=r
+        )
+        self._media_totals = EngineTotals(
+            self.media_cache_hits, self.media_cache_misses, self.media_cache_evictions
         )
 
     def _add_engine_metrics(self, r: CollectorRegistry) -> None:
@@ -158,37 +193,26 @@ class ModelMetrics:
         """Outcomes are counted by the generation registry, which also sees every FinalOutput."""
 
     def on_kv_cache(self, stats: Any) -> None:
-        """The engine's ``KVCacheStats``: gauges set; the prefix-cache counters advance by the totals' growth
-        (a restarted engine process starts its totals at 0 again: then by its totals)."""
-        self.kv_cache_bytes.labels("rows").set(stats.rows_bytes)
-        self.kv_cache_bytes.labels("prefixes").set(stats.prefix_bytes)
-        self.kv_cache_budget.set(stats.budget_bytes)
-        last = self._kv_totals
-        totals = (stats.hits, stats.misses, stats.reused_tokens)
-        if any(t < seen for t, seen in zip(totals, last, strict=True)):
-            last = (0, 0, 0)
-        for counter, now, seen in zip(
-            (self.prefix_hits, self.prefix_misses, self.prefix_reused), totals, last, strict=True
-        ):
-            if now > seen:
-                counter.inc(now - seen)
-        self._kv_totals = totals
+        """The engine's ``KVCacheStats`` (in order within an engine): the prefix-cache counters advance by
+        the totals' growth within its ``epoch`` (``EngineTotals``); the gauges follow the latest engine."""
+        with self._kv_lock:
+            totals = (stats.hits, stats.misses, stats.reused_tokens)
+            if not self._kv_totals.advance(stats.epoch, totals):
+                return  # a late report of an engine that was replaced
+            self.kv_cache_bytes.labels("rows").set(stats.rows_bytes)
+            self.kv_cache_bytes.labels("prefixes").set(stats.prefix_bytes)
+            self.kv_cache_budget.set(stats.budget_bytes)
 
     def on_media_cache(self, stats: Any) -> None:
-        """The engine's ``MediaCacheStats``: gauges set, counters advanced by the totals' growth (from 0 again
-        after an engine restart), like ``on_kv_cache``; any thread."""
+        """The engine's ``MediaCacheStats``, from any thread and in any order: counters advance by the
+        totals' growth within its ``epoch`` (``EngineTotals``: an older snapshot adds nothing); the gauges
+        show the newest snapshot of the latest cache (``MediaCacheStats.newer_than``)."""
         with self._media_lock:
-            self.media_cache_bytes.set(stats.nbytes)
-            self.media_cache_entries.set(stats.entries)
-            totals = (stats.hits, stats.misses, stats.evictions)
-            last = self._media_totals
-            if any(t < seen for t, seen in zip(totals, last, strict=True)):
-                last = (0, 0, 0)
-            counters = (self.media_cache_hits, self.media_cache_misses, self.media_cache_evictions)
-            for counter, now, seen in zip(counters, totals, last, strict=True):
-                if now > seen:
-                    counter.inc(now - seen)
-            self._media_totals = totals
+            latest = self._media_totals.advance(stats.epoch, (stats.hits, stats.misses, stats.evictions))
+            if latest and stats.newer_than(self._media_gauged):
+                self._media_gauged = stats
+                self.media_cache_bytes.set(stats.nbytes)
+                self.media_cache_entries.set(stats.entries)
 
     def on_memory(self, rows: dict[tuple[str, str], float]) -> None:
         """An engine process's memory by ``(device, kind)`` in bytes: its RSS adds to ours at scrape."""

@@ -236,7 +236,13 @@ def test_zero_bytes_disables_the_cache(processor: Any, monkeypatch: pytest.Monke
     for _ in range(2):
         got = prepare_prompt(processor, messages, LIMITS, cache=cache)
         assert got.digests["pixel_values"] == [None]  # left to prompt_key
-    assert cache.stats() == MediaCacheStats()  # nothing looked up, nothing kept
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries, stats.version) == (
+        0,
+        0,
+        0,
+        0,
+    )  # nothing looked up or kept
     assert ModelSettings().media_cache_bytes == 512 * 1024 * 1024
     monkeypatch.setenv("MEDIA_CACHE_BYTES", "0")
     assert ModelSettings().media_cache_bytes == 0
@@ -366,3 +372,94 @@ def test_media_cache_metrics_reach_prometheus(engine: Any, monkeypatch: pytest.M
     assert samples["model_media_cache_evictions_total"] == 0
     assert samples["model_media_cache_entries"] == 1
     assert samples["model_media_cache_bytes"] == engine.media_cache.stats().nbytes > 0
+
+
+def _media_samples(metrics: Any) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.name + "".join(f"/{v}" for v in s.labels.values()): s.value
+        for family in text_string_to_metric_families(metrics.render(None).decode())
+        for s in family.samples
+        if s.name.startswith(("model_media_cache", "model_prefix_cache", "model_kv_cache"))
+    }
+
+
+def test_a_late_media_snapshot_adds_nothing_and_leaves_the_gauges() -> None:
+    from services.model.metrics import ModelMetrics
+
+    metrics = ModelMetrics()
+    newer = MediaCacheStats(hits=100, misses=50, entries=3, nbytes=300, version=151, epoch="e")
+    older = MediaCacheStats(hits=99, misses=50, entries=2, nbytes=200, version=150, epoch="e")
+    metrics.on_media_cache(newer)
+    metrics.on_media_cache(older)  # another prepare thread's snapshot, taken before but handed on after
+    samples = _media_samples(metrics)
+    assert (samples["model_media_cache_hits_total"], samples["model_media_cache_misses_total"]) == (100, 50)
+    assert (samples["model_media_cache_entries"], samples["model_media_cache_bytes"]) == (3, 300)
+
+
+def test_a_restarted_engines_media_and_prefix_totals_count_from_zero_even_when_larger() -> None:
+    from services.model.engine.base import KVCacheStats
+    from services.model.metrics import ModelMetrics
+
+    metrics = ModelMetrics()
+    metrics.on_media_cache(MediaCacheStats(hits=1, misses=3, evictions=1, entries=2, version=5, epoch="a"))
+    metrics.on_kv_cache(KVCacheStats(10, 20, 0, hits=1, misses=3, reused_tokens=40, epoch="a"))
+    # the new engine already counted more than the old one by its first report: no decrease to see
+    metrics.on_media_cache(MediaCacheStats(hits=2, misses=5, evictions=1, entries=4, version=9, epoch="b"))
+    metrics.on_kv_cache(KVCacheStats(11, 21, 0, hits=2, misses=5, reused_tokens=60, epoch="b"))
+    # and the old engine's last report arrives late: its growth counts, the gauges stay the new engine's
+    metrics.on_media_cache(MediaCacheStats(hits=1, misses=4, evictions=1, entries=9, version=6, epoch="a"))
+    metrics.on_kv_cache(KVCacheStats(99, 99, 0, hits=1, misses=4, reused_tokens=40, epoch="a"))
+    samples = _media_samples(metrics)
+    assert samples["model_media_cache_hits_total"] == 3 and samples["model_media_cache_misses_total"] == 9
+    assert samples["model_media_cache_evictions_total"] == 2 and samples["model_media_cache_entries"] == 4
+    assert samples["model_prefix_cache_hits_total"] == 3 and samples["model_prefix_cache_misses_total"] == 9
+    assert samples["model_prefix_cache_reused_tokens_total"] == 100
+    assert (samples["model_kv_cache_bytes/rows"], samples["model_kv_cache_bytes/prefixes"]) == (11, 21)
+
+
+def test_snapshots_from_racing_prepare_threads_count_each_lookup_once() -> None:
+    from services.model.metrics import ModelMetrics
+
+    metrics, cache = ModelMetrics(), MediaCache(1 << 20)
+    snapshots = [cache.stats()]
+    for _ in range(6):
+        cache.get(b"k")
+        snapshots.append(cache.stats())
+    for i in (3, 1, 6, 2, 5, 4, 0):  # the order four threads might hand them on in
+        metrics.on_media_cache(snapshots[i])
+    assert _media_samples(metrics)["model_media_cache_misses_total"] == 6
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(500):
+            cache.get(b"k")
+            metrics.on_media_cache(cache.stats())
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert _media_samples(metrics)["model_media_cache_misses_total"] == cache.stats().misses == 2006
+
+
+def test_the_engine_process_keeps_the_newest_media_snapshot_and_stamps_its_kv_epoch() -> None:
+    from services.model.engine.base import KVCacheStats
+    from services.model.engine.worker import EngineWorker
+
+    workers = [EngineWorker(conn=None), EngineWorker(conn=None)]
+    worker = workers[0]
+    cache = MediaCache(1 << 20)
+    older = cache.stats()
+    cache.get(b"k")
+    newer = cache.stats()
+    worker.on_media_cache(newer)
+    worker.on_media_cache(older)
+    assert worker._media == newer
+    worker.on_kv_cache(KVCacheStats(1, 2, 3, 4, 5, 6))
+    assert worker._report.kv_cache is not None and worker._report.kv_cache.epoch == worker.epoch
+    assert worker.epoch and workers[0].epoch != workers[1].epoch
+    assert MediaCache(0).epoch != cache.epoch

@@ -108,7 +108,9 @@ class EngineStats:
 class KVCacheStats:
     """The KV cache after a step: bytes reserved by the running rows (each padded to the longest
     prompt + max_tokens), bytes of kept prompt prefixes, the budget (0: none); prefix-cache totals since
-    the engine started: hits, misses, prompt tokens reused."""
+    the engine started: hits, misses, prompt tokens reused. ``epoch``: which engine counted them (an engine
+    process stamps its own id; "" for the in-thread engine, which lives as long as the service), so that a
+    restarted engine's totals, which start at 0 again, are told apart from an older report."""
 
     rows_bytes: int
     prefix_bytes: int
@@ -116,18 +118,28 @@ class KVCacheStats:
     hits: int
     misses: int
     reused_tokens: int
+    epoch: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class MediaCacheStats:
-    """The processed-media cache (``multimodal/media_cache.py``): totals since the engine started (hits,
-    misses, entries evicted) and its size now (entries, bytes of tensors)."""
+    """The processed-media cache (``multimodal/media_cache.py``): totals since the cache was made (hits,
+    misses, entries evicted) and its size now (entries, bytes of tensors). Snapshots are taken by several
+    prepare threads and may reach an observer out of order: ``version`` counts the cache's changes (a
+    larger one is newer) and ``epoch`` names the cache (a new engine's cache has a new one, its totals
+    start at 0 again)."""
 
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     entries: int = 0
     nbytes: int = 0
+    version: int = 0
+    epoch: str = ""
+
+    def newer_than(self, other: MediaCacheStats | None) -> bool:
+        """Whether this snapshot supersedes ``other`` (None, another cache's, or an older one)."""
+        return other is None or self.epoch != other.epoch or self.version > other.version
 
 
 MemoryRows = dict[tuple[str, str], float]

@@ -10,10 +10,12 @@ failed one holds nothing afterwards (its tensors go with the exception), so noth
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +39,11 @@ class EngineWorker:
         self._send_lock = threading.Lock()
         self._report = wire.StepReport()  # what the step in progress has to say so far (engine thread)
         self._memory_at = 0.0
-        # the media cache's latest stats (prepare threads write, the engine thread sends) and the last sent
+        # this engine's name in its KV stats: a restarted engine's totals start at 0 under a new epoch
+        self.epoch = uuid.uuid4().hex
+        # the media cache's newest stats (prepare threads write, the engine thread sends) and the last sent
         self._media: MediaCacheStats | None = None
+        self._media_lock = threading.Lock()
         self._media_sent: MediaCacheStats | None = None
         self._drain: threading.Thread | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="prepare")
@@ -122,11 +127,15 @@ class EngineWorker:
         """Not called in the child (its memory leaves with the reports)."""
 
     def on_kv_cache(self, stats: KVCacheStats) -> None:
-        self._report.kv_cache = stats
+        """Carried by the step's report, stamped with this engine's ``epoch``."""
+        self._report.kv_cache = dataclasses.replace(stats, epoch=self.epoch)
 
     def on_media_cache(self, stats: MediaCacheStats) -> None:
-        """From a prepare thread: kept until the next step's report carries it."""
-        self._media = stats
+        """From a prepare thread: kept, unless a newer snapshot is kept already (prepare threads deliver
+        them out of order), until the next step's report carries it."""
+        with self._media_lock:
+            if stats.newer_than(self._media):
+                self._media = stats
 
 
 def _memory() -> MemoryRows:

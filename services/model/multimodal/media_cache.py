@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -73,14 +74,17 @@ class MediaCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, max_bytes)
+        self.epoch = uuid.uuid4().hex  # names this cache's totals in its stats (a new engine: a new epoch)
         self._entries: OrderedDict[bytes, ProcessedMedia] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
         self._nbytes = 0
         self._hits = self._misses = self._evictions = 0
+        self._version = 0  # changes so far (lookups and puts): orders the stats' snapshots
 
     def get(self, key: bytes) -> ProcessedMedia | None:
         """The entry for ``key`` (now the most recently used), or None; counts a hit or a miss."""
         with self._lock:
+            self._version += 1
             entry = self._entries.get(key)
             if entry is None:
                 self._misses += 1
@@ -96,6 +100,7 @@ class MediaCache:
         if size > self.max_bytes:
             return
         with self._lock:
+            self._version += 1
             old = self._entries.pop(key, None)
             if old is not None:
                 self._nbytes -= old.nbytes
@@ -107,7 +112,17 @@ class MediaCache:
             self._nbytes += size
 
     def stats(self) -> MediaCacheStats:
+        """A consistent snapshot: totals since this cache was made (hits, misses, evictions), its size now
+        (entries, bytes of tensors), its ``version`` (changes so far: of two snapshots of one cache, the
+        one with the larger version is newer) and its ``epoch``. Threads that take snapshots may hand them
+        on out of order; observers keep the newest (``MediaCacheStats.newer_than``)."""
         with self._lock:
             return MediaCacheStats(
-                self._hits, self._misses, self._evictions, len(self._entries), self._nbytes
+                hits=self._hits,
+                misses=self._misses,
+                evictions=self._evictions,
+                entries=len(self._entries),
+                nbytes=self._nbytes,
+                version=self._version,
+                epoch=self.epoch,
             )

@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.engine_bench import EngineClient
 from bench.gpu.bound import decode_bound
-from bench.gpu.report import DecodeRow
+from bench.gpu.report import DecodeRow, KvLayoutRow
 
 
 def load_engine(model_dir: Path, device_map: str, torch_threads: int) -> Any:
@@ -40,6 +40,39 @@ def decode_levels(
         bound = decode_bound(decode_bytes, bandwidth, batch) if bandwidth else None
         rows.append(DecodeRow(batch, result.tokens, result.seconds, bound))
     return rows
+
+
+def kv_layouts(engine: Any, rows: int, steps: int, runs: int) -> list[KvLayoutRow]:
+    """Every KV layout (``bench.kv_bench.LAYOUTS``) at ``rows`` rows on the engine's model: steady vs
+    join-heavy ms per step (``measure_churn``, CUDA synchronised before each clock read). The engine must
+    not be started (its scheduler would share the model). The batches' memory is handed back to the device
+    afterwards, also when a run fails (out of memory at 64 rows must not starve the phases after it)."""
+    import gc
+
+    import torch
+
+    from bench.kv_bench import SETTINGS, measure_churn
+
+    loaded = engine.loaded
+    try:
+        measured = measure_churn(loaded.model, loaded.processor, steps=steps, repeats=runs, rows=rows)
+    finally:
+        gc.collect()
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return [
+        KvLayoutRow(
+            m["layout"],
+            SETTINGS[m["layout"]],
+            rows,
+            steps,
+            runs,
+            m["churn_every"],
+            m["steady_ms"],
+            m["join_heavy_ms"],
+        )
+        for m in measured
+    ]
 
 
 def start_clients(engine: Any, workloads: Sequence[Any]) -> list[EngineClient]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.gpu.checkpoint import architecture
+from bench.gpu.report import DecodeRow
+from bench.kv_bench import LAYOUTS, WARMUP_STEPS
 from bench.servers import REPO
 
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu-check.md"
@@ -77,6 +79,12 @@ class Plan:
     copy_bytes: int
     torch_threads: int  # 0: the service's own choice
     start_timeout: float  # per service
+    kv_rows: tuple[int, ...] = (16, 64)  # row counts of the KV layouts phase, the first always measured
+    kv_steps: int = 200  # most decode steps of one KV layouts run
+    kv_min_steps: int = 40  # fewer than this: a later row count is left out
+    kv_repeats: int = 2  # runs of each kind; each figure the best of them
+    kv_budget_s: float = 45.0  # the KV layouts phase's estimated seconds, all row counts together
+    kv_default_step_s: float = 0.05  # decode step estimate when the decode levels measured nothing near
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -97,6 +105,11 @@ class Plan:
                 copy_bytes=16 << 20,
                 torch_threads=1,
                 start_timeout=120.0,
+                kv_steps=8,
+                kv_min_steps=4,
+                kv_repeats=1,
+                kv_budget_s=30.0,
+                kv_default_step_s=0.02,
             )
         return cls(
             mode="cuda",
@@ -114,7 +127,86 @@ class Plan:
             copy_bytes=1 << 30,
             torch_threads=0,
             start_timeout=240.0,
+            kv_steps=100 if args.quick else 200,
+            kv_min_steps=20 if args.quick else 40,
+            kv_repeats=1 if args.quick else 2,
+            kv_budget_s=20.0 if args.quick else 45.0,
         )
+
+
+# Every step of the KV layouts phase taken as this many decode steps: a join at the 2B's dimensions costs
+# about one decode step (issue 14) and comes every 4th step of half the runs, plus the batches' set-up.
+KV_STEP_OVERHEAD = 1.3
+
+
+@dataclass(frozen=True, slots=True)
+class KvSize:
+    """One row count of the KV layouts phase: ``runs`` runs of each kind of ``steps`` decode steps, and the
+    seconds it is estimated to take."""
+
+    rows: int
+    steps: int
+    runs: int
+    estimate_s: float
+
+
+def step_times(decode: Sequence[DecodeRow]) -> dict[int, float]:
+    """Seconds per decode step at each measured batch: ``seconds`` / (``tokens`` / ``batch``). The prompts'
+    prefill is in ``seconds``, so the estimate is on the high side."""
+    return {d.batch: d.seconds * d.batch / d.tokens for d in decode if d.tokens > 0 and d.seconds > 0}
+
+
+def step_estimate(steps: Mapping[int, float], rows: int, default: float) -> float:
+    """Seconds per decode step at ``rows`` rows: the time measured at that batch, else at the next larger
+    batch measured (a step never gets faster with more rows), else at the largest one scaled by
+    ``rows / batch``; ``default`` when nothing was measured."""
+    if rows in steps:
+        return steps[rows]
+    larger = [b for b in steps if b > rows]
+    if larger:
+        return steps[min(larger)]
+    if steps:
+        largest = max(steps)
+        return steps[largest] * rows / largest
+    return default
+
+
+def kv_cost(step_s: float, steps: int, runs: int) -> float:
+    """Estimated seconds of ``bench.kv_bench.measure_churn`` over every layout: a warm-up run per layout,
+    then ``runs`` x (steady + join-heavy) runs of ``steps`` steps per layout."""
+    return len(LAYOUTS) * (WARMUP_STEPS + 2 * runs * steps) * step_s * KV_STEP_OVERHEAD
+
+
+def _steps_within(seconds: float, step_s: float, runs: int) -> int:
+    """The most steps per run for which :func:`kv_cost` stays within ``seconds``."""
+    per_layout = seconds / (len(LAYOUTS) * step_s * KV_STEP_OVERHEAD)
+    return int((per_layout - WARMUP_STEPS) // (2 * runs))
+
+
+def kv_sizes(plan: Plan, steps: Mapping[int, float]) -> tuple[list[KvSize], list[KvSize]]:
+    """(measured, left out): the row counts of ``plan.kv_rows`` sized to fit ``plan.kv_budget_s`` by the
+    decode step times ``steps`` (:func:`step_times`). Each row count gets an equal share of what is left:
+    ``plan.kv_repeats`` runs of up to ``plan.kv_steps`` steps, else one run; one that does not fit
+    ``plan.kv_min_steps`` steps is left out, except the first, which always runs at least that."""
+    measured: list[KvSize] = []
+    left_out: list[KvSize] = []
+    remaining = plan.kv_budget_s
+    for i, rows in enumerate(plan.kv_rows):
+        step_s = step_estimate(steps, rows, plan.kv_default_step_s)
+        share = remaining / (len(plan.kv_rows) - i)
+        runs = plan.kv_repeats
+        n = min(plan.kv_steps, _steps_within(share, step_s, runs))
+        if n < plan.kv_min_steps and runs > 1:
+            runs = 1
+            n = min(plan.kv_steps, _steps_within(share, step_s, runs))
+        n = max(n, plan.kv_min_steps)
+        size = KvSize(rows, n, runs, kv_cost(step_s, n, runs))
+        if size.estimate_s > share and i > 0:
+            left_out.append(size)
+            continue
+        measured.append(size)
+        remaining -= size.estimate_s
+    return measured, left_out
 
 
 def cuda_available() -> bool:

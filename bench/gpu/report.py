@@ -60,6 +60,27 @@ class MediaCheck:
 
 
 @dataclass(slots=True)
+class KvLayoutRow:
+    """One KV layout at ``rows`` rows (``bench.kv_bench.measure_churn``): mean ms per decode step, steady and
+    with one leave + one join every ``churn_every`` steps (amortised), each the best of ``runs`` runs of
+    ``steps`` steps."""
+
+    layout: str  # "concat" | "slots" | "slots-static"
+    setting: str  # the settings that select it, e.g. "KV_LAYOUT=slots + KV_STATIC_SHAPES=true"
+    rows: int
+    steps: int
+    runs: int
+    churn_every: int
+    steady_ms: float
+    join_heavy_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """Join-heavy over steady ms/step (1.0: joins and leaves cost nothing)."""
+        return self.join_heavy_ms / self.steady_ms if self.steady_ms > 0 else 0.0
+
+
+@dataclass(slots=True)
 class GpuReport:
     """Everything the check measured; sections not reached stay empty (see ``failures``)."""
 
@@ -72,6 +93,7 @@ class GpuReport:
     decode_bytes: int = 0
     bandwidth: float | None = None  # bytes/s, read + written
     decode: list[DecodeRow] = field(default_factory=list)
+    kv_layouts: list[KvLayoutRow] = field(default_factory=list)
     targets: list[TargetRow] = field(default_factory=list)
     ttft: list[TtftRow] = field(default_factory=list)
     media: list[MediaCheck] = field(default_factory=list)
@@ -134,6 +156,8 @@ def _sections(r: GpuReport) -> list[str]:
         ]
         head = ["batch", "tokens", "seconds", "tok/s", "bound tok/s", "of bound"]
         parts += ["### Decode tokens/s vs the weight-read bound", "", _table(head, rows)]
+    if r.kv_layouts:
+        parts += _kv_section(r.kv_layouts)
     if r.targets:
         rows = [
             [
@@ -162,6 +186,51 @@ def _sections(r: GpuReport) -> list[str]:
         ]
         parts += ["### Requests", "", _table(["kind", "via", "ok", "tokens", "seconds", "detail"], rows)]
     return parts
+
+
+KV_CAPTION = (
+    "Mean ms per decode step of the engine's batch functions (logits only, no sampling), steady vs with one "
+    "row leaving and a prefilled one joining every {every} steps (the joiner's prefill off the clock; CUDA "
+    "synchronised before every clock read); each the best of its runs. ratio = join-heavy / steady."
+)
+NO_CLEAR_WINNER = 0.03  # a layout within 3% of the best is not told apart from it
+
+
+def _kv_section(rows: list[KvLayoutRow]) -> list[str]:
+    """The KV layouts table and, per row count, which layout was fastest under churn and when steady."""
+    table = [
+        [
+            str(k.rows),
+            k.setting,
+            f"{k.steps} x {k.runs}",
+            f"{k.steady_ms:.2f}",
+            f"{k.join_heavy_ms:.2f}",
+            f"{k.ratio:.2f}",
+        ]
+        for k in rows
+    ]
+    head = ["rows", "layout", "steps x runs", "steady ms/step", "join-heavy ms/step", "ratio"]
+    lines = ["### KV layouts under churn", "", KV_CAPTION.format(every=rows[0].churn_every), ""]
+    lines += [_table(head, table)]
+    for count in dict.fromkeys(k.rows for k in rows):
+        level = [k for k in rows if k.rows == count]
+        lines.append(
+            f"- @{count} rows: under churn {_fastest(level, 'join_heavy_ms')}; "
+            f"on the steady decode {_fastest(level, 'steady_ms')}."
+        )
+    return [*lines, ""]
+
+
+def _fastest(level: list[KvLayoutRow], key: str) -> str:
+    """``"<setting> was fastest (x ms/step, r x concat's)"``, or that no layout was clearly faster."""
+    ranked = sorted(level, key=lambda k: getattr(k, key))
+    best, ms = ranked[0], getattr(ranked[0], key)
+    concat = next((getattr(k, key) for k in level if k.layout == "concat"), None)
+    versus = f", {ms / concat:.2f}x concat's" if concat and best.layout != "concat" else ""
+    text = f"{best.setting} was fastest ({ms:.2f} ms/step{versus})"
+    if len(ranked) > 1 and getattr(ranked[1], key) <= ms * (1 + NO_CLEAR_WINNER):
+        text += f", within {NO_CLEAR_WINNER:.0%} of {ranked[1].setting}: no clear winner"
+    return text
 
 
 def _num(x: float | None, digits: int = 1) -> str:

@@ -1,4 +1,5 @@
-"""The GPU check's flow: checkpoint, bandwidth, engine, decode levels, services, requests, paths, TTFT.
+"""The GPU check's flow: checkpoint, bandwidth, engine, decode levels, KV layouts, services, requests, paths,
+TTFT.
 
 Each phase that fails is recorded in the report (``failures``) and the run goes on where it can; the report
 is written whatever happens, also when the whole run hits ``--timeout``.
@@ -91,6 +92,7 @@ async def _flow(run: Run) -> None:
     if await run.step("engine", lambda: _engine(run)) is None:
         return
     await run.step("decode levels", lambda: _decode(run))
+    await _kv_layouts(run)
     workloads = (Workload.build(run.plan.path_tokens), _image_workload())
     raw, raw_image = (await run.step("engine start", lambda: _start(run, workloads))) or (None, None)
     if raw is None:
@@ -144,6 +146,26 @@ async def _decode(run: Run) -> None:
     r.decode = await asyncio.to_thread(
         decode_levels, run.engine, p.decode_batches, p.decode_tokens, r.decode_bytes, r.bandwidth
     )
+
+
+async def _kv_layouts(run: Run) -> None:
+    """``measure_churn`` per row count of the plan, sized by the decode levels' step times to fit the
+    phase's budget; each row count a phase of its own (a failure at 64 rows keeps the 16 rows' figures)."""
+    from bench.gpu.engine_side import kv_layouts
+    from bench.gpu.plan import kv_sizes, step_times
+
+    measured, left_out = kv_sizes(run.plan, step_times(run.report.decode))
+    for size in left_out:
+        run.report.notes.append(
+            f"KV layouts @{size.rows} rows left out: ~{size.estimate_s:.0f} s estimated from the decode "
+            f"levels, over the phase's {run.plan.kv_budget_s:.0f} s"
+        )
+    for size in measured:
+        rows = await run.step(
+            f"KV layouts @{size.rows}",
+            lambda size=size: asyncio.to_thread(kv_layouts, run.engine, size.rows, size.steps, size.runs),
+        )
+        run.report.kv_layouts.extend(rows or [])
 
 
 async def _start(run: Run, workloads: tuple[Workload, ...]) -> tuple[Any, ...]:

@@ -1,14 +1,16 @@
 """``make gpu-check`` (bench/gpu/) on a machine without a GPU: its arguments, the no-CUDA refusal, the bound,
-the report rendered from fixed figures, the wheel download command, and the whole flow as a CPU dry run on
-the tiny architecture (real model service and api processes)."""
+the sizing of the KV layouts phase, the report rendered from fixed figures, the wheel download command, and
+the whole flow as a CPU dry run on the tiny architecture (real model service and api processes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,15 @@ from bench.gpu import plan as gpu_plan
 from bench.gpu import wheels
 from bench.gpu.bound import copy_bandwidth, decode_bound, step_time_bound, weight_bytes
 from bench.gpu.checkpoint import architecture
-from bench.gpu.report import DecodeRow, GpuReport, MediaCheck, TargetRow, TtftRow, render_markdown
+from bench.gpu.report import (
+    DecodeRow,
+    GpuReport,
+    KvLayoutRow,
+    MediaCheck,
+    TargetRow,
+    TtftRow,
+    render_markdown,
+)
 from tests.helpers.env import REPO
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -69,6 +79,70 @@ def test_plan_dry_run_is_the_tiny_architecture_on_cpu() -> None:
     dry = gpu_plan.Plan.from_args(gpu_plan.parse_args(["--cpu-dry-run"]))
     assert (dry.device, dry.device_map, dry.dtype_name) == ("cpu", "cpu", "float32")
     assert dry.arch["text_config"]["hidden_size"] == 8
+
+
+def test_plan_kv_phase_is_shorter_when_quick_and_tiny_in_the_dry_run() -> None:
+    full = gpu_plan.Plan.from_args(gpu_plan.parse_args([]))
+    quick = gpu_plan.Plan.from_args(gpu_plan.parse_args(["--quick"]))
+    dry = gpu_plan.Plan.from_args(gpu_plan.parse_args(["--cpu-dry-run"]))
+    assert full.kv_rows == quick.kv_rows == dry.kv_rows == (16, 64)
+    assert quick.kv_budget_s < full.kv_budget_s < 60  # well under a minute of the 8
+    assert quick.kv_steps < full.kv_steps and dry.kv_steps < quick.kv_steps
+
+
+# --------------------------------------------------------------------------------- KV layouts sizing
+
+
+def _kv_plan(**changes: Any) -> gpu_plan.Plan:
+    """The full CUDA plan with ``changes``."""
+    return dataclasses.replace(gpu_plan.Plan.from_args(gpu_plan.parse_args([])), **changes)
+
+
+def test_step_times_come_from_the_decode_levels() -> None:
+    """128 steps of 16 rows (2048 tokens) in 2.56 s: 20 ms a step; a level that made nothing is skipped."""
+    rows = [DecodeRow(16, 2048, 2.56), DecodeRow(64, 0, 1.0)]
+    assert gpu_plan.step_times(rows) == {16: pytest.approx(0.02)}
+
+
+def test_step_estimate_never_guesses_low() -> None:
+    steps = {1: 0.01, 16: 0.02}
+    assert gpu_plan.step_estimate(steps, 16, 9.0) == 0.02
+    assert gpu_plan.step_estimate(steps, 8, 9.0) == 0.02  # the next larger batch measured
+    assert gpu_plan.step_estimate(steps, 64, 9.0) == pytest.approx(0.08)  # scaled by rows
+    assert gpu_plan.step_estimate({}, 64, 9.0) == 9.0
+
+
+def test_kv_sizes_fit_the_budget_with_every_row_count_when_steps_are_fast() -> None:
+    plan = _kv_plan(kv_budget_s=45.0, kv_steps=200, kv_min_steps=40, kv_repeats=2)
+    measured, left_out = gpu_plan.kv_sizes(plan, {16: 0.02, 64: 0.03})
+    assert [(m.rows, m.runs) for m in measured] == [(16, 2), (64, 2)] and not left_out
+    assert all(40 <= m.steps <= 200 for m in measured)
+    assert sum(m.estimate_s for m in measured) <= 45.0
+    shares = (45.0 / 2, 45.0 - measured[0].estimate_s)  # an equal share of what is left
+    for m, step_s, share in zip(measured, (0.02, 0.03), shares, strict=True):
+        assert m.estimate_s == pytest.approx(gpu_plan.kv_cost(step_s, m.steps, m.runs))
+        assert m.estimate_s <= share
+        assert gpu_plan.kv_cost(step_s, m.steps + 1, m.runs) > share  # the most steps that fit
+
+
+def test_kv_sizes_cap_steps_at_the_plans_most() -> None:
+    measured, _ = gpu_plan.kv_sizes(_kv_plan(kv_steps=200), {16: 1e-4, 64: 1e-4})
+    assert [(m.steps, m.runs) for m in measured] == [(200, 2), (200, 2)]
+
+
+def test_kv_sizes_drop_to_one_run_then_leave_64_rows_out_when_steps_are_slow() -> None:
+    plan = _kv_plan(kv_budget_s=45.0, kv_steps=200, kv_min_steps=40, kv_repeats=2)
+    measured, left_out = gpu_plan.kv_sizes(plan, {16: 0.05, 64: 0.2})
+    assert [(m.rows, m.runs) for m in measured] == [(16, 1)] and measured[0].steps >= 40
+    assert [(m.rows, m.steps) for m in left_out] == [(64, 40)]
+    assert left_out[0].estimate_s > 45.0 - measured[0].estimate_s
+
+
+def test_kv_sizes_always_measure_the_first_row_count() -> None:
+    """Even when its estimate is over the whole budget, 16 rows run at the fewest steps, once."""
+    measured, left_out = gpu_plan.kv_sizes(_kv_plan(kv_min_steps=40), {16: 1.0, 64: 2.0})
+    assert [(m.rows, m.steps, m.runs) for m in measured] == [(16, 40, 1)]
+    assert [m.rows for m in left_out] == [64]
 
 
 # ------------------------------------------------------------------------------------------- refusal
@@ -135,6 +209,13 @@ def _fake_report() -> GpuReport:
         decode_bytes=3_441_000_000,
         bandwidth=4.3e12,
         decode=[DecodeRow(1, 128, 0.5, 1249.6), DecodeRow(64, 8192, 4.0, None)],
+        kv_layouts=[
+            KvLayoutRow("concat", "KV_LAYOUT=concat", 16, 80, 2, 4, 20.0, 26.0),
+            KvLayoutRow("slots", "KV_LAYOUT=slots", 16, 80, 2, 4, 21.0, 21.5),
+            KvLayoutRow("slots-static", "KV_LAYOUT=slots + KV_STATIC_SHAPES=true", 16, 80, 2, 4, 24.0, 24.4),
+            KvLayoutRow("concat", "KV_LAYOUT=concat", 64, 50, 2, 4, 30.0, 40.0),
+            KvLayoutRow("slots", "KV_LAYOUT=slots", 64, 50, 2, 4, 30.5, 31.0),
+        ],
         targets=[
             TargetRow("raw engine", 16, 32, 32, 2000.0, 0.05),
             TargetRow("api -> model service", 16, 32, 31, 1700.0, 0.0712, 0.85),
@@ -156,6 +237,19 @@ def test_report_renders_every_section_from_fixed_figures() -> None:
     assert "Measured copy bandwidth 4300 GB/s" in text and "at least 0.80 ms, at most 1250 steps/s" in text
     assert "| 1 | 128 | 0.50 | 256.0 | 1249.6 | 20% |" in text
     assert "| 64 | 8192 | 4.00 | 2048.0 | - | - |" in text  # no bound: shown as such, no division
+    assert "### KV layouts under churn\n" in text and "every 4 steps" in text
+    assert "| rows | layout | steps x runs | steady ms/step | join-heavy ms/step | ratio |" in text
+    assert "| 16 | KV_LAYOUT=concat | 80 x 2 | 20.00 | 26.00 | 1.30 |" in text
+    assert "| 16 | KV_LAYOUT=slots + KV_STATIC_SHAPES=true | 80 x 2 | 24.00 | 24.40 | 1.02 |" in text
+    assert "| 64 | KV_LAYOUT=slots | 50 x 2 | 30.50 | 31.00 | 1.02 |" in text
+    assert (
+        "- @16 rows: under churn KV_LAYOUT=slots was fastest (21.50 ms/step, 0.83x concat's); "
+        "on the steady decode KV_LAYOUT=concat was fastest (20.00 ms/step)."
+    ) in text
+    assert (
+        "- @64 rows: under churn KV_LAYOUT=slots was fastest (31.00 ms/step, 0.78x concat's); on the steady "
+        "decode KV_LAYOUT=concat was fastest (30.00 ms/step), within 3% of KV_LAYOUT=slots: no clear winner."
+    ) in text
     assert "| raw engine | 16 | 32/32 | 2000.0 | 50.0 | - |" in text
     assert "| api -> model service | 16 | 31/32 | 1700.0 | 71.2 | 0.85 |" in text
     assert "| raw engine | 1045 | 5 | 42.3 |" in text
@@ -166,7 +260,7 @@ def test_report_renders_every_section_from_fixed_figures() -> None:
 
 def test_report_leaves_out_what_was_not_measured() -> None:
     text = render_markdown(GpuReport(mode="cpu dry run", failures=["checkpoint: OSError: disk full"]))
-    for section in ("Decode", "HTTP paths", "TTFT", "Requests", "Notes", "Model:", "bandwidth"):
+    for section in ("Decode", "KV layouts", "HTTP paths", "TTFT", "Requests", "Notes", "Model:", "bandwidth"):
         assert section not in text
     assert "- checkpoint: OSError: disk full" in text
 
@@ -209,8 +303,9 @@ def test_install_command_is_offline(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_cpu_dry_run_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The whole flow on CPU: checkpoint written from the config, engine, decode levels, model service and
-    api as real processes, text/image/video through both, paths compared, image TTFT on every path."""
+    """The whole flow on CPU: checkpoint written from the config, engine, decode levels, KV layouts at 16
+    and 64 rows, model service and api as real processes, text/image/video through both, paths compared,
+    image TTFT on every path."""
     out = tmp_path / "report.md"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TINY_MODEL_DIR": str(tiny_model_dir)}
     cmd = [sys.executable, "-m", "bench.gpu", "--cpu-dry-run", "--out", str(out)]
@@ -221,6 +316,11 @@ def test_cpu_dry_run_end_to_end(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert "Failures" not in text
     for batch in (1, 16, 64):
         assert f"\n| {batch} | " in text
+    assert "### KV layouts under churn" in text
+    for rows in (16, 64):
+        for setting in ("KV_LAYOUT=concat", "KV_LAYOUT=slots", "KV_LAYOUT=slots + KV_STATIC_SHAPES=true"):
+            assert f"\n| {rows} | {setting} | 8 x 1 | " in text
+        assert f"- @{rows} rows: under churn KV_LAYOUT=" in text
     for path in ("raw engine", "model service HTTP", "api -> model service"):
         assert f"| {path} | 1 | 16/16 |" in text and f"| {path} | 16 | 16/16 |" in text
         assert f"| {path} | 10" in text  # its 1024x1024 image TTFT row (10xx prompt tokens)

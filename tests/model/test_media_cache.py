@@ -3,7 +3,9 @@ and what a hit prepares equals a fresh preparation (inputs, prefix key, greedy t
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -463,3 +465,72 @@ def test_the_engine_process_keeps_the_newest_media_snapshot_and_stamps_its_kv_ep
     assert worker._report.kv_cache is not None and worker._report.kv_cache.epoch == worker.epoch
     assert worker.epoch and workers[0].epoch != workers[1].epoch
     assert MediaCache(0).epoch != cache.epoch
+
+
+class _Tracked:
+    """Wraps a resize function of ``prompt``: weak references to every array or image it takes or gives
+    (the decoded media and what the processor is handed)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.refs = real, []
+
+    def __call__(self, media: Any, band: Any) -> Any:
+        out = self.real(media, band)
+        self.refs += [weakref.ref(media), weakref.ref(out)]
+        return out
+
+    def alive(self) -> int:
+        """How many of them (distinct objects) are still alive."""
+        return len({id(obj) for obj in (ref() for ref in self.refs) if obj is not None})
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_no_decoded_media_outlive_prepare_without_the_garbage_collector(
+    processor: Any, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    images, frames = _Tracked(prompt.resize_image), _Tracked(prompt.resize_frames)
+    monkeypatch.setattr(prompt, "resize_image", images)
+    monkeypatch.setattr(prompt, "resize_frames", frames)
+    messages = user(
+        ImagePart(data=png_b64(120, 80, seed=41)),
+        VideoPart(data=mp4_b64(frames=8)),
+        VideoPart(frames=[png_b64(64, 64, seed=i) for i in range(4)]),
+    )
+    gc.collect()
+    gc.disable()  # only reference counting frees now: a reference cycle would keep them all
+    try:
+        got = prepare_prompt(processor, messages, LIMITS, cache=MediaCache(256 << 20) if cached else None)
+        assert len(images.refs) == 2 and len(frames.refs) == 4
+        assert (images.alive(), frames.alive()) == (0, 0)
+        assert got.inputs["pixel_values_videos"].shape[0] > 0
+    finally:
+        gc.enable()
+
+
+class _Watching(_Counted):
+    """A sub-processor that records ``watch()`` as each call begins."""
+
+    def __init__(self, real: Any, watch: Any) -> None:
+        super().__init__(real)
+        self.watch, self.seen = watch, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(self.watch())
+        return super().__call__(*args, **kwargs)
+
+
+def test_an_items_decoded_media_go_as_soon_as_it_is_processed(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = _Tracked(prompt.resize_image)
+    monkeypatch.setattr(prompt, "resize_image", images)
+    watching = _Watching(processor.image_processor, images.alive)
+    monkeypatch.setattr(processor, "image_processor", watching)
+    messages = user(*(ImagePart(data=png_b64(100, 60 + i, seed=i)) for i in range(3)))
+    gc.disable()
+    try:
+        prepare_prompt(processor, messages, LIMITS)
+    finally:
+        gc.enable()
+    assert watching.seen == [3, 2, 1]  # all decoded before the template runs; each let go once processed
+    assert images.alive() == 0

@@ -135,8 +135,10 @@ def prepare_prompt(
     conv = _to_conversation(messages, limits, processor_band(processor), options, cache)
     view = copy.copy(processor)  # a shallow copy: the tokenizer and sub-processors are shared
     digests: dict[str, list[bytes | None]] = {}
-    view._process_images = lambda images, **kw: _process(view, conv, "image", kw, digests)
-    view._process_videos = lambda videos, **kw: _process(view, conv, "video", kw, digests)
+    # The hooks name the shared processor, not the view: a view -> hook -> view cycle would keep the
+    # decoded media (held by ``conv``) alive until the garbage collector's next full pass.
+    view._process_images = lambda images, **kw: _process(processor, conv, "image", kw, digests)
+    view._process_videos = lambda videos, **kw: _process(processor, conv, "video", kw, digests)
     processor_kwargs: dict[str, Any] = {}
     if conv.videos:
         processor_kwargs.update(
@@ -176,13 +178,14 @@ def _render(view: Any, conv: _Conversation, tools: list[Tool] | None, processor_
 
 
 def _process(
-    view: Any, conv: _Conversation, kind: str, kwargs: dict[str, Any], digests: dict
+    processor: Any, conv: _Conversation, kind: str, kwargs: dict[str, Any], digests: dict
 ) -> tuple[dict[str, Any], list[str]]:
     """The processor's ``_process_images``/``_process_videos`` for ``conv``'s items of ``kind``, one at a
     time: (the items' tensors concatenated in order, each item's placeholder text). ``kwargs``: the
-    processor's merged keyword arguments for that modality."""
+    processor's merged keyword arguments for that modality. Each item's decoded media are let go as soon
+    as it is processed."""
     items = conv.images if kind == "image" else conv.videos
-    done = [item.done or _run(view, item, kind, kwargs, conv.cache) for item in items]
+    done = [item.done or _run(processor, item, kind, kwargs, conv.cache) for item in items]
     digests["pixel_values" if kind == "image" else "pixel_values_videos"] = [d.digest or None for d in done]
     keys = done[0].tensors.keys()
     if len(done) == 1:  # shared with the cache, not copied (see media_cache.py)
@@ -193,20 +196,22 @@ def _process(
 
 
 def _run(
-    view: Any, item: _Item, kind: str, kwargs: dict[str, Any], cache: MediaCache | None
+    processor: Any, item: _Item, kind: str, kwargs: dict[str, Any], cache: MediaCache | None
 ) -> ProcessedMedia:
-    """Process one decoded item alone; kept in ``cache`` when the item has a key."""
+    """Process one decoded item alone (its ``media`` are dropped then); kept in ``cache`` when the item
+    has a key."""
     from services.model.engine.prefix import media_digest
 
     kwargs = {**kwargs, "return_tensors": "pt"}
+    media, item.media = item.media, None  # the item lets go of its decoded pixels; they die with this call
     if kind == "image":
-        out = view.image_processor([item.media], **kwargs)
-        placeholder = view.replace_image_token(out, 0, **kwargs)
+        out = processor.image_processor([media], **kwargs)
+        placeholder = processor.replace_image_token(out, 0, **kwargs)
         pixels, grids = out["pixel_values"], out["image_grid_thw"]
     else:
         kwargs["video_metadata"] = [item.metadata]
-        out = view.video_processor([item.media], **kwargs)
-        placeholder = view.replace_video_token(out, 0, **kwargs)
+        out = processor.video_processor([media], **kwargs)
+        placeholder = processor.replace_video_token(out, 0, **kwargs)
         pixels, grids = out["pixel_values_videos"], out["video_grid_thw"]
     tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
     digest = media_digest(grids[0], pixels) if item.key is not None else b""

@@ -158,10 +158,15 @@ def _load_model(source: str, device_map: str, dtype: Any, hub_kwargs: dict[str, 
 
 def _load_processor(source: str, hub_kwargs: dict[str, Any]) -> Any:
     from services.model.multimodal.processor_cpu import load_processor
+    from services.model.multimodal.prompt import MediaRoutingError, check_media_routing
 
     processor = load_processor(source, **hub_kwargs)
     if getattr(processor, "chat_template", None) is None:
         raise ModelLoadError(f"model '{source}' has no chat template")
+    try:
+        check_media_routing(processor)
+    except MediaRoutingError as exc:
+        raise ModelLoadError(str(exc)) from None
     return processor
 
 

@@ -146,3 +146,22 @@ def test_torch_threads_explicit_auto_and_omp(monkeypatch: pytest.MonkeyPatch) ->
         assert configure_torch_threads(0, "cuda") == 2  # on a GPU torch keeps its own default
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_processor_that_bypasses_the_per_item_media_hooks_stops_the_load(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.processing_utils import ProcessorMixin
+
+    hub = {"token": None, "local_files_only": True}
+    cls = type(loading._load_processor(str(tiny_model_dir), hub))  # the pinned transformers passes
+    call = cls.__call__
+
+    def old_style_call(self: object, *args: object, **kwargs: object) -> object:
+        # as a transformers whose processor runs its video processor without _process_videos would
+        self._process_videos = ProcessorMixin._process_videos.__get__(self)  # type: ignore[attr-defined]
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", old_style_call)
+    with pytest.raises(ModelLoadError, match=r"_process_videos.*transformers==5\.24\.0"):
+        loading._load_processor(str(tiny_model_dir), hub)

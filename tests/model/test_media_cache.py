@@ -534,3 +534,59 @@ def test_an_items_decoded_media_go_as_soon_as_it_is_processed(
         gc.enable()
     assert watching.seen == [3, 2, 1]  # all decoded before the template runs; each let go once processed
     assert images.alive() == 0
+
+
+def _bypassing_hook(processor: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes ``processor``'s class process ``kind`` without the per-item hook (as a transformers that does
+    not route media through ``_process_images`` / ``_process_videos`` would)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    cls, call, name = type(processor), type(processor).__call__, f"_process_{kind}s"
+
+    def old_style_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        setattr(self, name, getattr(ProcessorMixin, name).__get__(self))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__call__", old_style_call)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_media_that_bypass_the_per_item_path_fail_loudly(
+    processor: Any, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from services.model.multimodal.prompt import MediaRoutingError, check_media_routing
+
+    part = ImagePart(data=png_b64(200, 100)) if kind == "image" else VideoPart(data=mp4_b64(frames=4))
+    check_media_routing(processor)  # the pinned transformers routes both kinds
+    _bypassing_hook(processor, kind, monkeypatch)
+    with pytest.raises(MediaRoutingError, match=rf"_process_{kind}s.*transformers==5\.24\.0"):
+        check_media_routing(processor)
+    for cache in (None, MediaCache(256 << 20)):
+        with pytest.raises(MediaRoutingError, match=rf"_process_{kind}s.*transformers==5\.24\.0"):
+            prepare_prompt(processor, user(part, TextPart(text="x")), LIMITS, cache=cache)
+    assert f"_process_{kind}s" not in vars(processor)  # the shared processor itself is never patched
+
+
+def test_a_hook_handed_only_some_items_fails_loudly(processor: Any) -> None:
+    from services.model.multimodal.prompt import MediaRoutingError, _process, _to_conversation
+
+    images = [ImagePart(data=png_b64(50, 50, seed=i)) for i in range(2)]
+    conv = _to_conversation(user(*images), LIMITS, processor_band(processor), None, None)
+    with pytest.raises(MediaRoutingError, match="routed 1 of 2 images"):
+        _process(processor, conv, "image", [[prompt._IMAGE_STAND_IN]], {}, {})
+
+
+def test_an_item_the_processor_refuses_is_still_a_bad_request(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.protocol.errors import InvalidRequest
+
+    class Refusing(_Counted):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            raise ValueError("height:1 is smaller than factor:32")
+
+    monkeypatch.setattr(processor, "image_processor", Refusing(processor.image_processor))
+    # the image's hook raises before the video's hook ever runs: not taken for a bypassed hook
+    messages = user(ImagePart(data=png_b64(40, 40)), VideoPart(data=mp4_b64(frames=4)))
+    with pytest.raises(InvalidRequest, match="could not be processed"):
+        prepare_prompt(processor, messages, LIMITS)

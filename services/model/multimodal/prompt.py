@@ -9,7 +9,9 @@ steps one item at a time through the processed-media cache (``media_cache.py``):
 and parameters were seen before is neither decoded nor processed again. The processor's own per-item
 results concatenate to exactly what one call on all items gives (``tests/model/test_media_cache.py``). The
 conversation given to the template holds one-pixel stand-ins for the media (the template only writes their
-pad tokens; the processor only checks there is one per pad token).
+pad tokens; the processor only checks there is one per pad token). Should a transformers release stop
+routing media through those two steps, the stand-ins would be processed silently: ``check_media_routing``
+(at load) and a check after each render raise ``MediaRoutingError`` instead.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from jinja2 import TemplateError
+from transformers.image_utils import make_flat_list_of_images
+from transformers.video_utils import make_batched_videos
 
 from services.model.multimodal.budget import (
     PixelBand,
@@ -43,7 +47,14 @@ from services.model.multimodal.video import (
 from services.protocol.errors import InvalidMedia, InvalidRequest
 from services.protocol.generate import ImagePart, MediaOptions, Message, TextPart, Tool, VideoPart
 
-__all__ = ["MediaLimits", "PromptInputs", "build_inputs", "prepare_prompt"]
+__all__ = [
+    "MediaLimits",
+    "MediaRoutingError",
+    "PromptInputs",
+    "build_inputs",
+    "check_media_routing",
+    "prepare_prompt",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +62,17 @@ log = logging.getLogger(__name__)
 # (T, H, W, 3): the real pixels go through the per-item steps.
 _IMAGE_STAND_IN = np.zeros((1, 1, 3), dtype=np.uint8)
 _VIDEO_STAND_IN = np.zeros((1, 1, 1, 3), dtype=np.uint8)
+_PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}  # the digests' keys, by kind
+
+
+class MediaRoutingError(RuntimeError):
+    """The processor did not hand a conversation's images or videos to ``_process_images`` /
+    ``_process_videos`` (once, with all of that kind's items): the per-item path could not run, and the
+    one-pixel stand-ins would have been processed instead. A transformers other than the pinned one."""
+
+
+class _Reached(Exception):
+    """Raised by ``check_media_routing``'s hook: the processor routed the item through it."""
 
 
 @dataclass(slots=True)
@@ -76,6 +98,7 @@ class _Conversation:
     images: list[_Item] = field(default_factory=list)
     videos: list[_Item] = field(default_factory=list)
     pixels: int = 0  # decoded so far, all media of the request
+    in_hook: bool = False  # a per-item hook (``_process``) is running; an error escaping it leaves it set
 
     def count(self, pixels: int, limit: int) -> None:
         self.pixels += pixels
@@ -137,8 +160,8 @@ def prepare_prompt(
     digests: dict[str, list[bytes | None]] = {}
     # The hooks name the shared processor, not the view: a view -> hook -> view cycle would keep the
     # decoded media (held by ``conv``) alive until the garbage collector's next full pass.
-    view._process_images = lambda images, **kw: _process(processor, conv, "image", kw, digests)
-    view._process_videos = lambda videos, **kw: _process(processor, conv, "video", kw, digests)
+    view._process_images = lambda images, **kw: _process(processor, conv, "image", images, kw, digests)
+    view._process_videos = lambda videos, **kw: _process(processor, conv, "video", videos, kw, digests)
     processor_kwargs: dict[str, Any] = {}
     if conv.videos:
         processor_kwargs.update(
@@ -147,10 +170,67 @@ def prepare_prompt(
             # The reference (qwen-vl-utils) per-frame pixel budget; also silences a transformers warning.
             cap_pixels_per_frame=True,
         )
-    return PromptInputs(_render(view, conv, tools, processor_kwargs), digests)
+    inputs = _render(view, conv, tools, processor_kwargs, digests)
+    _check_routed(conv, digests)
+    return PromptInputs(inputs, digests)
 
 
-def _render(view: Any, conv: _Conversation, tools: list[Tool] | None, processor_kwargs: dict) -> Any:
+def _check_routed(conv: _Conversation, digests: dict) -> None:
+    """Raises ``MediaRoutingError`` when a kind of media the conversation has never reached ``_process``
+    (the processor handled the stand-ins itself)."""
+    for kind, items in (("image", conv.images), ("video", conv.videos)):
+        if items and _PIXEL_KEYS[kind] not in digests:
+            raise _unrouted(kind, f"did not route its {kind}s")
+
+
+def check_media_routing(processor: Any) -> None:
+    """At load: that ``processor.apply_chat_template`` hands a conversation's images and videos to
+    ``_process_images`` / ``_process_videos``, which ``prepare_prompt`` replaces with its per-item path
+    (a template render per kind, about a millisecond; no media are processed).
+
+    Raises:
+        MediaRoutingError: a kind of media does not reach its hook (naming the transformers needed).
+    """
+    for kind, stand_in in (("image", _IMAGE_STAND_IN), ("video", _VIDEO_STAND_IN)):
+        view = copy.copy(processor)
+
+        def reached(media: Any, **kwargs: Any) -> Any:
+            raise _Reached
+
+        setattr(view, f"_process_{kind}s", reached)
+        conversation = [{"role": "user", "content": [{"type": kind, kind: stand_in}]}]
+        try:
+            view.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except _Reached:
+            continue
+        except Exception as exc:
+            raise _unrouted(kind, f"failed before it routed its {kind}s") from exc
+        raise _unrouted(kind, f"did not route its {kind}s")
+
+
+def _unrouted(kind: str, what: str) -> MediaRoutingError:
+    import transformers
+
+    return MediaRoutingError(
+        f"the processor {what} (ProcessorMixin._process_{kind}s, one call with all of a request's {kind}s): "
+        "the per-item media path of services/model/multimodal/prompt.py needs a transformers whose "
+        "processors route media so, as the pinned transformers==5.24.0 (services/model/requirements.txt) "
+        f"does; this is transformers {transformers.__version__}"
+    )
+
+
+def _render(
+    view: Any, conv: _Conversation, tools: list[Tool] | None, processor_kwargs: dict, digests: dict
+) -> Any:
+    """``view.apply_chat_template`` on the conversation with its hooks in place: the ``BatchFeature``.
+
+    Raises:
+        InvalidRequest: the chat template raised (its message, for users), or the processor refused an
+            input (logged; a generic message).
+        MediaRoutingError: the processor refused the stand-ins of media it did not route to the hooks.
+    """
     try:
         return view.apply_chat_template(
             conv.messages,
@@ -170,6 +250,8 @@ def _render(view: Any, conv: _Conversation, tools: list[Tool] | None, processor_
             f"the conversation cannot be rendered by the model's chat template: {exc}"[:300]
         ) from None
     except ValueError as exc:
+        if not conv.in_hook:  # raised outside the per-item path: did the processor bypass it?
+            _check_routed(conv, digests)
         # the processor rejects an input; its text names internals (shapes, class names): logged, not sent
         log.info("the processor refused a prompt: %s", str(exc)[:500])
         raise InvalidRequest(
@@ -178,15 +260,24 @@ def _render(view: Any, conv: _Conversation, tools: list[Tool] | None, processor_
 
 
 def _process(
-    processor: Any, conv: _Conversation, kind: str, kwargs: dict[str, Any], digests: dict
+    processor: Any, conv: _Conversation, kind: str, stand_ins: Any, kwargs: dict[str, Any], digests: dict
 ) -> tuple[dict[str, Any], list[str]]:
     """The processor's ``_process_images``/``_process_videos`` for ``conv``'s items of ``kind``, one at a
-    time: (the items' tensors concatenated in order, each item's placeholder text). ``kwargs``: the
-    processor's merged keyword arguments for that modality. Each item's decoded media are let go as soon
-    as it is processed."""
+    time: (the items' tensors concatenated in order, each item's placeholder text). ``stand_ins``: what
+    the processor hands the hook (the conversation's stand-ins, one per item); ``kwargs``: its merged
+    keyword arguments for that modality. Each item's decoded media are let go as soon as it is processed.
+
+    Raises:
+        MediaRoutingError: the processor handed not all of the items at once, or called the hook twice.
+    """
     items = conv.images if kind == "image" else conv.videos
+    given = len(make_flat_list_of_images(stand_ins) if kind == "image" else make_batched_videos(stand_ins))
+    if given != len(items) or _PIXEL_KEYS[kind] in digests:
+        raise _unrouted(kind, f"routed {given} of {len(items)} {kind}s, or in more than one call")
+    conv.in_hook = True
     done = [item.done or _run(processor, item, kind, kwargs, conv.cache) for item in items]
-    digests["pixel_values" if kind == "image" else "pixel_values_videos"] = [d.digest or None for d in done]
+    conv.in_hook = False
+    digests[_PIXEL_KEYS[kind]] = [d.digest or None for d in done]
     keys = done[0].tensors.keys()
     if len(done) == 1:  # shared with the cache, not copied (see media_cache.py)
         data = dict(done[0].tensors)

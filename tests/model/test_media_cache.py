@@ -590,3 +590,21 @@ def test_an_item_the_processor_refuses_is_still_a_bad_request(
     messages = user(ImagePart(data=png_b64(40, 40)), VideoPart(data=mp4_b64(frames=4)))
     with pytest.raises(InvalidRequest, match="could not be processed"):
         prepare_prompt(processor, messages, LIMITS)
+
+
+def test_a_cached_video_meets_the_request_pixel_budget_as_its_miss_did(processor: Any) -> None:
+    # 3000 x 1000 frames are decoded at 1920 x 1080 pixels' worth (2494 x 831 = 2,072,514): the header's
+    # estimate (4 x 2,073,600 = 8,294,400) is what the decoder checks before it decodes anything
+    video = mp4_b64(frames=4, width=3000, height=1000)
+    limits = MediaLimits(32, 16_777_216, 64 << 20, max_request_pixels=8_300_000)
+    cache = MediaCache(1 << 30)
+    prepare_prompt(processor, user(VideoPart(data=video)), limits, cache=cache)
+    (entry,) = cache._entries.values()
+    assert entry.pixels < 8_290_000 < entry.checked_pixels == 4 * 1920 * 1080
+    both = user(ImagePart(data=png_b64(100, 100)), VideoPart(data=video))  # room left: 8,290,000
+    with pytest.raises(InvalidMedia) as plain:
+        prepare_prompt(processor, both, limits)
+    with pytest.raises(InvalidMedia) as cached:
+        prepare_prompt(processor, both, limits, cache=cache)
+    assert str(cached.value) == str(plain.value)
+    assert cache.stats().hits == 1

@@ -43,13 +43,16 @@ class ProcessedMedia:
     ``tensors``: the processor's output for this item (``pixel_values`` (patches, C * 2 * 16 * 16) and
     ``image_grid_thw`` (1, 3), or the ``_videos`` pair); ``placeholder``: the prompt text that replaces the
     item's pad token; ``digest``: ``prefix.media_digest`` of its grid and pixels; ``pixels``: decoded pixels
-    (width x height, times frames for a video) that count against the request's pixel budget; ``nbytes``:
-    the tensors' bytes."""
+    (width x height, times frames for a video) that count against the request's pixel budget;
+    ``checked_pixels``: a video's pixels as its decoder checked them against what was left of that budget
+    before and while decoding (``DecodedVideo.checked_pixels``; 0 for an image), so that a hit refuses
+    exactly what a miss refuses; ``nbytes``: the tensors' bytes."""
 
     tensors: dict[str, torch.Tensor]
     placeholder: str
     digest: bytes
     pixels: int
+    checked_pixels: int = 0
 
     @property
     def nbytes(self) -> int:

@@ -79,10 +79,13 @@ class _Reached(Exception):
 class _Item:
     """One image or video of the conversation: cached already (``done``), or decoded and resized
     (``media``: a PIL image or (T, H, W, 3) uint8 frames, with a video's ``metadata``) for the processor;
-    ``key``: its cache key (None: no cache)."""
+    ``key``: its cache key (None: no cache); ``pixels``: its decoded pixels (counted against the request's
+    budget); ``checked``: a video's pixels as its decoder checked them against the budget's room
+    (``DecodedVideo.checked_pixels``)."""
 
     key: bytes | None
     pixels: int
+    checked: int = 0
     done: ProcessedMedia | None = None
     media: Any = None
     metadata: Any = None
@@ -111,7 +114,9 @@ class _Conversation:
             return _Item(key=None, pixels=0)
         key = media_key(kind, (parameters, self.limits, self.band), data)
         done = self.cache.get(key)
-        return _Item(key=key, pixels=done.pixels if done else 0, done=done)
+        if done is None:
+            return _Item(key=key, pixels=0)
+        return _Item(key=key, pixels=done.pixels, checked=done.checked_pixels, done=done)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,7 +311,7 @@ def _run(
         pixels, grids = out["pixel_values_videos"], out["video_grid_thw"]
     tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
     digest = media_digest(grids[0], pixels) if item.key is not None else b""
-    processed = ProcessedMedia(tensors=tensors, placeholder=placeholder, digest=digest, pixels=item.pixels)
+    processed = ProcessedMedia(tensors, placeholder, digest, item.pixels, checked_pixels=item.checked)
     if cache is not None and item.key is not None:
         cache.put(item.key, processed)
     return processed
@@ -382,13 +387,13 @@ def _video(part: VideoPart, conv: _Conversation) -> _Item:
     kind = "frames" if part.frames else "video"
     item = conv.lookup(kind, (max_frames, sample_fps, band), part.frames or [part.data])
     room = limits.max_request_pixels - conv.pixels  # checked before the frames are decoded
-    if item.done is not None:
-        check_room(item.pixels, room)
+    if item.done is not None:  # refused exactly as the miss that cached it would be, with this room
+        check_room(item.checked, room)
         conv.count(item.pixels, limits.max_request_pixels)
         return item
     video = _decode_video(part, limits, max_frames, sample_fps, room)
     frames, height, width = video.frames.shape[:3]
-    item.pixels = frames * height * width
+    item.pixels, item.checked = frames * height * width, video.checked_pixels
     conv.count(item.pixels, limits.max_request_pixels)
     item.media, item.metadata = resize_frames(video.frames, band), video.metadata
     return item

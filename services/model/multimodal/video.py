@@ -38,6 +38,9 @@ class DecodedVideo:
     frames: np.ndarray  # (T, H, W, 3) uint8 RGB
     metadata: VideoMetadata  # fps, total frames, sampled indices: Qwen3-VL's timestamps come from these
     timestamps: list[float]  # seconds of each sampled frame, from the stream's own clock
+    # the largest pixel count checked against ``pixel_room`` while decoding (frames x height x width: a
+    # file's header estimate or its frames as kept; a frame list's picked frames at the first one's size)
+    checked_pixels: int = 0
 
 
 @dataclass(slots=True)
@@ -91,7 +94,8 @@ def _decode(
     probe = _probe(raw, max_pixels)
     count = frames_to_sample(probe.total, probe.duration, max_frames, sample_fps)
     # a one-frame video counts twice: it becomes a still of 2 frames
-    check_room(max(count, 2) * min(probe.pixels, MAX_DECODED_FRAME_PIXELS), room)
+    estimate = max(count, 2) * min(probe.pixels, MAX_DECODED_FRAME_PIXELS)
+    check_room(estimate, room)
     wanted = sorted(set(np.linspace(0, probe.total - 1, count).round().astype(int).tolist()))
     picked = None
     if seek and probe.pts is not None:
@@ -116,7 +120,12 @@ def _decode(
         video_backend="pyav",
         frames_indices=picked.indices,
     )
-    return DecodedVideo(frames=np.stack(picked.frames), metadata=metadata, timestamps=picked.times)
+    return DecodedVideo(
+        frames=np.stack(picked.frames),
+        metadata=metadata,
+        timestamps=picked.times,
+        checked_pixels=max(estimate, picked.pixels),
+    )
 
 
 def frames_to_sample(total: int, duration: float, max_frames: int, sample_fps: float = SAMPLE_FPS) -> int:
@@ -151,7 +160,8 @@ def frame_list_video(
     picked = sorted(set(np.linspace(0, len(frames) - 1, count).round().astype(int).tolist()))
     first = decode(frames[picked[0]])
     height, width = first.shape[:2]
-    check_room(max(len(picked), 2) * height * width, pixel_room)
+    checked = max(len(picked), 2) * height * width
+    check_room(checked, pixel_room)
     arrays = [first]
     for i in picked[1:]:
         array = decode(frames[i])
@@ -168,7 +178,12 @@ def frame_list_video(
         video_backend="pyav",
         frames_indices=picked,
     )
-    return DecodedVideo(frames=np.stack(arrays), metadata=metadata, timestamps=[i / fps for i in picked])
+    return DecodedVideo(
+        frames=np.stack(arrays),
+        metadata=metadata,
+        timestamps=[i / fps for i in picked],
+        checked_pixels=checked,
+    )
 
 
 def _resized(frame: np.ndarray, height: int, width: int) -> np.ndarray:

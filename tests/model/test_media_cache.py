@@ -608,3 +608,35 @@ def test_a_cached_video_meets_the_request_pixel_budget_as_its_miss_did(processor
         prepare_prompt(processor, both, limits, cache=cache)
     assert str(cached.value) == str(plain.value)
     assert cache.stats().hits == 1
+
+
+def test_an_item_sent_twice_in_one_request_is_decoded_and_processed_once(
+    processor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, video = png_b64(150, 100, seed=51), mp4_b64(frames=8)
+    messages = user(
+        ImagePart(data=image),
+        VideoPart(data=video),
+        TextPart(text="again:"),
+        ImagePart(data=image),
+        VideoPart(data=video),
+        ImagePart(data=image, detail="low"),  # other parameters: another item
+    )
+    want = one_call(processor, messages)
+    images, videos = _Counted(processor.image_processor), _Counted(processor.video_processor)
+    monkeypatch.setattr(processor, "image_processor", images)
+    monkeypatch.setattr(processor, "video_processor", videos)
+    decodes = _Counted(prompt.decode_video)
+    monkeypatch.setattr(prompt, "decode_video", decodes)
+    cache = MediaCache(256 << 20)
+    got = prepare_prompt(processor, messages, LIMITS, cache=cache)
+    assert_same_inputs(got.inputs, want)
+    assert (images.calls, videos.calls, decodes.calls) == (2, 1, 1)
+    assert (cache.stats().misses, cache.stats().hits, cache.stats().entries) == (3, 0, 3)
+    assert len(got.digests["pixel_values"]) == 3 and len(got.digests["pixel_values_videos"]) == 2
+    # each place still counts against the request's pixel budget, as without the cache
+    limits = MediaLimits(32, 16_777_216, 16 << 20, max_request_pixels=2 * 150 * 100 - 1)
+    twice = user(ImagePart(data=image), ImagePart(data=image))
+    for cached in (None, MediaCache(256 << 20)):
+        with pytest.raises(InvalidMedia, match="decoded pixels in all"):
+            prepare_prompt(processor, twice, limits, cache=cached)

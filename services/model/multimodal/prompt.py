@@ -6,12 +6,14 @@ The processor's ``apply_chat_template`` renders and tokenizes the conversation; 
 (``_process_images`` / ``_process_videos``: run the image or video processor on all items at once, then
 the prompt text of each item's placeholder) are replaced, on a per-call copy of the processor, by the same
 steps one item at a time through the processed-media cache (``media_cache.py``): an item whose raw bytes
-and parameters were seen before is neither decoded nor processed again. The processor's own per-item
-results concatenate to exactly what one call on all items gives (``tests/model/test_media_cache.py``). The
-conversation given to the template holds one-pixel stand-ins for the media (the template only writes their
-pad tokens; the processor only checks there is one per pad token). Should a transformers release stop
-routing media through those two steps, the stand-ins would be processed silently: ``check_media_routing``
-(at load) and a check after each render raise ``MediaRoutingError`` instead.
+and parameters were seen before (in an earlier request, or earlier in this one) is neither decoded nor
+processed again; each place it takes still counts against the request's pixel budget. The processor's
+own per-item results concatenate to exactly what one call on all items gives
+(``tests/model/test_media_cache.py``). The conversation given to the template holds one-pixel stand-ins
+for the media (the template only writes their pad tokens; the processor only checks there is one per pad
+token). Should a transformers release stop routing media through those two steps, the stand-ins would be
+processed silently: ``check_media_routing`` (at load) and a check after each render raise
+``MediaRoutingError`` instead.
 """
 
 from __future__ import annotations
@@ -102,21 +104,30 @@ class _Conversation:
     videos: list[_Item] = field(default_factory=list)
     pixels: int = 0  # decoded so far, all media of the request
     in_hook: bool = False  # a per-item hook (``_process``) is running; an error escaping it leaves it set
+    seen: dict[bytes, _Item] = field(default_factory=dict)  # this request's items by cache key
 
     def count(self, pixels: int, limit: int) -> None:
         self.pixels += pixels
         if self.pixels > limit:
             raise InvalidMedia(f"the request's media have more than {limit} decoded pixels in all")
 
-    def lookup(self, kind: str, parameters: tuple, data: list[str]) -> _Item:
-        """The item's cache entry if there is one (``done``), else an item to decode (``media`` unset)."""
+    def lookup(self, kind: str, parameters: tuple, data: list[str]) -> tuple[_Item, bool]:
+        """(the item, whether it is known): the same item earlier in this request (decoded, or cached;
+        one ``_Item`` stands for both places, processed once), the cache's entry (``done``), or a new
+        item to decode (``media`` unset; not known). Without a cache, every item is new."""
         if self.cache is None or not self.cache.max_bytes:
-            return _Item(key=None, pixels=0)
+            return _Item(key=None, pixels=0), False
         key = media_key(kind, (parameters, self.limits, self.band), data)
+        item = self.seen.get(key)
+        if item is not None:
+            return item, True
         done = self.cache.get(key)
         if done is None:
-            return _Item(key=key, pixels=0)
-        return _Item(key=key, pixels=done.pixels, checked=done.checked_pixels, done=done)
+            item = _Item(key=key, pixels=0)
+        else:
+            item = _Item(key=key, pixels=done.pixels, checked=done.checked_pixels, done=done)
+        self.seen[key] = item
+        return item, done is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +291,11 @@ def _process(
     if given != len(items) or _PIXEL_KEYS[kind] in digests:
         raise _unrouted(kind, f"routed {given} of {len(items)} {kind}s, or in more than one call")
     conv.in_hook = True
-    done = [item.done or _run(processor, item, kind, kwargs, conv.cache) for item in items]
+    done: list[ProcessedMedia] = []
+    for item in items:  # an item sent twice is one _Item: processed at its first place
+        if item.done is None:
+            item.done = _run(processor, item, kind, kwargs, conv.cache)
+        done.append(item.done)
     conv.in_hook = False
     digests[_PIXEL_KEYS[kind]] = [d.digest or None for d in done]
     keys = done[0].tensors.keys()
@@ -359,11 +374,12 @@ def _part(part: TextPart | ImagePart | VideoPart, conv: _Conversation) -> dict:
 
 
 def _image(part: ImagePart, conv: _Conversation) -> _Item:
-    """A cached image, or the image decoded and resized to its band; its pixels counted either way."""
+    """A known image (cached, or earlier in the request), or the image decoded and resized to its band;
+    its pixels counted either way."""
     limits = conv.limits
     band = request_band(conv.band, conv.options, part.detail == "low", limits)
-    item = conv.lookup("image", (band,), [part.data])
-    if item.done is not None:
+    item, known = conv.lookup("image", (band,), [part.data])
+    if known:
         conv.count(item.pixels, limits.max_request_pixels)
         return item
     image = decode_image(part.data, limits.max_image_pixels, limits.max_media_bytes)
@@ -374,9 +390,11 @@ def _image(part: ImagePart, conv: _Conversation) -> _Item:
 
 
 def _video(part: VideoPart, conv: _Conversation) -> _Item:
-    """A cached video, or a video file (sampled at ``mm_processor_kwargs.fps``, default 2 per second) or
-    a list of frames (taken at the part's ``fps``, else the request's, else 2 per second) decoded and
-    resized to its band; at most ``max_frames`` (the request's, within MAX_VIDEO_FRAMES) frames."""
+    """A known video (cached, or earlier in the request), or a video file (sampled at
+    ``mm_processor_kwargs.fps``, default 2 per second) or a list of frames (taken at the part's ``fps``,
+    else the request's, else 2 per second) decoded and resized to its band; at most ``max_frames`` (the
+    request's, within MAX_VIDEO_FRAMES) frames. Its pixels are counted against the request's budget
+    either way; ``InvalidMedia`` past it."""
     limits, options = conv.limits, conv.options
     max_frames = limits.max_video_frames
     if options is not None and options.max_frames is not None:
@@ -385,9 +403,9 @@ def _video(part: VideoPart, conv: _Conversation) -> _Item:
     sample_fps = (part.fps or fps or SAMPLE_FPS) if part.frames else (fps or SAMPLE_FPS)
     band = request_band(conv.band, options, False, limits)
     kind = "frames" if part.frames else "video"
-    item = conv.lookup(kind, (max_frames, sample_fps, band), part.frames or [part.data])
+    item, known = conv.lookup(kind, (max_frames, sample_fps, band), part.frames or [part.data])
     room = limits.max_request_pixels - conv.pixels  # checked before the frames are decoded
-    if item.done is not None:  # refused exactly as the miss that cached it would be, with this room
+    if known:  # refused exactly as decoding it afresh would be, with this room
         check_room(item.checked, room)
         conv.count(item.pixels, limits.max_request_pixels)
         return item

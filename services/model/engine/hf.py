@@ -97,6 +97,16 @@ class HFEngine:
         return await asyncio.to_thread(self.prepare_sync, request)
 
     def prepare_sync(self, request: GenerateRequest) -> Prepared:
+        """The blocking ``prepare`` (any thread; the engine process runs several at once): the request's
+        ``Prepared`` (processor inputs, resolved sampling, grammar matchers, prefix key). Afterwards, and
+        after a failure too, the observer's ``on_media_cache`` gets a snapshot of the media cache (threads
+        may deliver theirs out of order: ``MediaCacheStats.version`` orders them).
+
+        Raises:
+            PromptTooLong: the prompt (with ``max_tokens``) passes the context or the KV budget.
+            InvalidMedia, InvalidRequest: media or a conversation the service or the processor refuses.
+            MediaRoutingError: the installed transformers bypasses the per-item media path.
+        """
         try:
             return self._prepare(request)
         finally:

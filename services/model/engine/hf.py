@@ -105,6 +105,8 @@ class HFEngine:
         Raises:
             PromptTooLong: the prompt (with ``max_tokens``) passes the context or the KV budget.
             InvalidMedia, InvalidRequest: media or a conversation the service or the processor refuses.
+            InvalidSchema, Overloaded: a response format or tool schema that cannot be compiled (or no
+                compile slot free).
             MediaRoutingError: the installed transformers bypasses the per-item media path.
         """
         try:

@@ -10,6 +10,11 @@ resize band from ``detail`` and ``mm_processor_kwargs``, a video's sampling rate
 service's media limits and the processor's band). A hit skips all that work; the template and tokenizer
 still run.
 
+One cache serves exactly one processor (the engine's): the key names the request's parameters and the
+processor's pixel band, but not the rest of the processor's configuration (patch size, normalisation,
+temporal patch size, its chat template's placeholders), so a cache shared by two processors would hand one
+the other's tensors. A new processor (a new engine) gets a new cache.
+
 Bounded in bytes (``MEDIA_CACHE_BYTES``; the tensors' bytes), least recently used out first; an item larger
 than the whole bound is not kept. Thread-safe: ``prepare`` runs in worker threads. Two threads that miss on
 the same item both process it and the later ``put`` replaces the earlier entry (the results are equal).
@@ -73,7 +78,8 @@ def media_key(kind: str, parameters: object, data: Iterable[str]) -> bytes:
 
 
 class MediaCache:
-    """LRU entries of ``ProcessedMedia`` by ``media_key``, at most ``max_bytes`` of tensors in all."""
+    """LRU entries of ``ProcessedMedia`` by ``media_key``, at most ``max_bytes`` of tensors in all; for
+    one processor only (see the module's docstring)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max(0, max_bytes)

@@ -95,6 +95,11 @@ class _Item:
 
 @dataclass(slots=True)
 class _Conversation:
+    """One request's conversation as ``prepare_prompt`` builds it: ``messages`` for the chat template
+    (media replaced by stand-ins), the request's images and videos in order (``_Item``s; an item sent
+    twice is the same ``_Item`` twice), what bounds and shapes them (``limits``, the processor's ``band``,
+    the request's ``options``), the processed-media ``cache`` and the pixels decoded so far."""
+
     messages: list[dict[str, Any]]
     limits: MediaLimits
     band: PixelBand  # the processor's own pixel band (per-request budgets narrow it per item)
@@ -107,6 +112,11 @@ class _Conversation:
     seen: dict[bytes, _Item] = field(default_factory=dict)  # this request's items by cache key
 
     def count(self, pixels: int, limit: int) -> None:
+        """Add one item's decoded ``pixels`` (width x height, times frames for a video) to the request's.
+
+        Raises:
+            InvalidMedia: the request's media now have more than ``limit`` (MAX_REQUEST_PIXELS) pixels.
+        """
         self.pixels += pixels
         if self.pixels > limit:
             raise InvalidMedia(f"the request's media have more than {limit} decoded pixels in all")
@@ -420,6 +430,14 @@ def _video(part: VideoPart, conv: _Conversation) -> _Item:
 def _decode_video(
     part: VideoPart, limits: MediaLimits, max_frames: int, sample_fps: float, room: int
 ) -> DecodedVideo:
+    """Decode a video part: its frame list (each a base64 image, taken ``sample_fps`` per second) or its
+    file (sampled about ``sample_fps`` frames per second); at most ``max_frames`` frames, each within
+    ``limits``' image pixels and media bytes, all together within ``room`` pixels (what is left of the
+    request's budget). Returns (T, H, W, 3) uint8 frames with their metadata and the pixels checked.
+
+    Raises:
+        InvalidMedia: undecodable, a frame too large, or the frames over ``room``.
+    """
     if part.frames:
 
         def decode(data: str) -> np.ndarray:

@@ -48,7 +48,7 @@ def test_fit_kv_budget_sizes_slots_by_their_bucket() -> None:
     s = SamplingParams(max_tokens=100, n=3)
     slots = SlotConfig(max_slots=8)
     assert fit_kv_budget(s, False, 50, 450) is s  # concat: 3 x 150 fit
-    with pytest.raises(PromptTooLong, match="3 choice"):
+    with pytest.raises(PromptTooLong, match=r"3 choice\(s\), which occupy a bucket of 4 slot"):
         fit_kv_budget(s, False, 50, 450, slots)  # slots: 4 x 150 do not
     assert fit_kv_budget(s, False, 50, 600, slots) is s
     assert fit_kv_budget(s, True, 50, 450, slots).max_tokens == 450 // 4 - 50

@@ -232,8 +232,9 @@ def fit_kv_budget(
     if room >= max_tokens:
         return sampling
     if room < 1 or not defaulted:
+        held = "" if slots is None else f", which occupy a bucket of {rows} slot(s) (KV_LAYOUT=slots)"
         raise PromptTooLong(
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {choices} choice(s) "
-            f"needs more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {choices} choice(s)"
+            f"{held} needs more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"
         )
     return sampling.model_copy(update={"max_tokens": room})

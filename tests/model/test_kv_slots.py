@@ -83,14 +83,14 @@ def _churn(engine: Any, slots: SlotConfig | None, watch: Callable[[kv.Batch], No
     model = engine.loaded.model
     batch = kv.merge([_prefill(engine, p * (1 + i % 3)) for i, p in enumerate(_PROMPTS)], slots)
     script: dict[int, Callable[[kv.Batch], kv.Batch]] = {
-        3: lambda b: kv.select(b, [0, 2]),  # two rows leave from the middle
+        3: lambda b: _leave(b, [0, 2]),  # two rows leave from the middle
         5: lambda b: kv.merge([b, _prefill(engine, _PROMPTS[1]), _prefill(engine, _PROMPTS[2] * 2)], slots),
         9: lambda b: kv.merge(
             [b, *(_prefill(engine, p) for p in _PROMPTS), _prefill(engine, "x " * 40)], slots
         ),
-        14: lambda b: kv.select(b, [i for i in range(b.size) if i % 3 != 1]),
+        14: lambda b: _leave(b, [i for i in range(b.size) if i % 3 != 1]),
         17: lambda b: kv.merge([b, kv.take(_prefill(engine, _PROMPTS[3]), [0, 0])], slots),  # a fork of 2
-        24: lambda b: kv.select(b, [b.size - 1, 0]),  # few rows left, in a new order
+        24: lambda b: _leave(b, [b.size - 1, 0]),  # few rows left, in a new order
     }
     tokens: list[list[int]] = []
     for step in range(36):
@@ -106,6 +106,13 @@ def _churn(engine: Any, slots: SlotConfig | None, watch: Callable[[kv.Batch], No
         tokens.append(batch.tokens.flatten().tolist())
         watch(batch)
     return tokens
+
+
+def _leave(batch: kv.Batch, keep: list[int]) -> kv.Batch:
+    """Rows leave, then the batch settles (as the scheduler's next step does when nobody joins)."""
+    batch = kv.select(batch, keep)
+    kv.settle(batch)
+    return batch
 
 
 def logits_width(model: Any) -> int:
@@ -126,8 +133,9 @@ def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine
     assert slots == concat
     assert len({t for step in concat for t in step}) > 10  # the model's output depends on its input
     slot_counts = [s for i, (s, _) in enumerate(shapes) if i == 0 or shapes[i - 1][0] != s]
-    # compacted whenever the rows left fit a smaller bucket (4 -> 2 rows, 13 -> 6, 8 -> 2), grown by joins
-    assert slot_counts == [4, 2, 4, 16, 8, 2]
+    # grown by joins; compacted when the rows left + 1 fit a bucket at most half of S (9 -> 6 rows: 8 of 16,
+    # 8 -> 2: 4 of 8), not for 4 -> 2 rows (3 need the bucket of 4 they are in)
+    assert slot_counts == [4, 16, 8, 4]
     columns = [c for _, c in shapes]
     assert any(b > a for a, b in pairwise(columns))  # grown by blocks
     assert any(b < a for a, b in pairwise(columns))  # shrunk by the compaction
@@ -345,9 +353,9 @@ def test_slot_memory_follows_the_rows_down_when_a_long_row_leaves(engine: Any) -
         tokens = []
         for step in range(6):
             if step == 2:
-                batch = kv.select(batch, list(range(1, 16)))  # the long row leaves
+                batch = _leave(batch, list(range(1, 16)))  # the long row leaves
             if step == 4:
-                batch = kv.select(batch, [0, 4, 8, 12, 14])  # spread slots: 5 rows
+                batch = _leave(batch, [0, 4, 8, 12, 14])  # spread slots: 5 rows
             logits = kv.decode(model, batch)
             batch.tokens = logits.argmax(-1, keepdim=True)
             tokens.append(batch.tokens.flatten().tolist())
@@ -415,3 +423,233 @@ def test_static_shapes_with_concat_warn_at_start(engine: Any, caplog: pytest.Log
     with caplog.at_level("WARNING"):
         scheduler_for(engine, kv_layout="concat", kv_static_shapes=True)
     assert "KV_STATIC_SHAPES=true has no effect with KV_LAYOUT=concat" in caplog.text
+
+
+# ---- second review: hysteresis, bursts, zeroing, the gather, failed reallocations --------------------------
+
+_LAYERS, _HEADS, _DIM = 2, 1, 4
+
+
+class _Rows:
+    """A prefilled part without a model (``kv_slots.RowsState``): ``rows`` rows of ``length`` tokens whose
+    keys and values are all ``fill``."""
+
+    def __init__(self, length: int, rows: int = 1, fill: float = 1.0) -> None:
+        shape = (rows, _HEADS, length, _DIM)
+
+        class _Layer:
+            keys = torch.full(shape, fill)
+            values = torch.full(shape, fill)
+
+        self.cache = type("Cache", (), {"layers": [_Layer() for _ in range(_LAYERS)]})()
+        self.mask = torch.ones((rows, length), dtype=torch.long)
+        self.delta = torch.zeros(rows, dtype=torch.long)
+        self.tokens = torch.zeros((rows, 1), dtype=torch.long)
+
+
+def _empty(config: SlotConfig) -> SlotBatch:
+    return SlotBatch(config, _LAYERS, _HEADS, _DIM, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture
+def reallocations(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The (S, C) of every buffer a ``SlotBatch`` makes (a reallocation makes one keys and one values
+    buffer per layer: see :func:`_count`)."""
+    shapes: list[tuple[int, int]] = []
+    made = SlotBatch._buffer
+
+    def counting(self: SlotBatch, slots: int, columns: int, device: Any) -> torch.Tensor:
+        shapes.append((slots, columns))
+        return made(self, slots, columns, device)
+
+    monkeypatch.setattr(SlotBatch, "_buffer", counting)
+    return shapes
+
+
+def _count(shapes: list[tuple[int, int]], layers: int = _LAYERS) -> list[tuple[int, int]]:
+    """One (S, C) per reallocation of ``reallocations``."""
+    return shapes[:: 2 * layers]
+
+
+@pytest.mark.parametrize(("max_slots", "rows"), [(24, 17), (16, 9), (8, 5), (4, 3), (2, 2)])
+def test_rows_leaving_and_joining_at_a_bucket_edge_copy_no_kv(
+    reallocations: list[tuple[int, int]], max_slots: int, rows: int
+) -> None:
+    """17 <-> 16 rows (and 9 <-> 8, ...): a leave, the batch settling, then a join, over and over. Without
+    hysteresis each crossing compacted into the smaller bucket and the join grew it back: two copies of
+    the cache per cycle."""
+    batch = kv.merge([_Rows(20) for _ in range(rows)], SlotConfig(max_slots))
+    assert isinstance(batch, SlotBatch)
+    grown = len(_count(reallocations))
+    for _ in range(4):
+        batch = kv.select(batch, list(range(1, batch.size)))
+        kv.settle(batch)
+        batch = kv.merge([batch, _Rows(20)])
+    assert len(_count(reallocations)) == grown and batch.size == rows
+
+
+def test_a_burst_of_joins_reallocates_once(reallocations: list[tuple[int, int]]) -> None:
+    batch = kv.merge([_Rows(20 + i) for i in range(17)], SlotConfig(24))
+    assert _count(reallocations) == [(24, 128)]  # not 1, 2, 4, 8, 16, 24 slots one after another
+    batch = kv.merge([batch, *(_Rows(5) for _ in range(6)), _Rows(200)])
+    assert _count(reallocations)[1:] == [(24, 256)]  # bucket full and a longer newcomer: one grow
+    assert isinstance(batch, SlotBatch) and batch.lengths() == [20 + i for i in range(17)] + [5] * 6 + [200]
+
+
+def test_sparse_rows_are_compacted_when_the_batch_settles(reallocations: list[tuple[int, int]]) -> None:
+    """Memory still follows the rows down: to a bucket with a free slot at most half of S, to columns at
+    most half of C; a join compacts and grows in one reallocation."""
+    batch = kv.merge([_Rows(300), *(_Rows(10) for _ in range(15))], SlotConfig(16))
+    assert isinstance(batch, SlotBatch) and batch.capacity == (16, 384)
+    kv.select(batch, list(range(1, 16)))
+    assert batch.capacity == (16, 384)  # a leave alone copies nothing
+    kv.settle(batch)
+    assert batch.capacity == (16, 128)  # the long row's columns are gone
+    kv.select(batch, [0, 4, 8, 12])
+    kv.settle(batch)
+    assert batch.capacity == (8, 128) and batch.slots == [0, 1, 2, 3]  # 4 rows + 1 fit 8 <= 16 / 2
+    kv.select(batch, [1])
+    kv.merge([batch, _Rows(10)])  # 2 rows + 1: the bucket of 4, made once with the newcomer
+    assert batch.capacity == (4, 128) and batch.slots == [0, 1]
+    assert _count(reallocations)[1:] == [(16, 128), (8, 128), (4, 128)]
+
+
+def test_a_join_zeroes_only_the_columns_an_earlier_occupant_wrote(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A freed slot's last occupant wrote up to its length (+ 1 for a step that failed): the newcomer's
+    join clears those columns and leaves the never-written rest of the slot alone."""
+    batch = _empty(SlotConfig(4))
+    batch.join([_Rows(30, fill=float("nan")), _Rows(8)])
+    kv.select(batch, [1])
+    zeroed: list[int] = []
+    zero = torch.Tensor.zero_
+
+    def recording(self: torch.Tensor) -> torch.Tensor:
+        zeroed.append(int(self.shape[-2]))
+        return zero(self)
+
+    monkeypatch.setattr(torch.Tensor, "zero_", recording)
+    assert batch.join([_Rows(12)]) == [0]
+    assert zeroed == [31 - 12] * 2 * _LAYERS  # columns [12, 31), not [12, 128)
+    assert all(torch.isfinite(layer.keys[0]).all() for layer in batch.cache.layers)
+    zeroed.clear()
+    batch.join([_Rows(40)])  # a slot nobody wrote: nothing to clear
+    assert zeroed == []
+
+
+def test_a_compaction_gathers_only_the_columns_it_keeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = _empty(SlotConfig(8, block=16))
+    batch.join([_Rows(100), *(_Rows(5) for _ in range(4))])
+    assert batch.capacity == (8, 112)
+    kv.select(batch, [2, 4])  # slots 2 and 4 stay: a gather, not a slice
+    gathered: list[tuple[int, ...]] = []
+    index_select = torch.Tensor.index_select
+
+    def recording(self: torch.Tensor, *args: Any) -> torch.Tensor:
+        out = index_select(self, *args)
+        if out.dim() == 4:
+            gathered.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "index_select", recording)
+    assert batch.settle() and batch.capacity == (4, 16)
+    assert gathered == [(2, _HEADS, 16, _DIM)] * 2 * _LAYERS  # not (2, H, 112, D)
+
+
+def test_a_closed_loop_at_a_bucket_edge_reallocates_once(
+    engine: Any, reallocations: list[tuple[int, int]]
+) -> None:
+    """9 clients, each sending its next request as soon as the last one ends, in batches of up to 16: the
+    rows go 9 -> 8 -> 9 at every completion. The buffers are made once, not compacted and grown again."""
+    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=16, prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    sent = 0
+
+    def send() -> str:
+        nonlocal sent
+        rid, sent = f"loop-{sent}", sent + 1
+        sched.submit(
+            prepare(engine, request(rid, f"Question {sent}", max_tokens=4 + sent % 7, temperature=0))
+        )
+        return rid
+
+    live = [send() for _ in range(9)]
+    completions = 0
+    for _ in range(60):
+        sched.step_once()
+        for rid in [r for r in live if rec.final(r) is not None]:
+            live[live.index(rid)] = send()
+            completions += 1
+    assert completions > 20
+    layers = len(engine.loaded.model.model.language_model.layers)
+    assert _count(reallocations, layers) == [(16, 128)]
+
+
+class _FailingBuffer:
+    """Makes the ``at``-th buffer a ``SlotBatch`` asks for after :meth:`arm` raise out of memory (the
+    third: layer 1's keys, half-way through a reallocation)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.armed, self.calls = False, 0
+        made = SlotBatch._buffer
+
+        def buffer(batch: SlotBatch, *args: Any) -> torch.Tensor:
+            if self.armed:
+                self.calls += 1
+                if self.calls == 3:
+                    self.armed = False
+                    raise torch.OutOfMemoryError("injected out of memory")
+            return made(batch, *args)
+
+        monkeypatch.setattr(SlotBatch, "_buffer", buffer)
+
+    def arm(self) -> None:
+        self.armed, self.calls = True, 0
+
+
+_FAILURES = {
+    # a join that grows S from 1 to 2 (b arrives in the second step)
+    "join": ([("a", "Why do cats purr?", 20), ("b", "Name three rivers", 20)], "internal error"),
+    # a decode step whose row passes the 128 columns
+    "decode": ([("a", "Why do cats purr? " * 6, 140)], "decode step failed"),
+    # the compaction once b and c have left a alone in a bucket of 4
+    "compact": ([("a", "Why do cats purr?", 30), ("b", "Name three rivers", 2), ("c", "hi", 2)], "internal"),
+}
+
+
+@pytest.mark.parametrize("where", list(_FAILURES))
+def test_a_reallocation_failing_half_way_fails_the_rows_and_the_engine_recovers(
+    engine: Any, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The batch's buffers are lost (``SlotBatch.lost``): its rows end with an error at once, without
+    isolation probing (which would decode copies of KV that is gone), and a later request decodes what
+    ``generate`` alone does."""
+    failing = _FailingBuffer(monkeypatch)
+    probes: list[int] = []
+    import services.model.engine.scheduler as scheduler_module
+
+    real_culprits = scheduler_module.culprits
+    monkeypatch.setattr(
+        scheduler_module, "culprits", lambda n, probe: probes.append(n) or real_culprits(n, probe)
+    )
+    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=8, prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    specs, message = _FAILURES[where]
+    prepared = [
+        prepare(engine, request(f"{where}-{r}", text, max_tokens=n, temperature=0)) for r, text, n in specs
+    ]
+    sched.submit(prepared[0])
+    sched.step_once()
+    for p in prepared[1:]:
+        sched.submit(p)
+    failing.arm()
+    drain(sched)
+    assert not failing.armed  # the fault fired
+    finals = [rec.final(p.request_id) for p in prepared]
+    assert finals[0] is not None and finals[0].finish_reason == "error" and message in (finals[0].error or "")
+    assert probes == [] and sched._batch is None
+    later = prepare(engine, request(f"{where}-later", "hi there", max_tokens=12, temperature=0))
+    sched.submit(later)
+    drain(sched)
+    assert sched.tokens[later.request_id] == reference_tokens(engine, later)

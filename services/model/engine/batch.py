@@ -8,8 +8,9 @@ multimodal prefill of one request would otherwise shift the positions of every o
 
 Two layouts of the running batch's KV (``KV_LAYOUT``): ``concat``, a ``BatchTensors`` whose transformers
 ``DynamicCache`` is re-concatenated on every step, join and leave; and ``slots``, a ``kv_slots.SlotBatch``
-whose rows keep their KV in place. The functions below (``merge``, ``select``, ``take``, ``decode``,
-``snapshot``, ``restore``, ``nbytes``) take either; a prefill always makes a one-row ``BatchTensors``.
+whose rows keep their KV in place. The functions below (``merge``, ``select``, ``settle``, ``take``,
+``decode``, ``snapshot``, ``restore``, ``nbytes``, ``lost``) take either; a prefill always makes a one-row
+``BatchTensors``.
 """
 
 from __future__ import annotations
@@ -170,21 +171,34 @@ class LogitsBuffer:
 
 def merge(parts: list[Batch], slots: SlotConfig | None = None) -> Batch:
     """Join row groups into one batch, in order. A ``SlotBatch`` first takes the others' rows into free
-    slots (their KV copied once, its own rows untouched); with ``slots`` (``KV_LAYOUT=slots``) prefilled
-    rows start a new ``SlotBatch``; otherwise caches and masks are left-padded to the longest and
-    concatenated."""
+    slots (their KV copied once, its own rows untouched unless the buffers are reshaped, at most once for
+    all the parts); with ``slots`` (``KV_LAYOUT=slots``) prefilled rows start a new ``SlotBatch``;
+    otherwise caches and masks are left-padded to the longest and concatenated."""
     first = parts[0]
     if isinstance(first, SlotBatch) or slots is not None:
         target = first if isinstance(first, SlotBatch) else SlotBatch.like(slots, first)  # type: ignore[arg-type]
-        for part in parts if target is not first else parts[1:]:
-            if isinstance(part, SlotBatch):
-                raise ValueError("one slot batch at a time: merge prefilled rows into it")
-            target.join(part)
+        joining = parts[1:] if target is first else parts
+        if any(isinstance(p, SlotBatch) for p in joining):
+            raise ValueError("one slot batch at a time: merge prefilled rows into it")
+        target.join(joining)  # type: ignore[arg-type]
         return target
     plain = [p for p in parts if isinstance(p, BatchTensors)]
     if len(plain) != len(parts):
         raise ValueError("a slot batch goes first in a merge")
     return _concat(plain)
+
+
+def settle(batch: Batch) -> None:
+    """After a step's leaves and joins: a ``SlotBatch`` compacts rows that have become sparse
+    (``SlotBatch.settle``); ``concat`` has nothing to do (``select`` already dropped the rows)."""
+    if isinstance(batch, SlotBatch):
+        batch.settle()
+
+
+def lost(batch: Batch) -> bool:
+    """Whether the batch's KV is gone (a ``SlotBatch`` whose reallocation failed half-way): its rows can
+    only be failed."""
+    return isinstance(batch, SlotBatch) and batch.lost
 
 
 def _concat(parts: list[BatchTensors]) -> BatchTensors:
@@ -281,7 +295,7 @@ def _slot_row(batch: SlotBatch, row: int) -> BatchTensors:
 
 def select(batch: Batch, keep: list[int]) -> Batch:
     """Keep only the rows at ``keep`` (in that order). ``concat``: then drop leading columns that are
-    padding for all; ``slots``: the others' slots are freed, nothing is copied."""
+    padding for all; ``slots``: the others' slots are freed, nothing is copied (``settle`` compacts)."""
     if isinstance(batch, SlotBatch):
         return batch.select(keep)
     idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)

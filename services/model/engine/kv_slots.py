@@ -8,14 +8,20 @@ S x C stays within the budget whenever the rows fit it). A row owns one slot fro
 column j of its slot holds its token j (left-aligned: no padding, nothing ever shifts), and the slot's
 *length* (tokens cached) is both an entry of a (S,) tensor and of a host-side list kept in step.
 
-- join (:meth:`SlotBatch.join`): a prefilled newcomer's KV (one row, or ``n`` rows after a fork) is copied
-  into the lowest free slots, and the rest of each of those slots is zeroed (a freed slot still holds its
-  last occupant's KV; masked columns still enter the products, and 0 x NaN is NaN). A join that needs more
-  slots than S, or a newcomer longer than C, first reallocates the buffers to the next bucket / the columns
-  the rows need (one copy of everything, amortised).
+- join (:meth:`SlotBatch.join`): the prefilled newcomers' KV (each part one row, or ``n`` rows after a fork;
+  a burst of parts at once) is copied into the lowest free slots, and the columns past each newcomer that an
+  earlier occupant of its slot wrote are zeroed (a freed slot still holds its last occupant's KV; masked
+  columns still enter the products, and 0 x NaN is NaN; a per-slot high-water mark says how far). A join
+  that needs more slots than S, or a newcomer longer than C, first reallocates the buffers once, for all the
+  newcomers together, to the bucket / the columns the rows need (one copy of everything, amortised).
 - leave (:meth:`SlotBatch.select`): the slot is marked free (length 0) and the row order updated; no KV
-  moves, unless the rows left fit a smaller bucket or need at most half the columns: then they are
-  compacted into new, smaller buffers (one copy of those rows), so memory follows the rows down.
+  moves.
+- settle (:meth:`SlotBatch.settle`, and every join): the rows are compacted into new, smaller buffers (one
+  copy of those rows) when they are sparse, so memory follows the rows down, with hysteresis so that rows
+  coming and going at a bucket edge do not copy every step: the slots shrink only to a bucket with at least
+  one free slot (the bucket of rows + 1) that is at most half of S, the columns only when the rows need at
+  most half of C. The scheduler settles after its step's joins (a leave and a join in consecutive steps
+  then copy nothing), never right after a leave.
 - decode (:meth:`SlotBatch.decode`): one step over the slots [0, hi) (hi = 1 + the highest slot in use; with
   ``static`` the whole bucket S and all C columns, fixed shapes per bucket as CUDA graph capture needs). Each
   slot's new column is written at its own length (``scatter_`` along the column dim, in place); attention
@@ -29,11 +35,13 @@ column j of its slot holds its token j (left-aligned: no padding, nothing ever s
   spans come from the host-side lengths, the writes, mask and positions from the (S,) tensors.
 
 Reallocation (a grow, a compaction) makes each layer's new buffers, copies that layer's rows and releases
-its old buffers before the next layer, so the transient extra memory is one layer's new keys and values
-(plus, for a compaction, one layer's gathered rows), not a second copy of the whole cache. The caching
+its old buffers before the next layer: while layer i is copied, the new buffers of layers 0..i and the old
+ones of layers i..L-1 are alive. The peak is therefore the larger of the old and the new cache plus one
+layer's buffers (for a compaction also one layer's gathered rows, at most the new columns wide), not both
+caches at once; a grow still needs the new, larger cache's memory. The caching
 allocator of CUDA may still hold the freed blocks (reserved, not allocated) for later reuse. A
-reallocation that fails half-way (out of memory) leaves the batch unusable: every later join or decode
-raises, and the scheduler fails its rows.
+reallocation that fails half-way (out of memory) leaves the batch unusable (:attr:`SlotBatch.lost`): every
+later join or decode raises, and the scheduler fails its rows at once (no isolation probing).
 
 A failed step is undone by its lengths (:meth:`snapshot` / :meth:`restore`): the lengths advance only after a
 step succeeded, and a step writes only at the columns just past them, which stay masked.
@@ -230,6 +238,7 @@ class SlotBatch:
         self._slots, self._columns = 0, 0
         self._order: list[int] = []  # slot of each row
         self._lengths: list[int] = []  # per slot, host side
+        self._written: list[int] = []  # per slot: columns [0, n) may hold an earlier occupant's writes
         self._length_t = self._zeros(0)  # (S,) the same, on the device
         self._delta_t = self._zeros(0)  # (S,) mrope delta per slot
         self._active_t = self._zeros(0)  # (S,) 1 where a row lives
@@ -256,6 +265,12 @@ class SlotBatch:
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.long, device=self._device)
+
+    @property
+    def lost(self) -> bool:
+        """Whether a reallocation failed half-way and took the buffers with it (no join or decode works
+        any more: the rows must be failed)."""
+        return self._lost
 
     # ---- what the scheduler reads -------------------------------------------------------------------
 
@@ -313,43 +328,50 @@ class SlotBatch:
 
     # ---- join and leave -----------------------------------------------------------------------------
 
-    def join(self, part: RowsState) -> list[int]:
-        """Copy the rows of ``part`` into the lowest free slots, zeroing the rest of those slots; returns
-        their slots. The rows already here are not moved unless the buffers had to grow (more slots than S,
-        or a newcomer longer than C: new buffers of the next bucket and the columns every row needs).
+    def join(self, parts: Sequence[RowsState]) -> list[int]:
+        """Copy the rows of ``parts`` (in order) into the lowest free slots, zeroing the columns past each
+        that an earlier occupant of its slot wrote; returns their slots. The buffers are reshaped at most
+        once for all of them (:meth:`_reshape`): grown when the rows need more slots than S or a newcomer is
+        longer than C (the rows here stay in place), or compacted when the rows, newcomers included, are
+        sparse; otherwise no running row's KV moves.
 
-        ``part`` (:class:`RowsState`) is left-padded: row i's real tokens are the last ``mask[i].sum()``
+        Each part (:class:`RowsState`) is left-padded: row i's real tokens are the last ``mask[i].sum()``
         columns of its cache, whose layers match this batch's (count, heads, head_dim, dtype). Raises
         ValueError when the rows would need more than ``max_slots`` slots (the scheduler never lets them
         in) and RuntimeError once a failed reallocation lost the buffers."""
         self._check_usable()
-        rows = int(part.tokens.shape[0])
-        valid = [int(n) for n in part.mask.sum(dim=1).tolist()]  # host read: a join is not a decode step
+        valid = [[int(n) for n in part.mask.sum(dim=1).tolist()] for part in parts]  # host read: not a step
+        joining = sum(len(v) for v in valid)
+        if not joining:
+            return []
+        self._reshape(joining, max(max(v) for v in valid))
+        slots = self._free_slots(joining)
+        taken = iter(slots)
+        for part, part_valid in zip(parts, valid, strict=True):
+            self._copy_in(part, [next(taken) for _ in part_valid], part_valid)
+        self._set_order(self._order + slots)
+        self._tokens = torch.cat([self._tokens, *(p.tokens.reshape(-1, 1).to(self._tokens) for p in parts)])
+        return slots
+
+    def _copy_in(self, part: RowsState, slots: list[int], valid: list[int]) -> None:
+        """Copy ``part``'s rows into ``slots`` (free, within the buffers) and set their per-slot state."""
         width = int(part.mask.shape[1])
-        slots = self._free_slots(rows)
-        if max(slots) >= self._slots or max(valid) > self._columns:
-            grown = max(self._slots, slot_bucket(max(slots) + 1, self.config.max_slots))
-            needed = max([n + 1 for n in valid] + [self._lengths[s] + 1 for s in self._order])
-            self._reallocate(grown, self.config.columns(needed, grown))
         for mine, theirs in zip(self.cache.layers, part.cache.layers, strict=True):
             for i, (slot, n) in enumerate(zip(slots, valid, strict=True)):
                 for buffer, states in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
                     buffer[slot, :, :n].copy_(states[i, :, width - n :])
-                    buffer[slot, :, n:].zero_()  # the slot's last occupant's KV (maybe non-finite)
+                    if self._written[slot] > n:  # an earlier occupant's KV (maybe non-finite)
+                        buffer[slot, :, n : self._written[slot]].zero_()
         index = torch.tensor(slots, dtype=torch.long, device=self._device)
         self._length_t.index_copy_(0, index, torch.tensor(valid, dtype=torch.long, device=self._device))
         self._delta_t.index_copy_(0, index, part.delta.to(self._device, torch.long).reshape(-1))
         self._active_t.index_fill_(0, index, 1)
         for slot, n in zip(slots, valid, strict=True):
-            self._lengths[slot] = n
-        self._set_order(self._order + slots)
-        self._tokens = torch.cat([self._tokens, part.tokens.reshape(-1, 1).to(self._tokens)])
-        return slots
+            self._lengths[slot] = self._written[slot] = n
 
     def select(self, keep: Sequence[int]) -> SlotBatch:
         """Keep the rows at ``keep`` (in that order; each at most once; ValueError otherwise) and free the
-        others' slots; no KV is copied unless the rows left fit a smaller bucket or need at most half the
-        columns, when they are compacted (see the module docstring)."""
+        others' slots; no KV is copied (a later :meth:`settle` or join compacts sparse rows)."""
         order = [self._order[i] for i in keep]
         if len(set(order)) != len(order):
             raise ValueError("a slot batch cannot keep a row twice")
@@ -358,15 +380,20 @@ class SlotBatch:
             index = torch.tensor(gone, dtype=torch.long, device=self._device)
             for t in (self._length_t, self._delta_t, self._active_t):
                 t.index_fill_(0, index, 0)
-            for slot in gone:
+            for slot in gone:  # its last step may have written (and failed) one column past its length
+                self._written[slot] = max(self._written[slot], self._lengths[slot] + 1)
                 self._lengths[slot] = 0
         self._tokens = self._tokens.index_select(
             0, torch.tensor(list(keep), dtype=torch.long, device=self._device)
         )
         self._set_order(order)
-        if order and self._shrinks():
-            self._compact()
         return self
+
+    def settle(self) -> bool:
+        """Compact the rows into smaller buffers when they are sparse (see the module docstring); returns
+        whether the buffers were reallocated. Raises RuntimeError once a failed reallocation lost them."""
+        self._check_usable()
+        return bool(self._order) and self._reshape(0, 0, grow=False)
 
     def row_kv(self, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Views of row ``row``'s cached (keys, values) per layer, (1, H, L, D) each, and L."""
@@ -381,26 +408,41 @@ class SlotBatch:
         self._order = order
         self._order_t = torch.tensor(order, dtype=torch.long, device=self._device)
 
-    def _compact_shape(self) -> tuple[int, int]:
-        """(S, C) that the rows left need: the smallest bucket, and the columns for their next step."""
-        slots = slot_bucket(len(self._order), self.config.max_slots)
-        needed = max(self._lengths[s] for s in self._order) + 1
-        return slots, self.config.columns(needed, slots)
+    def _reshape(self, joining: int, longest: int, grow: bool = True) -> bool:
+        """Reallocate, at most once, for the rows here and ``joining`` more (the longest ``longest``
+        tokens) when they need it or are sparse (:meth:`_target`; without ``grow`` only to compact: a
+        decode step grows the columns when it needs them); returns whether it did."""
+        target = self._target(joining, longest)
+        if target is None or not (grow or target[2]):
+            return False
+        slots, columns, compact = target
+        if compact:
+            self._reallocate(slots, columns, sources=self._order)
+            self._set_order(list(range(len(self._order))))
+        else:
+            self._reallocate(slots, columns)
+        return True
 
-    def _shrinks(self) -> bool:
-        """Whether the rows left fit a smaller bucket or need at most half the columns (and the new
-        buffers would be smaller)."""
-        slots, columns = self._compact_shape()
-        needed = max(self._lengths[s] for s in self._order) + 1
-        smaller = slots * columns < self._slots * self._columns
-        return smaller and (slots < self._slots or 2 * needed <= self._columns)
-
-    def _compact(self) -> None:
-        """Move the rows into the lowest slots of new buffers of :meth:`_compact_shape` (one copy of those
-        rows only)."""
-        slots, columns = self._compact_shape()
-        self._reallocate(slots, columns, sources=self._order)
-        self._set_order(list(range(len(self._order))))
+    def _target(self, joining: int, longest: int) -> tuple[int, int, bool] | None:
+        """(S, C, compact) of the buffers the rows and ``joining`` more need, or None to keep these. Grow
+        (rows in place) when the rows need more slots than S or more columns than C; compact (rows into the
+        lowest slots) when the rows + 1 fit a bucket at most half of S, or need at most half of C, and the
+        new buffers are smaller. The gap between the two is the hysteresis."""
+        config = self.config
+        rows = len(self._order) + joining
+        needed = max([longest + 1 if joining else 0] + [self._lengths[s] + 1 for s in self._order])
+        if rows > self._slots:
+            slots = max(self._slots, slot_bucket(rows, config.max_slots))
+            return slots, config.columns(needed, slots), False
+        roomy = slot_bucket(min(rows + 1, config.max_slots), config.max_slots)
+        slots = roomy if 2 * roomy <= self._slots else self._slots
+        columns = config.columns(needed, slots)
+        sparse = slots < self._slots or 2 * needed <= self._columns
+        if sparse and slots * columns < self._slots * self._columns:
+            return slots, columns, True
+        if needed > self._columns:
+            return self._slots, config.columns(needed, self._slots), False
+        return None
 
     def _check_usable(self) -> None:
         if self._lost:
@@ -434,6 +476,7 @@ class SlotBatch:
             for t in (self._length_t, self._delta_t, self._active_t, self._slot_tokens)
         )
         self._lengths = [self._lengths[s] for s in sources] + [0] * (slots - len(sources))
+        self._written = [min(self._written[s], width) for s in sources] + [0] * (slots - len(sources))
         self._column_ids = torch.arange(columns, dtype=torch.long, device=self._device)
         self._slots, self._columns = slots, columns
 
@@ -522,7 +565,7 @@ def _copy_rows(
     if sources == list(range(n)):  # a grow: one slice copy, no gathered temporary
         new[:n, :, :width].copy_(old[:n, :, :width])
     else:
-        new[:n, :, :width].copy_(old.index_select(0, index.to(old.device))[:, :, :width])
+        new[:n, :, :width].copy_(old[:, :, :width].index_select(0, index.to(old.device)))
 
 
 def _moved(t: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:

@@ -386,8 +386,9 @@ class Scheduler:
     def _kv_reserved(self, extra: list[int]) -> int:
         """Bytes of the batch's KV at its largest with ``extra`` more rows of those lengths (prompt +
         max_tokens). ``concat``: every row padded to the longest. ``slots``: the S x C rectangle the slot
-        buffers may reach (``kv_slots.reserved_shape``: the rows not merged yet take the lowest free slots,
-        C in whole blocks for the longest row), and never less than what they hold now."""
+        buffers may reach (``kv_slots.reserved_shape``: the rows not merged yet take the lowest free slots;
+        C in whole blocks for the longest row, but under a KV budget at most ``budget_tokens // S`` unless
+        that row itself needs more, see ``SlotConfig.columns``), and never less than what they hold now."""
         lengths = self._kv_lengths() + extra
         if self._slots is None:
             return len(lengths) * max(lengths, default=0) * self._kv_per_token
@@ -585,7 +586,10 @@ class Scheduler:
         new_logits: list[torch.Tensor],
         new_state: list[kv.BatchTensors],
     ) -> torch.Tensor | None:
-        """Decode the running rows, then merge the new ones in; the logits of all rows in the new order."""
+        """Decode the running rows, then merge the new ones in; the logits of all rows in the new order.
+        The batch settles here, after the step's joins (``slots``: sparse rows are compacted, as part of
+        the merge when rows join), not right after its leaves: a leave and a join in consecutive steps then
+        copy no KV."""
         running = len(self._rows) if self._batch is not None else 0
         self._logits.rows(running + len(new_logits))  # room for the whole step: views below never move
         if running:
@@ -600,12 +604,15 @@ class Scheduler:
             self._rows = self._rows + new_rows
             self._admitting = []
             self._sampler_stale = True
+        elif self._batch is not None and self._rows:
+            kv.settle(self._batch)
         return logits if logits.shape[0] else None
 
     def _decode(self, step: _Step) -> int:
         """One decode step of the running rows into the first rows of the logits buffer; returns how many
         rows are left. When the batched call raises, the rows that fail on their own (decoded apart, on
-        copies) are failed and the rest decoded again; a fault that cannot be isolated fails them all."""
+        copies) are failed and the rest decoded again; a fault that cannot be isolated, or a batch whose KV
+        was lost (``kv.lost``), fails them all."""
         batch = self._batch
         assert batch is not None
         saved = kv.snapshot(batch)
@@ -614,6 +621,10 @@ class Scheduler:
         except Exception as exc:
             log.exception("decode step failed for a batch of %d", len(self._rows))
             message = f"decode step failed: {exc}"
+            if kv.lost(batch):  # its KV is gone (a reallocation failed half-way): nothing to probe
+                self._fail_rows(step, self._rows, message)
+                self._rows, self._batch, self._sampler_stale = [], None, True
+                return 0
             kv.restore(batch, saved)
 
         def probe(idx: list[int]) -> None:  # on a copy of those rows: the batch stays as it is

@@ -56,7 +56,10 @@ def test_slot_buckets_and_column_blocks() -> None:
     with pytest.raises(ValueError):
         slot_bucket(65, 64)
     assert [columns_for(n) for n in (1, 128, 129)] == [128, 128, 256]
-    assert columns_for(30, cap=40) == 40  # a small KV budget caps the block
+    assert (
+        columns_for(30, cap=40) == 30
+    )  # a block past the slot's share of a small KV budget: exactly the need
+    assert columns_for(50, cap=40) == 50  # a need past the share (the request was sized to fit alone)
     assert columns_for(30, cap=500) == 128
     assert columns_for(5, block=8) == 8
 

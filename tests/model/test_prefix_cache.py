@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from services.model.engine.base import Prepared
+from services.model.engine.kv_slots import BLOCK
 from services.model.engine.prefix import PrefixCache, prompt_key, shared_prefix
 from services.protocol.generate import GenerateRequest, ImagePart, Message, SamplingParams, TextPart
 from tests.model.engine_support import (
@@ -148,13 +149,16 @@ def test_shared_system_prompt_hits_while_other_rows_run_and_in_chunks(engine: An
         assert [rec.final(p.request_id).cached_tokens > 0 for p in prepared] == [False, True, True]  # type: ignore[union-attr]
 
 
-def test_the_cache_stays_within_the_kv_budget(engine: Any) -> None:
+@pytest.mark.parametrize("layout", ["concat", "slots"])
+def test_the_cache_stays_within_the_kv_budget(engine: Any, layout: str) -> None:
     prepared = [
         prepare(engine, _chat(f"b{i}", [("user", f"Question number {i}?")], max_tokens=4)) for i in range(6)
     ]
     per_token = _kv_bytes_per_token(engine.loaded.model)
-    budget = per_token * (prepared[0].prompt_tokens + 8) * 4  # two rows and about two kept prompts
-    sched = scheduler_for(engine, kv_cache_bytes=budget)
+    # two rows and about two kept prompts (slots: a row's columns come in blocks of BLOCK)
+    row = BLOCK if layout == "slots" else prepared[0].prompt_tokens + 8
+    budget = per_token * (row + prepared[0].prompt_tokens + 8) * 2
+    sched = scheduler_for(engine, kv_cache_bytes=budget, kv_layout=layout)
     rec = _run(sched, prepared)
     assert sched.prefix is not None and 0 < sched.prefix.nbytes <= budget
     assert all(rec.final(p.request_id).finish_reason == "length" for p in prepared)  # type: ignore[union-attr]

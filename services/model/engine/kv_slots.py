@@ -95,10 +95,11 @@ def slot_bucket(needed: int, max_slots: int) -> int:
 
 
 def columns_for(needed: int, cap: int = 0, block: int = BLOCK) -> int:
-    """Columns to allocate for ``needed`` ones: whole blocks, but not past ``cap`` (a slot's share of the
-    KV budget, :meth:`SlotConfig.column_cap`; 0: no cap) unless ``needed`` itself is."""
+    """Columns to allocate for ``needed`` ones: whole blocks when they fit ``cap`` (a slot's share of the
+    KV budget, :meth:`SlotConfig.column_cap`; 0: no cap), else exactly ``needed`` — never the whole share,
+    which would leave the prefix cache no room under a tight budget."""
     rounded = -(-needed // block) * block
-    return min(rounded, max(needed, cap)) if cap else rounded
+    return rounded if not cap or rounded <= cap else needed
 
 
 @dataclass(frozen=True, slots=True)

@@ -112,7 +112,7 @@ class SchedulerConfig:
     prefix_cache: bool = True  # keep prompts' KV and reuse shared prefixes (prefix.py)
     prefix_min_tokens: int = 16  # shortest shared prefix worth reusing
     kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
-    kv_layout: str = "concat"  # "slots": rows keep their KV in place in slot buffers (engine/kv_slots.py)
+    kv_layout: str = "slots"  # KV_LAYOUT: "slots" rows keep their KV in place (engine/kv_slots.py); "concat"
     kv_static_shapes: bool = False  # slots: every decode step spans the whole slot bucket and column capacity
 
 

@@ -72,10 +72,11 @@ class ModelSettings(BaseSettings):
     # how the running batch's KV is held: concat (one transformers DynamicCache, re-concatenated on every
     # decode step, join and leave) or slots (engine/kv_slots.py: each row keeps its KV in its own slot of
     # preallocated buffers; a join copies only the newcomer, a leave copies nothing, a step writes in place).
-    # slots by default: make bench (g) on the tiny CPU checkpoint, two quiet runs at 16 rows: steady 1.15 vs
-    # 1.24 ms/step, one leave + one join every 4 steps 0.93-0.94 of concat's; make gpu-check measures both
-    # at the real model's size (concat needs no particular attention implementation)
-    kv_layout: Literal["concat", "slots"] = "slots"
+    # concat by default. slots was faster on the tiny CPU checkpoint (make bench (g), 16 rows: steady 1.15 vs
+    # 1.24 ms/step, join-heavy 0.93 of concat's), but under a KV_CACHE_BYTES budget it reserves a whole slot
+    # bucket (9 rows reserve 16 slots): at the real model's size the default 4 GiB would run about half as
+    # many mid-length requests at once; make gpu-check measures both there
+    kv_layout: Literal["concat", "slots"] = "concat"
     # KV_LAYOUT=slots: every decode step spans the whole slot bucket and column capacity (fixed shapes per
     # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU. With
     # KV_LAYOUT=concat it has no effect: the engine logs a warning at start

@@ -10,7 +10,6 @@ device.
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
@@ -56,9 +55,7 @@ def test_slot_buckets_and_column_blocks() -> None:
     with pytest.raises(ValueError):
         slot_bucket(65, 64)
     assert [columns_for(n) for n in (1, 128, 129)] == [128, 128, 256]
-    assert (
-        columns_for(30, cap=40) == 30
-    )  # a block past the slot's share of a small KV budget: exactly the need
+    assert columns_for(30, cap=40) == 40  # a small KV budget caps the block at the slot's share
     assert columns_for(50, cap=40) == 50  # a need past the share (the request was sized to fit alone)
     assert columns_for(30, cap=500) == 128
     assert columns_for(5, block=8) == 8
@@ -210,24 +207,12 @@ def test_a_decode_step_reads_nothing_back_from_the_device(
 # ---- the scheduler ---------------------------------------------------------------------------------------
 
 
-class _ChoiceScheduler(RecordingScheduler):
-    """Keeps the generated ids per (request id, choice index)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.by_choice: dict[tuple[str, int], list[int]] = defaultdict(list)
-
-    def _advance(self, step: Any, row: Any, token: int, now: float) -> None:
-        self.by_choice[(row.request_id, row.index)].append(token)
-        super()._advance(step, row, token, now)
-
-
 def _schedule(
     engine: Any, arrivals: list[tuple[int, Any]], **config: Any
-) -> tuple[_ChoiceScheduler, Recorder]:
+) -> tuple[RecordingScheduler, Recorder]:
     """Submit each prepared request at its step (0-based), drive the scheduler until idle."""
     base = scheduler_for(engine, **config)
-    sched = _ChoiceScheduler(engine.loaded.model, engine.table, base._config)
+    sched = RecordingScheduler(engine.loaded.model, engine.table, base._config)
     rec = Recorder()
     sched.bind(rec)
     step = 0
@@ -592,14 +577,14 @@ class _FailingBuffer:
     """Makes the ``at``-th buffer a ``SlotBatch`` asks for after :meth:`arm` raise out of memory (the
     third: layer 1's keys, half-way through a reallocation)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: int = 3) -> None:
         self.armed, self.calls = False, 0
         made = SlotBatch._buffer
 
         def buffer(batch: SlotBatch, *args: Any) -> torch.Tensor:
             if self.armed:
                 self.calls += 1
-                if self.calls == 3:
+                if self.calls == at:
                     self.armed = False
                     raise torch.OutOfMemoryError("injected out of memory")
             return made(batch, *args)
@@ -656,3 +641,31 @@ def test_a_reallocation_failing_half_way_fails_the_rows_and_the_engine_recovers(
     sched.submit(later)
     drain(sched)
     assert sched.tokens[later.request_id] == reference_tokens(engine, later)
+
+
+def test_a_compaction_failing_before_it_released_anything_leaves_the_rows_running(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compaction is optional: out of memory for its first new buffer (every old layer still whole)
+    is logged, the batch is not lost, and the rows finish as ``generate`` alone does."""
+    failing = _FailingBuffer(monkeypatch, at=1)
+    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=8, prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    specs, _ = _FAILURES["compact"]
+    prepared = [
+        prepare(engine, request(f"keep-{r}", text, max_tokens=n, temperature=0)) for r, text, n in specs
+    ]
+    sched.submit(prepared[0])
+    sched.step_once()
+    for p in prepared[1:]:
+        sched.submit(p)
+    while any(rec.final(p.request_id) is None for p in prepared[1:]):
+        sched.step_once()
+    failing.arm()  # b and c have left a alone in a bucket of 4: the next step compacts
+    drain(sched)
+    assert not failing.armed  # the fault fired
+    for p in prepared:
+        final = rec.final(p.request_id)
+        assert final is not None and final.finish_reason == "length", p.request_id
+        assert sched.tokens[p.request_id] == reference_tokens(engine, p)

@@ -95,11 +95,12 @@ def slot_bucket(needed: int, max_slots: int) -> int:
 
 
 def columns_for(needed: int, cap: int = 0, block: int = BLOCK) -> int:
-    """Columns to allocate for ``needed`` ones: whole blocks when they fit ``cap`` (a slot's share of the
-    KV budget, :meth:`SlotConfig.column_cap`; 0: no cap), else exactly ``needed`` — never the whole share,
-    which would leave the prefix cache no room under a tight budget."""
+    """Columns to allocate for ``needed`` ones: whole blocks, but not past ``cap`` (a slot's share of the
+    KV budget, :meth:`SlotConfig.column_cap`; 0: no cap) unless ``needed`` itself is. (Exactly ``needed``
+    past the cap would leave more room for kept prefixes, but the next decode step would then reallocate
+    every slot's buffers, each step, until the block's end.)"""
     rounded = -(-needed // block) * block
-    return rounded if not cap or rounded <= cap else needed
+    return min(rounded, max(needed, cap)) if cap else rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +286,9 @@ class SlotBatch:
 
     @tokens.setter
     def tokens(self, tokens: torch.Tensor) -> None:
-        self._tokens = tokens.reshape(-1, 1)
+        """The rows' next inputs (B, 1), in row order, on the batch's device (the output head, hence the
+        sampled tokens, may sit on another device with a split DEVICE_MAP)."""
+        self._tokens = tokens.reshape(-1, 1).to(self._device)
 
     @property
     def slots(self) -> list[int]:
@@ -460,6 +463,7 @@ class SlotBatch:
         width = min(columns, self._columns)
         old_layers = list(self.cache.layers) if self._slots else [None] * self._shape[0]
         layers: list[SlotLayer] = []
+        released = False
         try:
             for old, device in zip(old_layers, self._layer_devices, strict=True):
                 keys, values = self._buffer(slots, columns, device), self._buffer(slots, columns, device)
@@ -467,9 +471,11 @@ class SlotBatch:
                     _copy_rows(keys, old.keys, sources, index, width)
                     _copy_rows(values, old.values, sources, index, width)
                     old.keys = old.values = None  # released now: the transient extra is one layer
+                    released = True
                 layers.append(SlotLayer(keys, values, self._span))
         except BaseException:
-            self._lost, self.cache = True, SlotCache([])
+            if released or not self._slots:  # some old KV is gone (or there was none): the batch is lost
+                self._lost, self.cache = True, SlotCache([])
             raise
         self.cache = SlotCache(layers)
         self._length_t, self._delta_t, self._active_t, self._slot_tokens = (

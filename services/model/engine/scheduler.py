@@ -112,7 +112,7 @@ class SchedulerConfig:
     prefix_cache: bool = True  # keep prompts' KV and reuse shared prefixes (prefix.py)
     prefix_min_tokens: int = 16  # shortest shared prefix worth reusing
     kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
-    kv_layout: str = "slots"  # KV_LAYOUT: "slots" rows keep their KV in place (engine/kv_slots.py); "concat"
+    kv_layout: str = "concat"  # KV_LAYOUT: "concat" (one DynamicCache) or "slots" (engine/kv_slots.py)
     kv_static_shapes: bool = False  # slots: every decode step spans the whole slot bucket and column capacity
 
 
@@ -605,8 +605,18 @@ class Scheduler:
             self._admitting = []
             self._sampler_stale = True
         elif self._batch is not None and self._rows:
-            kv.settle(self._batch)
+            self._settle(self._batch)
         return logits if logits.shape[0] else None
+
+    def _settle(self, batch: kv.Batch) -> None:
+        """``kv.settle`` (an optional compaction): a failure that left the batch whole is logged and the
+        rows go on; one that lost it is raised (the step's handler fails its rows)."""
+        try:
+            kv.settle(batch)
+        except Exception:
+            if kv.lost(batch):
+                raise
+            log.exception("compacting the KV slots failed; the batch keeps its buffers")
 
     def _decode(self, step: _Step) -> int:
         """One decode step of the running rows into the first rows of the logits buffer; returns how many

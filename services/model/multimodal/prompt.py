@@ -179,7 +179,8 @@ def prepare_prompt(
 ) -> PromptInputs:
     """``build_inputs`` through the processed-media ``cache`` (None or a 0-byte cache: none), with the
     items' pixel digests (computed for the items the cache takes, else None). The same errors as
-    ``build_inputs``."""
+    ``build_inputs``, and ``MediaRoutingError`` (a RuntimeError: a 500, not the client's fault) when the
+    processor did not route the media through the per-item hooks (another transformers version)."""
     check_media_options(options, limits)
     conv = _to_conversation(messages, limits, processor_band(processor), options, cache)
     view = copy.copy(processor)  # a shallow copy: the tokenizer and sub-processors are shared

@@ -128,14 +128,17 @@ class Recorder:
 
 
 class RecordingScheduler(Scheduler):
-    """The real scheduler, also keeping every request's generated token ids (for equality tests)."""
+    """The real scheduler, also keeping every request's generated token ids (for equality tests): ``tokens``
+    by request id (all its choices interleaved), ``by_choice`` by (request id, choice index)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tokens: dict[str, list[int]] = defaultdict(list)
+        self.by_choice: dict[tuple[str, int], list[int]] = defaultdict(list)
 
     def _advance(self, step: Any, row: Any, token: int, now: float) -> None:
         self.tokens[row.request_id].append(token)
+        self.by_choice[(row.request_id, row.index)].append(token)
         super()._advance(step, row, token, now)
 
 

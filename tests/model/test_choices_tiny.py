@@ -4,7 +4,6 @@ different at temperature 1, choice 0 equal to the n = 1 request, cancel of every
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,6 @@ from tests.model.engine_support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-class ChoiceScheduler(RecordingScheduler):
-    """Also keeps the generated token ids per (request id, choice index)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.by_choice: dict[tuple[str, int], list[int]] = defaultdict(list)
-
-    def _advance(self, step: Any, row: Any, token: int, now: float) -> None:
-        self.by_choice[(row.request_id, row.index)].append(token)
-        super()._advance(step, row, token, now)
 
 
 class Prefills:
@@ -63,10 +50,10 @@ def engine(tiny_model_dir: Path) -> Any:
     return tiny_engine(tiny_model_dir)
 
 
-def run(engine: Any, reqs: list, observer: Any = None, **config: Any) -> tuple[ChoiceScheduler, Recorder]:
+def run(engine: Any, reqs: list, observer: Any = None, **config: Any) -> tuple[RecordingScheduler, Recorder]:
     """A fresh scheduler (its own prefix cache), every request submitted, driven until idle."""
     base = scheduler_for(engine, observer=observer, **config)
-    sched = ChoiceScheduler(engine.loaded.model, engine.table, base._config, observer)
+    sched = RecordingScheduler(engine.loaded.model, engine.table, base._config, observer)
     rec = Recorder()
     sched.bind(rec)
     for req in reqs:

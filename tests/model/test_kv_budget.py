@@ -52,19 +52,24 @@ def test_fit_kv_budget_sizes_slots_by_their_bucket() -> None:
         fit_kv_budget(s, False, 50, 450, slots)  # slots: 4 x 150 do not
     assert fit_kv_budget(s, False, 50, 600, slots) is s
     assert fit_kv_budget(s, True, 50, 450, slots).max_tokens == 450 // 4 - 50
+    budgeted = SlotConfig(max_slots=8, budget_tokens=450)  # under a budget the slots fall back to the rows
+    assert fit_kv_budget(s, False, 50, 450, budgeted) is s
+    with pytest.raises(PromptTooLong, match=r"3 choice\(s\) needs"):
+        fit_kv_budget(s, False, 50, 449, SlotConfig(max_slots=8, budget_tokens=449))
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])
 def test_slots_never_allocate_past_a_budget_that_prepare_accepted(engine: Any, n: int) -> None:
-    """n > 1 under the smallest budget ``fit_kv_budget`` accepts for the slots layout, nothing else running:
-    the slot buffers plus the kept prefixes stay within the budget at every step."""
+    """n > 1 under the smallest budget ``fit_kv_budget`` accepts for the slots layout (n rows, as concat: the
+    buckets of 4 and 8 for n = 3, 5 do not fit it), nothing else running: the slot buffers plus the kept
+    prefixes stay within the budget at every step."""
     p = prepare(engine, request(f"fork-{n}", "Tell me a story about cats", n=n, max_tokens=20, temperature=0))
     per_token = kv.bytes_per_token(engine.loaded.model)
-    config = SlotConfig(max_slots=8)
-    tokens = config.alone_rows(n) * (p.prompt_tokens + (p.sampling.max_tokens or 0))
+    tokens = n * (p.prompt_tokens + (p.sampling.max_tokens or 0))
+    config = SlotConfig(max_slots=8, budget_tokens=tokens)
     assert fit_kv_budget(p.sampling, False, p.prompt_tokens, tokens, config) is p.sampling
     with pytest.raises(PromptTooLong):
-        fit_kv_budget(p.sampling, False, p.prompt_tokens, tokens - 1, config)
+        fit_kv_budget(p.sampling, False, p.prompt_tokens, tokens - 1, SlotConfig(8, budget_tokens=tokens - 1))
     budget = per_token * tokens
     sched = scheduler_for(engine, kv_layout="slots", kv_cache_bytes=budget, max_batch_size=8)
     rec = Recorder()
@@ -104,6 +109,36 @@ def test_a_request_that_does_not_fit_yet_waits_then_runs(engine: Any, layout: st
     assert sched.tokens["wait-a"] == reference_tokens(engine, a)
     assert sched.tokens["wait-b"] == reference_tokens(engine, b)
     assert rec.final("wait-b").finish_reason in ("stop", "length")  # type: ignore[union-attr]
+
+
+def test_slots_run_as_many_rows_as_concat_when_the_bucket_does_not_fit(engine: Any) -> None:
+    """9 rows under a budget that holds 9 of the longest but not the bucket of 16 (nor 12, a multiple of
+    4): the slots fall back to 9 slots, so all 9 run at once as with concat (each reserving its rectangle
+    of slots x columns), within the budget, decoding what ``generate`` alone does."""
+    prepared = [
+        prepare(engine, request(f"fit-{i}", f"Question {i}: about cats", max_tokens=16, temperature=0))
+        for i in range(9)
+    ]
+    per_token = kv.bytes_per_token(engine.loaded.model)
+    longest = max(p.prompt_tokens + (p.sampling.max_tokens or 0) for p in prepared)
+    budget = per_token * (9 * longest + longest // 2)
+    running: dict[str, int] = {}
+    for layout in ("concat", "slots"):
+        sched = scheduler_for(
+            engine, kv_cache_bytes=budget, max_batch_size=16, prefix_cache=False, kv_layout=layout
+        )
+        sched.bind(Recorder())
+        for p in prepared:
+            sched.submit(p)
+        peak = 0
+        while sched.step_once():
+            running[layout] = max(running.get(layout, 0), sched.stats().running)
+            actual = kv.nbytes(sched._batch) if sched._batch is not None else 0
+            peak = max(peak, actual, sched.kv_bytes()[0])
+        assert 0 < peak <= budget, layout
+        for p in prepared:
+            assert sched.tokens[p.request_id] == reference_tokens(engine, p), (layout, p.request_id)
+    assert running == {"concat": 9, "slots": 9}
 
 
 class _KvWatch:

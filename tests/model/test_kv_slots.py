@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from services.model.engine import batch as kv
+from services.model.engine import kv_slots
 from services.model.engine.kv_slots import SlotBatch, SlotConfig, columns_for, slot_bucket, slot_buckets
 from tests.model.engine_support import (
     Recorder,
@@ -474,6 +475,44 @@ def test_rows_leaving_and_joining_at_a_bucket_edge_copy_no_kv(
         kv.settle(batch)
         batch = kv.merge([batch, _Rows(20)])
     assert len(_count(reallocations)) == grown and batch.size == rows
+
+
+def test_a_binding_budget_falls_back_from_the_bucket_to_the_rows() -> None:
+    """Bucket when bucket x longest fits the budget (or no budget), else the rows rounded up to a multiple of
+    4 when that fits, else the rows exactly; never fewer than the rows."""
+    free, tight = SlotConfig(16), SlotConfig(16, budget_tokens=1000)
+    assert [free.slots_for(r, 500) for r in (1, 5, 9)] == [1, 8, 16]  # no budget: the buckets as ever
+    assert [tight.slots_for(9, n) for n in (62, 63, 83, 84, 111, 112)] == [16, 12, 12, 9, 9, 9]
+    assert [tight.slots_for(r, 100) for r in range(1, 11)] == [1, 2, 4, 4, 8, 8, 8, 8, 9, 10]
+    assert (tight.alone_rows(3), free.alone_rows(3), tight.alone_rows(40)) == (3, 4, 16)
+    with pytest.raises(ValueError):
+        tight.slots_for(17, 10)
+
+
+@pytest.mark.parametrize(("rows", "budget", "slots"), [(9, 380, 9), (9, 500, 12), (11, 500, 12)])
+def test_fallback_slots_at_their_edge_copy_no_kv_and_stay_in_the_budget(
+    reallocations: list[tuple[int, int]], rows: int, budget: int, slots: int
+) -> None:
+    """Rows of up to 40 tokens under budgets where the bucket of 16 does not fit: 9.5 rows' worth takes the
+    rows exactly, 12.5 rows' worth a multiple of 4, reserved alike by admission; a leave, a settle and a
+    join, over and over, copy nothing, and the rectangle stays within the budget as the rows reach 40."""
+    config = SlotConfig(16, budget_tokens=budget)
+    batch = _empty(config)
+    batch.longest = 40
+    batch.join([_Rows(20) for _ in range(rows)])
+    assert batch.capacity[0] == config.slots_for(rows, 40) == slots
+    assert kv_slots.reserved_shape(None, config, rows, 40)[0] == slots
+    made = len(_count(reallocations))
+    for _ in range(4):
+        kv.select(batch, list(range(1, batch.size)))
+        kv.settle(batch)
+        batch.join([_Rows(20)])
+    assert len(_count(reallocations)) == made and batch.size == rows
+    reached = kv_slots.reserved_shape(batch, config, 0, 40)
+    assert reached[0] * reached[1] <= budget
+    batch._lengths = [39 if n else 0 for n in batch._lengths]  # every row at its last column
+    batch._step_span()
+    assert batch.capacity == reached
 
 
 def test_a_burst_of_joins_reallocates_once(reallocations: list[tuple[int, int]]) -> None:

@@ -155,10 +155,10 @@ def test_the_cache_stays_within_the_kv_budget(engine: Any, layout: str) -> None:
         prepare(engine, _chat(f"b{i}", [("user", f"Question number {i}?")], max_tokens=4)) for i in range(6)
     ]
     per_token = _kv_bytes_per_token(engine.loaded.model)
-    # two rows and about two kept prompts (slots: a row's columns come in blocks of BLOCK)
+    # two rows (at most) and about two kept prompts (slots: a row's columns come in blocks of BLOCK)
     row = BLOCK if layout == "slots" else prepared[0].prompt_tokens + 8
     budget = per_token * (row + prepared[0].prompt_tokens + 8) * 2
-    sched = scheduler_for(engine, kv_cache_bytes=budget, kv_layout=layout)
+    sched = scheduler_for(engine, kv_cache_bytes=budget, kv_layout=layout, max_batch_size=2)
     rec = _run(sched, prepared)
     assert sched.prefix is not None and 0 < sched.prefix.nbytes <= budget
     assert all(rec.final(p.request_id).finish_reason == "length" for p in prepared)  # type: ignore[union-attr]

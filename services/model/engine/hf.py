@@ -219,10 +219,11 @@ def fit_kv_budget(
     slots: SlotConfig | None = None,
 ) -> SamplingParams:
     """``sampling`` whose rows (prompt + ``max_tokens`` each, ``n`` of them) fit ``kv_tokens`` of KV cache
-    even alone, in the rectangle the layout gives them: ``n`` rows (concat), or ``slots``'s bucket of
-    slots for ``n`` (``KV_LAYOUT=slots``: the S x C buffers stay within the budget when each of S slots
-    fits its share). A defaulted ``max_tokens`` is shortened to what fits; a requested one that does not
-    fit, or a prompt that leaves no room, raises ``PromptTooLong`` (400). ``kv_tokens`` 0: no budget."""
+    even alone, in the rectangle the layout gives them: ``n`` rows (concat), or ``slots.alone_rows(n)``
+    slots (``KV_LAYOUT=slots``: ``n`` too under a budget, where the slot count falls back from the bucket
+    to the rows when the bucket's S x C would not fit; the bucket without one). A defaulted ``max_tokens``
+    is shortened to what fits; a requested one that does not fit, or a prompt that leaves no room, raises
+    ``PromptTooLong`` (400). ``kv_tokens`` 0: no budget."""
     if not kv_tokens:
         return sampling
     choices = int(getattr(sampling, "n", 1) or 1)
@@ -232,7 +233,7 @@ def fit_kv_budget(
     if room >= max_tokens:
         return sampling
     if room < 1 or not defaulted:
-        held = "" if slots is None else f", which occupy a bucket of {rows} slot(s) (KV_LAYOUT=slots)"
+        held = "" if rows == choices else f", which occupy a bucket of {rows} slot(s) (KV_LAYOUT=slots)"
         raise PromptTooLong(
             f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) for {choices} choice(s)"
             f"{held} needs more KV cache than the service holds ({kv_tokens} tokens in all, KV_CACHE_BYTES)"

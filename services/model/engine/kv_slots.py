@@ -2,7 +2,10 @@
 
 Per decoder layer one keys and one values buffer of shape (S, kv_heads, C, head_dim), zero-filled when made,
 on that layer's own device (a ``device_map`` may split the layers). S *slots* (a bucket of
-:func:`slot_buckets`: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to the batch size) and C columns (whole blocks
+:func:`slot_buckets`: 1, 2, 4, 8, 16, 24, 32, 48, 64, ... up to the batch size; under a KV budget that the
+bucket's rectangle would exceed, at the tokens the rows may reach (:attr:`SlotBatch.longest`), the rows
+rounded up to a multiple of :data:`SLOT_STEP`, or the rows exactly: :meth:`SlotConfig.slots_for`, which
+admission's :func:`reserved_shape` uses alike) and C columns (whole blocks
 of ``BLOCK``; under a KV budget never past ``budget_tokens // S`` unless a row itself needs more, so that
 S x C stays within the budget whenever the rows fit it). A row owns one slot from its join to its leave;
 column j of its slot holds its token j (left-aligned: no padding, nothing ever shifts), and the slot's
@@ -57,6 +60,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 BLOCK = 128  # columns: buffers are allocated in multiples of this (unless the KV budget caps them)
+SLOT_STEP = 4  # under a binding KV budget, slots are allocated in multiples of this (else exactly the rows)
 ATTENTION = ("sdpa", "eager")  # the implementations that take the prebuilt 4-D mask as it is
 
 
@@ -122,9 +126,25 @@ class SlotConfig:
         """Columns to allocate for ``needed`` in buffers of ``slots`` slots (:func:`columns_for`)."""
         return columns_for(needed, self.column_cap(slots), self.block)
 
+    def slots_for(self, rows: int, longest: int) -> int:
+        """Slots for ``rows`` rows that may each reach ``longest`` tokens: the bucket
+        holding them (:func:`slot_bucket`), unless a KV budget binds: when bucket x ``longest`` exceeds
+        ``budget_tokens``, the rows rounded up to a multiple of :data:`SLOT_STEP` when that fits, else the
+        rows exactly (the rectangle concat reserves). Never fewer than the rows, and monotone in them; the
+        columns (:meth:`columns`) then stay within ``budget_tokens // slots`` whenever the count fits.
+        Raises ValueError past ``max_slots``."""
+        bucket = slot_bucket(rows, self.max_slots)
+        if not self.budget_tokens or bucket * longest <= self.budget_tokens:
+            return bucket
+        rounded = min(-(-rows // SLOT_STEP) * SLOT_STEP, bucket)
+        return rounded if rounded * longest <= self.budget_tokens else rows
+
     def alone_rows(self, rows: int) -> int:
-        """Slots the rows of one request (its ``n``) take when they run alone: the bucket holding them."""
-        return slot_bucket(min(rows, self.max_slots), self.max_slots)
+        """Slots the rows of one request (its ``n``) take at least when they run alone: the bucket holding
+        them, or under a KV budget the rows themselves (:meth:`slots_for` falls back to them whenever the
+        bucket's rectangle would not fit)."""
+        rows = min(rows, self.max_slots)
+        return rows if self.budget_tokens else slot_bucket(rows, self.max_slots)
 
 
 class RowsState(Protocol):
@@ -249,6 +269,9 @@ class SlotBatch:
         self._order_t = self._zeros(0)
         self._tokens = self._zeros(0, 1)
         self._mask_kind: str | None = None
+        # tokens any row here or joining may reach (prompt + max_tokens; 0: unknown, their lengths so far),
+        # set by the scheduler before each join and settle: sizes the slots under a KV budget
+        self.longest = 0
 
     @classmethod
     def like(cls, config: SlotConfig, part: RowsState) -> SlotBatch:
@@ -431,14 +454,16 @@ class SlotBatch:
         """(S, C, compact) of the buffers the rows and ``joining`` more need, or None to keep these. Grow
         (rows in place) when the rows need more slots than S or more columns than C; compact (rows into the
         lowest slots) when the rows + 1 fit a bucket at most half of S, or need at most half of C, and the
-        new buffers are smaller. The gap between the two is the hysteresis."""
+        new buffers are smaller. The gap between the two is the hysteresis. The slot counts come from
+        :meth:`SlotConfig.slots_for` at what the rows may reach (:attr:`longest`, or their lengths)."""
         config = self.config
         rows = len(self._order) + joining
         needed = max([longest + 1 if joining else 0] + [self._lengths[s] + 1 for s in self._order])
+        reach = max(needed, self.longest)  # what the rows may grow to: sizes the slots under a budget
         if rows > self._slots:
-            slots = max(self._slots, slot_bucket(rows, config.max_slots))
+            slots = max(self._slots, config.slots_for(rows, reach))
             return slots, config.columns(needed, slots), False
-        roomy = slot_bucket(min(rows + 1, config.max_slots), config.max_slots)
+        roomy = config.slots_for(min(rows + 1, config.max_slots), reach)
         slots = roomy if 2 * roomy <= self._slots else self._slots
         columns = config.columns(needed, slots)
         sparse = slots < self._slots or 2 * needed <= self._columns
@@ -595,7 +620,7 @@ def reserved_shape(
         high, (slots, columns) = batch.high_after(new_rows), batch.capacity
     if high == 0:
         return slots, columns
-    need_slots = slot_bucket(min(high, config.max_slots), config.max_slots)
+    need_slots = config.slots_for(min(high, config.max_slots), longest)
     if need_slots > slots:
         return need_slots, config.columns(longest, need_slots)
     return slots, max(columns, config.columns(longest, slots))

@@ -598,15 +598,27 @@ class Scheduler:
         for i, row_logits in enumerate(new_logits):
             logits[running + i].copy_(row_logits.reshape(-1))
         if new_rows:
-            self._batch = kv.merge(
-                ([self._batch] if self._batch is not None else []) + new_state, self._slots
-            )
+            base = self._slot_base(new_state)
+            self._batch = kv.merge(([base] if base is not None else []) + new_state, self._slots)
             self._rows = self._rows + new_rows
             self._admitting = []
             self._sampler_stale = True
         elif self._batch is not None and self._rows:
+            self._slot_base([])
             self._settle(self._batch)
         return logits if logits.shape[0] else None
+
+    def _slot_base(self, new_state: list[kv.BatchTensors]) -> kv.Batch | None:
+        """The batch the step's new rows merge into; ``slots``: made here when none runs yet, and told the
+        tokens its rows (new ones included) may reach (``SlotBatch.longest``: prompt + max_tokens, what
+        :meth:`_kv_reserved` reserves for), so that under a KV budget it takes the slot count admission
+        reserved (``SlotConfig.slots_for``)."""
+        batch = self._batch
+        if batch is None and self._slots is not None and new_state:
+            batch = SlotBatch.like(self._slots, new_state[0])
+        if isinstance(batch, SlotBatch):
+            batch.longest = max(self._kv_lengths(), default=0)
+        return batch
 
     def _settle(self, batch: kv.Batch) -> None:
         """``kv.settle`` (an optional compaction): a failure that left the batch whole is logged and the

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -708,3 +709,17 @@ def test_a_compaction_failing_before_it_released_anything_leaves_the_rows_runnin
         final = rec.final(p.request_id)
         assert final is not None and final.finish_reason == "length", p.request_id
         assert sched.tokens[p.request_id] == reference_tokens(engine, p)
+
+
+def test_the_reservation_keeps_the_slots_held_when_the_longest_row_shrinks() -> None:
+    """A batch sized by the budget fallback (S = 9: a bucket of 16 would not fit) whose long rows left
+    while a short row still holds slot 8 keeps its (9, 1024) buffers until it settles: the reservation must
+    count them, not the bucket shape a short ``longest`` would pick for a new batch (16 x 128)."""
+    config = SlotConfig(16, budget_tokens=10_000)
+    assert config.slots_for(9, 900) == 9 and config.slots_for(9, 100) == 16
+    held = SimpleNamespace(high_after=lambda new_rows: 9, capacity=(9, 1024))  # slot 8 in use, 0-7 free
+    for joining in (0, 1):
+        slots, columns = kv_slots.reserved_shape(held, config, joining, 100)  # type: ignore[arg-type]
+        assert slots * columns >= 9 * 1024, joining
+    grown = SimpleNamespace(high_after=lambda new_rows: 9 + new_rows, capacity=(9, 1024))
+    assert kv_slots.reserved_shape(grown, config, 2, 100)[0] == config.slots_for(11, 100)  # past S: grows

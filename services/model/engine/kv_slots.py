@@ -620,7 +620,8 @@ def reserved_shape(
         high, (slots, columns) = batch.high_after(new_rows), batch.capacity
     if high == 0:
         return slots, columns
-    need_slots = config.slots_for(min(high, config.max_slots), longest)
-    if need_slots > slots:
+    if high > slots:  # the join grows S (as ``SlotBatch._target`` does: only past the slots held)
+        need_slots = config.slots_for(min(high, config.max_slots), longest)
         return need_slots, config.columns(longest, need_slots)
+    # S stays: never less than what is held, even when a shorter ``longest`` would pick a bucket now
     return slots, max(columns, config.columns(longest, slots))

@@ -169,14 +169,14 @@ class LogitsBuffer:
         return self._buf[:n]
 
 
-def merge(parts: list[Batch], slots: SlotConfig | None = None) -> Batch:
+def merge(parts: list[Batch], slot_config: SlotConfig | None = None) -> Batch:
     """Join row groups into one batch, in order. A ``SlotBatch`` first takes the others' rows into free
     slots (their KV copied once, its own rows untouched unless the buffers are reshaped, at most once for
-    all the parts); with ``slots`` (``KV_LAYOUT=slots``) prefilled rows start a new ``SlotBatch``;
+    all the parts); with ``slot_config`` (``KV_LAYOUT=slots``) prefilled rows start a new ``SlotBatch``;
     otherwise caches and masks are left-padded to the longest and concatenated."""
     first = parts[0]
-    if isinstance(first, SlotBatch) or slots is not None:
-        target = first if isinstance(first, SlotBatch) else SlotBatch.like(slots, first)  # type: ignore[arg-type]
+    if isinstance(first, SlotBatch) or slot_config is not None:
+        target = first if isinstance(first, SlotBatch) else SlotBatch.like(slot_config, first)  # type: ignore[arg-type]
         joining = parts[1:] if target is first else parts
         if any(isinstance(p, SlotBatch) for p in joining):
             raise ValueError("one slot batch at a time: merge prefilled rows into it")

@@ -216,10 +216,10 @@ def fit_kv_budget(
     defaulted: bool,
     prompt_tokens: int,
     kv_tokens: int,
-    slots: SlotConfig | None = None,
+    slot_config: SlotConfig | None = None,
 ) -> SamplingParams:
     """``sampling`` whose rows (prompt + ``max_tokens`` each, ``n`` of them) fit ``kv_tokens`` of KV cache
-    even alone, in the rectangle the layout gives them: ``n`` rows (concat), or ``slots.alone_rows(n)``
+    even alone, in the rectangle the layout gives them: ``n`` rows (concat), or ``slot_config.alone_rows(n)``
     slots (``KV_LAYOUT=slots``: ``n`` too under a budget, where the slot count falls back from the bucket
     to the rows when the bucket's S x C would not fit; the bucket without one). A defaulted ``max_tokens``
     is shortened to what fits; a requested one that does not fit, or a prompt that leaves no room, raises
@@ -227,7 +227,7 @@ def fit_kv_budget(
     if not kv_tokens:
         return sampling
     choices = int(getattr(sampling, "n", 1) or 1)
-    rows = choices if slots is None else slots.alone_rows(choices)
+    rows = choices if slot_config is None else slot_config.alone_rows(choices)
     room = kv_tokens // rows - prompt_tokens
     max_tokens = sampling.max_tokens or 1
     if room >= max_tokens:

@@ -52,12 +52,15 @@ step succeeded, and a step writes only at the columns just past them, which stay
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+log = logging.getLogger(__name__)
 
 BLOCK = 128  # columns: buffers are allocated in multiples of this (unless the KV budget caps them)
 SLOT_STEP = 4  # under a binding KV budget, slots are allocated in multiples of this (else exactly the rows)
@@ -418,9 +421,17 @@ class SlotBatch:
 
     def settle(self) -> bool:
         """Compact the rows into smaller buffers when they are sparse (see the module docstring); returns
-        whether the buffers were reallocated. Raises RuntimeError once a failed reallocation lost them."""
+        whether the buffers were reallocated. The compaction is optional: one that fails before it
+        released an old layer is logged and the batch keeps its buffers (False); one that lost them re-raises,
+        as every call does afterwards (RuntimeError)."""
         self._check_usable()
-        return bool(self._order) and self._reshape(0, 0, grow=False)
+        try:
+            return bool(self._order) and self._reshape(0, 0, grow=False)
+        except Exception:
+            if self._lost:
+                raise
+            log.exception("compacting the KV slots failed; the batch keeps its buffers")
+            return False
 
     def row_kv(self, row: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Views of row ``row``'s cached (keys, values) per layer, (1, H, L, D) each, and L."""

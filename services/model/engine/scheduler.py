@@ -204,7 +204,7 @@ class Scheduler:
         self._batch: kv.Batch | None = None
         self.prefix = PrefixCache(config.prefix_min_tokens) if config.prefix_cache else None
         self._kv_per_token = kv.bytes_per_token(model)  # K and V of one token in every layer
-        self._slots = self._slot_config(model)
+        self._slot_cfg = self._configure_slots(model)
         self._admitting: list[_Row] = []  # rows prefilled in the step in progress, not merged yet
         self._kv_reported: KVCacheStats | None = None
         self._sink: OutputSink | None = None
@@ -360,9 +360,9 @@ class Scheduler:
     @property
     def slot_config(self) -> SlotConfig | None:
         """The slot buffers' configuration (None: ``KV_LAYOUT=concat``); ``prepare`` sizes requests by it."""
-        return self._slots
+        return self._slot_cfg
 
-    def _slot_config(self, model: Any) -> SlotConfig | None:
+    def _configure_slots(self, model: Any) -> SlotConfig | None:
         """``KV_LAYOUT=slots``: buffers of at most the batch size in slots and, under a KV budget, S x C
         within the budget (``SlotConfig.budget_tokens``). Raises ValueError, before any request, for an
         attention implementation the slots cannot serve. ``KV_STATIC_SHAPES`` with concat has no effect: a
@@ -390,12 +390,12 @@ class Scheduler:
         C in whole blocks for the longest row, but under a KV budget at most ``budget_tokens // S`` unless
         that row itself needs more, see ``SlotConfig.columns``), and never less than what they hold now."""
         lengths = self._kv_lengths() + extra
-        if self._slots is None:
+        if self._slot_cfg is None:
             return len(lengths) * max(lengths, default=0) * self._kv_per_token
         chunked = self._chunked[0] if self._chunked is not None else []
         joining = len(self._admitting) + len(chunked) + len(extra)
         batch = self._batch if isinstance(self._batch, SlotBatch) else None
-        slots, columns = reserved_shape(batch, self._slots, joining, max(lengths, default=0))
+        slots, columns = reserved_shape(batch, self._slot_cfg, joining, max(lengths, default=0))
         return slots * columns * self._kv_per_token
 
     def _kv_room_for(self, prepared: Prepared) -> bool:
@@ -599,13 +599,13 @@ class Scheduler:
             logits[running + i].copy_(row_logits.reshape(-1))
         if new_rows:
             base = self._slot_base(new_state)
-            self._batch = kv.merge(([base] if base is not None else []) + new_state, self._slots)
+            self._batch = kv.merge(([base] if base is not None else []) + new_state, self._slot_cfg)
             self._rows = self._rows + new_rows
             self._admitting = []
             self._sampler_stale = True
         elif self._batch is not None and self._rows:
             self._slot_base([])
-            self._settle(self._batch)
+            kv.settle(self._batch)
         return logits if logits.shape[0] else None
 
     def _slot_base(self, new_state: list[kv.BatchTensors]) -> kv.Batch | None:
@@ -614,21 +614,11 @@ class Scheduler:
         :meth:`_kv_reserved` reserves for), so that under a KV budget it takes the slot count admission
         reserved (``SlotConfig.slots_for``)."""
         batch = self._batch
-        if batch is None and self._slots is not None and new_state:
-            batch = SlotBatch.like(self._slots, new_state[0])
+        if batch is None and self._slot_cfg is not None and new_state:
+            batch = SlotBatch.like(self._slot_cfg, new_state[0])
         if isinstance(batch, SlotBatch):
             batch.longest = max(self._kv_lengths(), default=0)
         return batch
-
-    def _settle(self, batch: kv.Batch) -> None:
-        """``kv.settle`` (an optional compaction): a failure that left the batch whole is logged and the
-        rows go on; one that lost it is raised (the step's handler fails its rows)."""
-        try:
-            kv.settle(batch)
-        except Exception:
-            if kv.lost(batch):
-                raise
-            log.exception("compacting the KV slots failed; the batch keeps its buffers")
 
     def _decode(self, step: _Step) -> int:
         """One decode step of the running rows into the first rows of the logits buffer; returns how many

@@ -7,6 +7,8 @@ one codec, recording what a client would see (first text, the final usage), like
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 
@@ -38,7 +40,18 @@ class ModelTarget:
 async def stream_generate(client: httpx.AsyncClient, url: str, request: GenerateRequest) -> RequestRecord:
     """POST ``request`` to the model service's generate ``url``; the record of its stream (errors in
     ``record.error``, never raised for HTTP or stream failures)."""
-    body = request.model_dump(mode="json")
+    return await post_stream(client, url, request.model_dump(mode="json"), _consume)
+
+
+async def post_stream(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    read: Callable[[httpx.Response, RequestRecord], Awaitable[None]],
+) -> RequestRecord:
+    """POST ``body`` as JSON to ``url`` and ``read`` a 200 response's stream into the record (start and end
+    in ``time.perf_counter()`` seconds); an HTTP error status or a transport/stream failure ends up in
+    ``record.error``, never raised."""
     rec = RequestRecord(start=time.perf_counter())
     try:
         async with client.stream("POST", url, json=body) as resp:
@@ -46,7 +59,7 @@ async def stream_generate(client: httpx.AsyncClient, url: str, request: Generate
                 text = (await resp.aread()).decode(errors="replace")
                 rec.error = f"HTTP {resp.status_code}: {text[:200]}"
             else:
-                await _consume(resp, rec)
+                await read(resp, rec)
     except (httpx.HTTPError, ValueError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.end = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from bench.gpu.model_http import generate_url, stream_generate
+from bench.gpu.model_http import generate_url, post_stream, stream_generate
 from bench.gpu.report import MediaCheck
 from bench.loadgen import RequestRecord, next_id
 
@@ -73,17 +73,7 @@ def internal_request(kind: str, media: dict[str, str], max_tokens: int) -> Any:
 
 async def stream_chat(client: httpx.AsyncClient, api_url: str, body: dict[str, Any]) -> RequestRecord:
     """POST ``body`` to the api's chat completions; the stream's record (errors in ``record.error``)."""
-    rec = RequestRecord(start=time.perf_counter())
-    try:
-        async with client.stream("POST", api_url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
-            else:
-                await _read_sse(resp, rec)
-    except (httpx.HTTPError, ValueError) as exc:
-        rec.error = f"{type(exc).__name__}: {exc}"
-    rec.end = time.perf_counter()
-    return rec
+    return await post_stream(client, api_url.rstrip("/") + "/v1/chat/completions", body, _read_sse)
 
 
 async def _read_sse(resp: httpx.Response, rec: RequestRecord) -> None:

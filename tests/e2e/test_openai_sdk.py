@@ -238,7 +238,8 @@ def test_auto_cancel_after_everyone_left_but_not_while_someone_reads(
 ) -> None:
     # a reader attached (through any worker) keeps the generation alive past the auto-cancel delay
     kept = f"e2e-k-{uuid.uuid4().hex[:8]}"
-    head = start_stream(http, kept, max_tokens=6000, take=2)
+    # long enough to outlast the whole test on a fast CPU (6000 tokens finished within its ~8 s window on one)
+    head = start_stream(http, kept, max_tokens=60000, take=2)
     stop_at = time.monotonic() + AUTO_CANCEL_SECONDS * 2
 
     def read_for_a_while() -> None:

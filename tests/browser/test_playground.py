@@ -132,7 +132,7 @@ def test_a_network_loss_resumes_after_the_last_event(browser_page: BrowserPage, 
 def test_cancel_shows_the_cancelled_state(browser_page: BrowserPage, stack: Stack) -> None:
     page, _watch = browser_page
     open_with_key(page)
-    send(page, "Write a long story.", max_tokens=3000)
+    send(page, "Write a long story.", max_tokens=60000)
     wait_transcript(page, "Number(d.lastIndex) >= 3")
     page.click("#cancel")
     shown = wait_transcript(page, "d.status === 'cancelled'")
@@ -184,7 +184,7 @@ def occupy_the_model(stack: Stack, session_id: str, deadline_s: float = 20.0) ->
     """Start a long generation on the model's only slot (retrying while an earlier one still holds it)."""
     body = {
         "messages": [{"role": "user", "content": "occupy"}],
-        "max_tokens": 4000,
+        "max_tokens": 60000,
         "stream": True,
         "session_id": session_id,
     }

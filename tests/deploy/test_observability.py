@@ -225,7 +225,7 @@ def prove_rows_reserved(prom: str, tiny: Service) -> None:
     the budget while it runs; then it is cancelled."""
     instance = f"127.0.0.1:{tiny.port}"
     with httpx.Client(base_url=tiny.url, timeout=60) as c:
-        payload = model_body("obs-rows", "Tell a long story", max_tokens=4000, temperature=0)
+        payload = model_body("obs-rows", "Tell a long story", max_tokens=60000, temperature=0)
         with c.stream("POST", paths.GENERATE, json=payload) as response:
             assert response.status_code == 200
             next(iter_events(response))  # generating: its rows are reserved

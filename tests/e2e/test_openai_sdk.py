@@ -217,7 +217,7 @@ def test_cancel_from_another_connection(http: httpx.Client) -> None:
     sid = f"e2e-c-{uuid.uuid4().hex[:8]}"
     payload = {
         "messages": ask("go"),
-        "max_tokens": 4000,
+        "max_tokens": 60000,
         "session_id": sid,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -230,7 +230,7 @@ def test_cancel_from_another_connection(http: httpx.Client) -> None:
         tail = list(events)
     stream = head + tail
     check_stream(stream, sid)
-    assert finish_reason(stream) == "cancelled" and stream[-2].json()["usage"]["completion_tokens"] < 4000
+    assert finish_reason(stream) == "cancelled" and stream[-2].json()["usage"]["completion_tokens"] < 60000
 
 
 def test_auto_cancel_after_everyone_left_but_not_while_someone_reads(

@@ -202,7 +202,7 @@ def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Pat
         proc.wait_http(f"{url}/ready", timeout=180)
         first = _engine_child(proc.popen.pid)
         with httpx.Client(base_url=url, timeout=60) as client:
-            payload = body("running", "Tell a long story", max_tokens=4000, temperature=0)
+            payload = body("running", "Tell a long story", max_tokens=60000, temperature=0)
             with client.stream("POST", paths.GENERATE, json=payload) as response:
                 events = iter_events(response)
                 next(events)  # generating

@@ -158,7 +158,7 @@ def test_a_dead_engine_process_fails_its_requests_and_reports_why(tiny_model_dir
     engine = ProcessEngine(_settings(tiny_model_dir))
     rec = Recorder()
     engine.start(rec)
-    asyncio.run(engine.admit(request("d-0", "Tell a long story", max_tokens=2000)))
+    asyncio.run(engine.admit(request("d-0", "Tell a long story", max_tokens=60000)))
     rec.wait_tokens("d-0", 1)
     assert engine.failure is None
     assert engine.pid is not None

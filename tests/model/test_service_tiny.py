@@ -138,13 +138,13 @@ def test_cancel_one_of_several(client: httpx.Client, service: str) -> None:
             return events + list(stream)
 
     with ThreadPoolExecutor(3) as pool:
-        futures = {rid: pool.submit(consume, rid, 4000 if rid == "c-1" else 40) for rid in ids}
+        futures = {rid: pool.submit(consume, rid, 60000 if rid == "c-1" else 40) for rid in ids}
         assert all(started[rid].wait(60) for rid in ids)
         response = client.post(paths.CANCEL.format(request_id="c-1"))
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
         results = {rid: f.result(timeout=120) for rid, f in futures.items()}
     cancelled = assert_well_formed(results["c-1"])
-    assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 4000
+    assert cancelled.finish_reason == "cancelled" and cancelled.usage.completion_tokens < 60000
     for rid in ("c-0", "c-2"):
         assert assert_well_formed(results[rid]).finish_reason in {"stop", "length"}
 

@@ -22,7 +22,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from bench.http_client import ChatTarget, make_client
 from bench.loadgen import LevelResult, Send, closed_loop, level_sizes, warm_up
 from bench.report import RAW, STACK, TFS, compute_ratios, level_table, ratio_table, write_outputs
 from bench.servers import BENCH_RATE_LIMIT, REPO, Stack, TransformersServe
+from bench.steps import StepTotals
 from bench.workload import Workload
 
 log = logging.getLogger("bench")
@@ -50,6 +51,7 @@ class Target:
     levels: tuple[int, ...]
     processes: dict[str, int] = field(default_factory=dict)  # name -> pid of each server process tree
     cap: int | None = None  # most requests in one level (default: --cap)
+    steps: Callable[[], StepTotals] | None = None  # the engine's step totals, where they can be read
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -117,7 +119,7 @@ async def start_targets(
         raw = RawEngine(model_dir, workload, args.torch_threads)
         exits.push_async_callback(raw.stop)
         await raw.start()
-        targets.append(Target(RAW, raw.send, tuple(c for c in levels if c in RAW_LEVELS)))
+        targets.append(Target(RAW, raw.send, tuple(c for c in levels if c in RAW_LEVELS), steps=raw.steps))
     client = await exits.enter_async_context(make_client(max(levels) * 2 + 8, timeout=limit))
     servers: list[Stack | TransformersServe] = []
     if not args.skip_stack:
@@ -130,7 +132,7 @@ async def start_targets(
     for server in servers:
         if isinstance(server, Stack):
             ours = ChatTarget(client, server.edge_url, server.model_id, workload, include_usage=True)
-            targets.append(Target(STACK, ours.send, levels, server.pids()))
+            targets.append(Target(STACK, ours.send, levels, server.pids(), steps=server.steps))
         else:
             theirs = await tfs_target(client, server, workload, notes)
             cap = min(args.cap, TFS_CAP)
@@ -177,12 +179,21 @@ async def run_level(target: Target, concurrency: int, args: argparse.Namespace) 
     limit = args.level_time_limit or (60.0 if args.quick else 240.0)
     n = level_sizes(concurrency, args.quick, target.cap or args.cap)
     meter = CpuMeter(target.processes)
+    steps_before = await _steps(target)
     meter.start()
     records = await closed_loop(target.send, concurrency, n, limit)
     result = LevelResult.from_records(target.name, concurrency, records)
     result.cpu_s = meter.stop()
+    steps_after = await _steps(target)
+    if steps_before is not None and steps_after is not None:
+        steps = steps_after.minus(steps_before)
+        result.engine_step_ms, result.engine_rows = steps.step_ms, steps.rows_per_step
     log.info("%s @%d: %.1f tok/s, %d/%d ok", target.name, concurrency, result.tok_s, result.ok, n)
     return result
+
+
+async def _steps(target: Target) -> StepTotals | None:
+    return None if target.steps is None else await asyncio.to_thread(target.steps)
 
 
 def _best(runs: list[LevelResult]) -> LevelResult:
@@ -199,6 +210,11 @@ def run_notes(workload: Workload) -> list[str]:
         "levels 1 and 16 of every target run several times, back to back with the other targets; the "
         "table shows each one's fastest run (other work on this shared machine only slows runs down); "
         "every run's tok/s is in results.json (tok_s_runs)",
+        "engine ms/step and rows/step: the engine's own step counts in that level (the raw engine's "
+        "observer, the model service's model_step_duration_seconds and model_batch_size); tok/s ~ rows "
+        "per step / seconds per step, so they tell whether a slower target lost batch rows (time spent "
+        "between client and engine) or step time (the engine sharing the CPU with the stack's other "
+        "processes)",
         f"transformers serve's levels have at most {TFS_CAP} requests (it generates one at a time)",
         "levels run back to back per concurrency (raw engine, full stack, transformers serve), "
         "all servers up and the idle ones idle",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import RequestRecord, next_id
+from bench.steps import StepTally, StepTotals
 from bench.workload import Workload
 
 
@@ -77,14 +78,15 @@ class EngineClient:
         return rec
 
 
-def load_engine(model_dir: Path, torch_threads: int | None = None) -> Any:
-    """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, the same settings defaults)."""
+def load_engine(model_dir: Path, torch_threads: int | None = None, observer: Any = None) -> Any:
+    """The HF engine exactly as ``services.model`` builds it (ENGINE=hf, the same settings defaults);
+    ``observer``: an ``EngineObserver`` (the model service passes its metrics)."""
     from services.model.engine.hf import HFEngine
     from services.model.loading import load_model_and_processor
     from services.model.settings import ModelSettings
 
     settings = ModelSettings(model_repo_id=str(model_dir), torch_threads=torch_threads or 0)
-    return HFEngine(load_model_and_processor(settings), settings)
+    return HFEngine(load_model_and_processor(settings), settings, observer)
 
 
 class RawEngine:
@@ -96,15 +98,20 @@ class RawEngine:
         self._torch_threads = torch_threads
         self._engine: Any = None
         self._client: EngineClient | None = None
+        self._tally = StepTally()
 
     async def start(self) -> None:
-        self._engine = await asyncio.to_thread(load_engine, self._model_dir, self._torch_threads)
+        self._engine = await asyncio.to_thread(load_engine, self._model_dir, self._torch_threads, self._tally)
         self._client = EngineClient(self._engine, self._workload, asyncio.get_running_loop())
         self._engine.start(self._client.sink)
 
     async def send(self, index: int) -> RequestRecord:
         assert self._client is not None, "start() first"
         return await self._client.send(index)
+
+    def steps(self) -> StepTotals:
+        """The engine's step totals so far (see ``bench.steps``)."""
+        return self._tally.totals()
 
     async def stop(self) -> None:
         if self._engine is not None:

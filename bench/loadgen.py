@@ -76,6 +76,8 @@ class LevelResult:
     error_samples: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process tree in this level
     tok_s_runs: list[float] = field(default_factory=list)  # every run of this level (see --repeats)
+    engine_step_ms: float | None = None  # the engine's mean step wall time in this level (bench/steps.py)
+    engine_rows: float | None = None  # the engine's mean rows per step in this level
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -105,15 +105,23 @@ def _runs(r: LevelResult) -> str:
     return " (" + ", ".join(f"{x:.0f}" for x in r.tok_s_runs) + ")"
 
 
+def _steps(r: LevelResult) -> str:
+    """The engine's mean step time and rows per step in the level (``-`` where they cannot be read)."""
+    if r.engine_step_ms is None or r.engine_rows is None:
+        return "-"
+    return f"{r.engine_step_ms:.2f} / {r.engine_rows:.1f}"
+
+
 def level_table(results: Sequence[LevelResult]) -> str:
     head = (
-        "| target | conc | req | ok | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | e2e p50/p99 ms | wall s |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| target | conc | req | ok | tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | e2e p50/p99 ms | "
+        "engine ms/step / rows | wall s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = [
         f"| {r.target} | {r.concurrency} | {r.requests} | {r.ok} | {r.tok_s:.1f}{_runs(r)} | "
         f"{_ms(r.ttft_p50)} / {_ms(r.ttft_p99)} | {_ms(r.itl_p50)} / {_ms(r.itl_p99)} | "
-        f"{_ms(r.e2e_p50)} / {_ms(r.e2e_p99)} | {r.wall_s:.1f} |"
+        f"{_ms(r.e2e_p50)} / {_ms(r.e2e_p99)} | {_steps(r)} | {r.wall_s:.1f} |"
         for r in results
     ]
     return head + "\n".join(rows) + "\n"

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.steps import StepTotals, model_steps
 from services.model.loading import auto_cpu_threads
 from tests.helpers.procs import Proc
 
@@ -109,6 +110,10 @@ class Stack:
         model.wait_http(f"{self.model_url}/ready", timeout=timeout)
         api.wait_http(f"{self.api_url}/ready", timeout=timeout)
         edge.wait_http(f"{self.edge_url}/ready", timeout=timeout)
+
+    def steps(self) -> StepTotals:
+        """The model service's engine step totals so far (see ``bench.steps``)."""
+        return model_steps(self.model_url)
 
     def pids(self) -> dict[str, int]:
         """Root pid of each process tree (gunicorn and nginx masters include their workers)."""

@@ -39,12 +39,16 @@ def test_quick_bench_measures_every_target(tiny_model_dir: Path, tmp_path: Path)
             assert level["ok"] == level["requests"] >= concurrency
             assert level["completion_tokens"] > 0 and level["tok_s"] > 0
             assert level["ttft_p50"] is not None and level["e2e_p99"] >= level["e2e_p50"]
+            if target == "transformers serve":  # its engine's steps are not ours to count
+                assert level["engine_step_ms"] is None and level["engine_rows"] is None
+            else:
+                assert level["engine_step_ms"] > 0 and 1 <= level["engine_rows"] <= concurrency
     assert len(data["ratios"]) == 5
     assert {r["status"] for r in data["ratios"]} <= {"PASS", "MISS"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (out / "README.md").read_text()
     assert "| ratio |" in readme and "transformers serve" in readme
-    assert "| ratio |" in proc.stdout
+    assert "| ratio |" in proc.stdout and "engine ms/step / rows" in proc.stdout
     structured = json.loads((out / "structured.json").read_text())
     assert structured["tok_s_none"] > 0 and structured["tok_s_half_constrained"] > 0
     assert "half constrained" in proc.stdout

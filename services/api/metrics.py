@@ -22,6 +22,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from services.protocol.errors import InvalidRequest, ModelServiceError, Overloaded
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
@@ -67,6 +69,14 @@ class ApiMetrics:
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
+
+    def model_error(self, exc: ModelServiceError) -> None:
+        """Count a failed call to the model service under its code, unless the model service refused the
+        request itself: a 400 (``InvalidRequest``: the client's input, answered to the client as such) or a
+        429 (``Overloaded``: at capacity; ``api_requests_total`` counts those answers). What is left — cannot
+        connect, not ready, a generation it lost, an internal error — is what ``ApiModelErrors`` alerts on."""
+        if not isinstance(exc, (InvalidRequest, Overloaded)):
+            self.model_errors.labels(exc.code).inc()
 
     @asynccontextmanager
     async def store_op(self, op: str) -> AsyncIterator[None]:

@@ -325,6 +325,7 @@ def test_error_statuses(client: httpx.Client) -> None:
         client.post("/v1/chat/completions", json=body(long_prompt)), 400, "invalid_request_error"
     )
     assert err["code"] == "context_length_exceeded"
+    assert "prompt_too_long" not in client.get("/metrics").text  # the client's input: no model failure
     for url in ("file:///etc/passwd", "http://127.0.0.1:1/x.png", "data:image/png;base64,!!!!"):
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]
         r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})

@@ -212,3 +212,23 @@ def test_logs_redact_secrets_bearer_tokens_and_url_passwords() -> None:
     line = formatter.format(record)
     assert "hf_secret_token_123" not in line and "abc.def" not in line and ":pw@" not in line
     assert json.loads(line)["msg"].startswith("t=[REDACTED]")
+
+
+def test_model_errors_count_the_model_services_failures_not_the_clients_input() -> None:
+    from services.api.metrics import ApiMetrics
+    from services.protocol import errors
+
+    metrics = ApiMetrics()
+    refused = (errors.PromptTooLong, errors.InvalidMedia, errors.InvalidSchema, errors.InvalidValue)
+    for kind in (*refused, errors.InvalidRequest, errors.Overloaded):  # 400s and 429: not a failure
+        metrics.model_error(kind("x"))
+    for kind in (errors.NotReady, errors.NotFound, errors.ModelServiceError):
+        metrics.model_error(kind("x"))
+    counted = {
+        s.labels["reason"]: s.value
+        for family in metrics.registry.collect()
+        if family.name == "api_model_errors"
+        for s in family.samples
+        if s.name == "api_model_errors_total"
+    }
+    assert counted == {"not_ready": 1.0, "not_found": 1.0, "internal": 1.0}

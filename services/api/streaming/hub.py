@@ -159,7 +159,7 @@ class SessionHub:
             stream = await self._open_holding_lease(url, request, record.id)
         except BaseException as exc:
             if isinstance(exc, ModelServiceError):
-                self.metrics.model_errors.labels(exc.code).inc()
+                self.metrics.model_error(exc)
             await self._drop_reservation(record.id, exc)
             raise
         finally:
@@ -308,7 +308,7 @@ class SessionHub:
             try:
                 await self.model.cancel(record.model_url, record.model_request_id)
             except ModelServiceError as exc:
-                self.metrics.model_errors.labels(exc.code).inc()
+                self.metrics.model_error(exc)
         self.metrics.cancels.labels(kind).inc()
         return await self._await_final(record.id) if wait else record.status
 

@@ -293,7 +293,7 @@ class SessionRunner:
         try:
             return await self._d.model.events(self.model_url, self.request_id, self._model_seq)
         except ModelServiceError as exc:
-            self._d.metrics.model_errors.labels(exc.code).inc()
+            self._d.metrics.model_error(exc)
             log.warning("session %s: re-attach failed: %s", self.session_id, exc.code)
             self._fail("the generation was lost by the model service", "generation_lost")
             return None
@@ -593,7 +593,7 @@ class SessionRunner:
         try:
             await self._d.model.cancel(self.model_url, self.request_id)
         except ModelServiceError as exc:
-            self._d.metrics.model_errors.labels(exc.code).inc()
+            self._d.metrics.model_error(exc)
             log.warning("session %s: cancel failed: %s", self.session_id, exc.code)
 
     @property

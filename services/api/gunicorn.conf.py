@@ -59,7 +59,7 @@ loglevel = _settings.log_level
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "services.api.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "services.protocol.logs.JsonFormatter"}},
     "handlers": {
         "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     },

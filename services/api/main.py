@@ -17,7 +17,6 @@ from fastapi import FastAPI
 
 from services.api.auth import owner_of
 from services.api.errors import install_error_handlers
-from services.api.logs import configure_logging
 from services.api.media import build_media_client
 from services.api.metrics import ApiMetrics
 from services.api.middleware import RequestContextMiddleware
@@ -29,6 +28,7 @@ from services.api.store.base import SessionStore, StoreUnavailable
 from services.api.store.factory import create_store
 from services.api.store.instrumented import InstrumentedStore
 from services.api.streaming.hub import SessionHub
+from services.protocol.logs import configure_logging
 
 log = logging.getLogger("api.main")
 

@@ -17,8 +17,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.errors import PayloadTooLarge, error_response, internal_error, to_api_error
-from services.api.logs import request_id_var, session_id_var
 from services.api.metrics import ApiMetrics
+from services.protocol.logs import request_id_var, session_id_var
 
 log = logging.getLogger("api.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -22,7 +22,8 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from services.model.main import create_app
-from services.model.settings import ModelSettings
+from services.model.settings import ModelSettings, log_secrets
+from services.protocol.logs import configure_logging
 
 log = logging.getLogger("services.model")
 
@@ -81,9 +82,7 @@ def load_settings() -> ModelSettings:
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, log_secrets(settings))
 
     def give_up(reason: str) -> None:
         server.give_up(reason)  # the server exists before the lifespan can call this
@@ -95,6 +94,7 @@ def main() -> None:
         port=settings.port,
         workers=1,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's own loggers go through the root's JSON handler (configure_logging)
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds + CLOSE_MARGIN_SECONDS),
         access_log=False,
     )

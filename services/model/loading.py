@@ -97,8 +97,21 @@ def resolve_dtype(torch_dtype: str, device_map: str) -> Any:
     return getattr(torch, torch_dtype)
 
 
+def _library_output_as_logs() -> None:
+    """The service's stderr is JSON lines (``services.protocol.logs``): transformers' warnings go through the
+    root logger instead of its own plain-text handler; no progress bars (hub downloads, weight loading)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
 def load_model_and_processor(settings: ModelSettings) -> Loaded:
     """Load the model (``AutoModelForImageTextToText``) and its processor, ready for inference."""
+    _library_output_as_logs()
     source = _check_source(settings.model_repo_id)
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
     hub_kwargs: dict[str, Any] = {"token": token, "local_files_only": hub_offline()}

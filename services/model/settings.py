@@ -98,3 +98,9 @@ class ModelSettings(BaseSettings):
     fake_step_seconds: float = Field(default=0.005, ge=0.0, le=10.0)  # one decode step
     fake_load_seconds: float = Field(default=0.0, ge=0.0, le=600.0)  # simulated weight loading
     fake_context_tokens: int = Field(default=4096, ge=16)  # prompt + max_tokens limit
+
+
+def log_secrets(settings: ModelSettings) -> list[str]:
+    """Strings the logs must never show (``HF_TOKEN``, ``INTERNAL_TOKEN``), for
+    ``services.protocol.logs.configure_logging``."""
+    return [s.get_secret_value() for s in (settings.hf_token, settings.internal_token) if s is not None]

@@ -9,13 +9,13 @@ import logging
 import pytest
 
 from services.api.errors import BadRequest
-from services.api.logs import JsonFormatter
 from services.api.openai_schemas import ChatCompletionRequest, unsupported_params
 from services.api.routes.common import validate
 from services.api.settings import ApiSettings, SettingsError, load_settings
 from services.api.streaming.replay import LastEventIdError, parse_last_event_id
 from services.api.streaming.translate import DONE, ChunkEncoder, final_chunks
 from services.protocol.events import ErrorInfo, Finished, Usage
+from services.protocol.logs import JsonFormatter
 
 
 def test_chunks_share_id_and_created_and_are_valid_json() -> None:

@@ -4,6 +4,7 @@ real thing kills the engine child of a real model service process on the tiny ch
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -226,6 +227,10 @@ def test_killing_the_engine_child_of_a_real_service_heals_it(tiny_model_dir: Pat
             after = generate(client, body("after", "Say something", max_tokens=8, temperature=0))
             assert assert_well_formed(after).finish_reason in {"stop", "length"}
             assert "engine restarted" in proc.log_tail(200)
+            # README: logs are JSON lines — the service's, both engine processes', the libraries' (no bars)
+            lines = [line for line in proc.log_path.read_text().splitlines() if line.strip()]
+            fields = {"ts", "level", "logger", "msg"}
+            assert lines and all(fields <= json.loads(line).keys() for line in lines)
     finally:
         proc.stop()
         assert proc.popen.returncode is not None

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ValidationError
 
 from services.api.errors import BadRequest, validation_error
 from services.api.json_body import parse_json_body
-from services.api.logs import session_id_var
 from services.api.streaming.replay import LastEventIdError, parse_last_event_id
+from services.protocol.logs import session_id_var
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.api.logs import session_id_var
 from services.api.metrics import ApiMetrics
 from services.api.model_client import EventStream, GenerationBackend, StreamBroken
 from services.api.settings import ApiSettings
@@ -58,6 +57,7 @@ from services.api.streaming.translate import (
 )
 from services.protocol.errors import ModelServiceError
 from services.protocol.events import Delta, Finished
+from services.protocol.logs import session_id_var
 
 log = logging.getLogger("api.runner")
 

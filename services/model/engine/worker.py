@@ -21,9 +21,10 @@ from typing import Any
 
 from services.model.engine import wire
 from services.model.engine.base import KVCacheStats, MediaCacheStats, MemoryRows, Output
-from services.model.settings import ModelSettings
+from services.model.settings import ModelSettings, log_secrets
 from services.protocol import errors
 from services.protocol.generate import GenerateRequest
+from services.protocol.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,7 @@ def child_main(conn: Any, settings: ModelSettings) -> None:
     parent was killed)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [engine process]: %(message)s",
-    )
+    configure_logging(settings.log_level, log_secrets(settings))
     worker = EngineWorker(conn)
     try:
         from services.model.engine.hf import HFEngine

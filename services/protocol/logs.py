@@ -1,6 +1,7 @@
-"""Structured JSON logs with the request and session ids, and secrets redacted from every line.
+"""Structured JSON logs with the request and session ids, and secrets redacted from every line: one line
+per record on stderr, for both services (the api, the model service and its engine process).
 
-The ids travel in context variables: set by the request middleware (request id) and by the routes and
+The ids travel in context variables: set by the api's request middleware (request id) and by its routes and
 runners (session id); tasks started while handling a request inherit them.
 """
 
@@ -56,8 +57,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, secrets: Iterable[str]) -> None:
-    """One JSON handler on the root logger; uvicorn's and gunicorn's loggers go through it too.
-    uvicorn's access log is off: the request middleware writes one line per request instead."""
+    """One JSON handler on the root logger (replacing any); uvicorn's and gunicorn's loggers go through it
+    too. uvicorn's access log is off: the api's request middleware writes one line per request instead, the
+    model service's callers are the api and the probes. ``secrets``: strings replaced by ``[REDACTED]``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(secrets))
     root = logging.getLogger()

@@ -14,7 +14,12 @@ import torch
 
 from services.model.engine.base import FinalOutput, LogprobEntry, TokenOutput
 from services.model.engine.logprobs import FLOOR, candidate
-from services.model.engine.sampling import BatchSampler, RowSampler, log_distribution, sampling_config
+from services.model.engine.sampling import (
+    BatchSampler,
+    RowSampler,
+    log_distribution,
+    sampling_config,
+)
 from tests.model.engine_support import Recorder, drain, prepare, request, scheduler_for, tiny_engine
 
 VOCAB = 1000
@@ -72,6 +77,33 @@ def test_a_masked_token_gets_the_floor_not_infinity() -> None:
     assert candidate(table, 0, float("-inf")) == ("a", FLOOR, b"a")
     assert candidate(table, 1, -1.0) == ("\ufffd", -1.0, b"\xe4\xbd")
     assert candidate(table, 2, -0.5) == ("<|im_end|>", -0.5, None)
+    assert candidate(table, 0, float("nan")) == ("a", FLOOR, b"a")  # a row whose every token was masked
+    assert candidate(table, 0, 1e-7)[1] == 0.0  # rounding never gives a probability above 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 1e-45},
+        {"temperature": 1e-40, "presence_penalty": 2.0},
+        {"temperature": 1e-300, "top_k": 1},
+        {"temperature": 0.0, "repetition_penalty": 1e-300},
+        {"temperature": 1e-30, "repetition_penalty": 1e-300},
+    ],
+)
+def test_tiny_temperatures_and_penalties_keep_the_numbers_finite(extra: dict[str, Any]) -> None:
+    # A hostile-input hunt: temperature 1e-45 with logprobs gave NaN logprobs (null on the wire, a broken
+    # stream); repetition_penalty 1e-300 is 0 in float32. Below MIN_TEMPERATURE a row is greedy.
+    sampler = BatchSampler(VOCAB, "cpu")
+    row = RowSampler(sampling_config(**extra), torch.empty(0), VOCAB)
+    assert row.config.greedy and row.config.repetition_penalty >= 1e-6
+    sampler.set_rows([row])
+    x = torch.randn(1, VOCAB) * 4
+    row.record(int(x[0].argmin()))  # a seen token, so that the penalties act
+    token = sampler.sample(x.clone(), [0.5])
+    chosen, _, values = sampler.logprobs([0], token, 5)
+    assert math.isfinite(chosen[0]) and all(math.isfinite(v) for v in values[0])
+    assert token.item() == int(x[0].argmax())  # the seen token had the lowest logit
 
 
 # ---- the real scheduler on the tiny checkpoint --------------------------------------------------------

@@ -206,3 +206,14 @@ def test_metrics_come_from_the_real_scheduler(client: httpx.Client) -> None:
     assert values["model_step_duration_seconds_count[]"] >= 6
     assert values["model_ready[]"] == 1
     assert values["model_device_memory_bytes[('device', 'cpu'), ('kind', 'rss')]"] > 50_000_000
+
+
+TINY_VALUES = [{"temperature": 1e-45}, {"temperature": 0.5, "repetition_penalty": 1e-300}]
+
+
+@pytest.mark.parametrize("sampling", TINY_VALUES)
+def test_tiny_sampling_values_with_logprobs_give_finite_numbers(client: httpx.Client, sampling: dict) -> None:
+    # A hostile-input hunt: these gave NaN logprobs, which the wire carries as null and the api rejects.
+    payload = body(f"tiny-values-{len(sampling)}", "Say hi", max_tokens=4, top_logprobs=2, **sampling)
+    events = generate(client, payload)  # decode_event validates every event (a null logprob fails)
+    assert assert_well_formed(events).finish_reason in {"stop", "length"}

@@ -19,10 +19,10 @@ FLOOR = -9999.0
 
 
 def candidate(table: TokenTable, token_id: int, logprob: float) -> Candidate:
-    """A token's text (a special token by its name), ``logprob`` (at least ``FLOOR``) and its bytes
-    (None for a special token). Text that is not valid UTF-8 alone (part of a character) shows U+FFFD;
-    the bytes are exact."""
-    logprob = max(float(logprob), FLOOR)
+    """A token's text (a special token by its name), ``logprob`` (within ``[FLOOR, 0]``; NaN, from a row
+    whose every token was masked, is ``FLOOR`` too) and its bytes (None for a special token). Text that is
+    not valid UTF-8 alone (part of a character) shows U+FFFD; the bytes are exact."""
+    logprob = min(float(logprob), 0.0) if float(logprob) >= FLOOR else FLOOR  # NaN >= FLOOR is False
     name = table.special_names.get(token_id)
     if name is not None:
         return name, logprob, None

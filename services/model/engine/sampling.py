@@ -53,10 +53,18 @@ class InvalidSampling(ValueError):
     """A request's sampling value that no normalisation can make meaningful (its row alone is refused)."""
 
 
+# A temperature below this is greedy (the limit of t -> 0; vLLM draws the line at the same 1e-5): dividing
+# logits by a smaller one overflows float32 (1 / 1e-40 is inf) and the distribution turns into NaN.
+MIN_TEMPERATURE = 1e-5
+# ``repetition_penalty`` acts as at least this: a smaller one is 0 in float32 (1e-300), a division by zero.
+MIN_REPETITION_PENALTY = 1e-6
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingConfig:
-    """Resolved sampling parameters of one request. ``temperature == 0`` means greedy; ``top_k == 0`` and
-    ``top_p == 1`` mean "no truncation"; ``seed=None`` draws a random seed."""
+    """Resolved sampling parameters of one request. ``temperature`` below ``MIN_TEMPERATURE`` (0 included)
+    means greedy; ``top_k == 0`` and ``top_p == 1`` mean "no truncation"; ``seed=None`` draws a random
+    seed."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -68,7 +76,7 @@ class SamplingConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def counts_generated(self) -> bool:
@@ -88,7 +96,9 @@ def normalise(config: SamplingConfig, vocab_size: int) -> SamplingConfig:
 
     ``top_k`` is clamped to ``[0, vocab_size]`` (a negative one means "no top-k"; any value >= the vocabulary
     keeps the whole head, as ``vocab_size`` does); ``seed`` is reduced mod 2**64 (deterministic; identical to
-    what ``manual_seed`` does for the seeds it accepts, so ``-1`` and ``2**64 - 1`` share one stream).
+    what ``manual_seed`` does for the seeds it accepts, so ``-1`` and ``2**64 - 1`` share one stream);
+    ``repetition_penalty`` is raised to ``MIN_REPETITION_PENALTY`` (a seen token with a positive logit wins
+    either way).
 
     Raises:
         InvalidSampling: a float field is NaN or infinite, or ``repetition_penalty`` is not positive.
@@ -100,9 +110,10 @@ def normalise(config: SamplingConfig, vocab_size: int) -> SamplingConfig:
         raise InvalidSampling("repetition_penalty must be greater than 0")
     top_k = min(max(int(config.top_k), 0), vocab_size)
     seed = None if config.seed is None else int(config.seed) % SEED_MODULUS
-    if top_k == config.top_k and seed == config.seed:
+    penalty = max(config.repetition_penalty, MIN_REPETITION_PENALTY)
+    if top_k == config.top_k and seed == config.seed and penalty == config.repetition_penalty:
         return config
-    return replace(config, top_k=top_k, seed=seed)
+    return replace(config, top_k=top_k, seed=seed, repetition_penalty=penalty)
 
 
 class RowSampler:
@@ -376,10 +387,11 @@ class BatchSampler:
 
 def log_distribution(x: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
     """(r, V) float32 log-probabilities: ``log_softmax(x / t)`` per row over the whole vocabulary, with
-    ``t`` the row's temperature, 1 for a greedy row (temperature 0: its token is the row's most likely
-    one). Top-k / top-p truncation is not applied. ``x`` (r, V) any float dtype; masked entries (-inf)
-    stay -inf."""
-    t = torch.tensor([v if v > 0.0 else 1.0 for v in temperatures], dtype=torch.float32, device=x.device)
+    ``t`` the row's temperature, 1 for a greedy row (below ``MIN_TEMPERATURE``: its token is the row's most
+    likely one). Top-k / top-p truncation is not applied. ``x`` (r, V) any float dtype; masked entries
+    (-inf) stay -inf; a row with every entry masked is NaN (``logprobs.candidate`` floors it)."""
+    t = [v if v >= MIN_TEMPERATURE else 1.0 for v in temperatures]
+    t = torch.tensor(t, dtype=torch.float32, device=x.device)
     return torch.log_softmax(x.to(torch.float32) / t[:, None], dim=-1)
 
 

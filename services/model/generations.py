@@ -176,7 +176,7 @@ class Generation:
     def append_finished(self, out: FinalOutput, now: float) -> Finished:
         error = None
         if out.error or out.finish_reason == "error":
-            error = ErrorInfo(code="internal", message=out.error or "generation failed")
+            error = ErrorInfo(code=out.error_code, message=out.error or "generation failed")
         event = Finished(
             seq=len(self._live),
             finish_reason=out.finish_reason,  # type: ignore[arg-type]  # the engine uses the same literals

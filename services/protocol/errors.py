@@ -65,7 +65,7 @@ class InvalidValue(InvalidRequest):
 def param_of(message: str) -> str:
     """The parameter path an ``InvalidSchema`` message starts with; ``response_format`` when none."""
     head = message.split(": ", 1)[0]
-    if head == "response_format" or re.fullmatch(r"tools\[\d{1,3}\]\.function\.parameters", head):
+    if head in ("response_format", "tools") or re.fullmatch(r"tools\[\d{1,3}\]\.function\.parameters", head):
         return head
     return "response_format"
 

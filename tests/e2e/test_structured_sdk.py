@@ -266,3 +266,32 @@ def test_a_schema_the_compiler_rejects_is_a_400_naming_it(http: httpx.Client) ->
         "/v1/chat/completions", json={"messages": ask("x"), "tools": tools, "tool_choice": "required"}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tools[1].function.parameters", r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_no_output_satisfies_is_the_clients_error(http: httpx.Client, stream: bool) -> None:
+    # It compiles, so only the generation finds out (no token can follow `"`): a 400 naming the parameter,
+    # in the non-streamed answer and as the stream's error event, not a 500 of ours.
+    nothing = {"name": "x", "schema": {"type": "string", "pattern": "[^\\s\\S]"}}
+    body = {
+        "messages": ask("x"),
+        "max_reasoning_tokens": 0,
+        "response_format": {"type": "json_schema", "json_schema": nothing},
+        "stream": stream,
+    }
+    if not stream:
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+    else:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = read_sse(r)
+        assert events[-1].data == "[DONE]"
+        error = events[-2].json()["error"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "response_format",
+        "invalid_schema",
+    )
+    assert error["message"].startswith("response_format: no output satisfies this JSON schema")

@@ -80,3 +80,41 @@ def test_a_masking_fault_fails_only_the_row_at_fault(
         final = faulted.final(req.request_id)
         assert final is not None and final.finish_reason != "error", final
         assert faulted.text(req.request_id) == clean.text(req.request_id), req.request_id
+
+
+NOTHING = {"type": "string", "pattern": "[^\\s\\S]"}  # compiles; no string matches it
+
+
+def test_a_schema_no_output_satisfies_ends_its_request_with_invalid_schema(
+    engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hostile-input hunt: the grammar allowed `"`, then no token; the sampler picked a refused one and the
+    # request failed as our fault (500, a traceback). Its neighbours, one with n = 3 of it, are unaffected.
+    dead = ResponseFormat(type="json_schema", json_schema=NOTHING)
+    reqs = [request(f"free{i}", f"tell me {i}", max_tokens=20, temperature=0.0) for i in range(2)]
+    reqs.append(structured("dead", "describe it", budget=0, response_format=dead))
+    wide = structured("dead-n3", "describe it", budget=0, response_format=dead)
+    reqs.append(wide.model_copy(update={"sampling": wide.sampling.model_copy(update={"n": 3})}))
+    reqs.append(structured("good", "describe good", response_format=FMT))
+    clean, _ = run(engine, [r for r in reqs if not r.request_id.startswith("dead")])
+    with caplog.at_level("WARNING"):
+        rec, _ = run(engine, reqs)
+    for rid in ("dead", "dead-n3"):
+        final = rec.final(rid)
+        assert final is not None and final.finish_reason == "error" and final.error_code == "invalid_schema"
+        assert (final.error or "").startswith("response_format: no output satisfies this JSON schema")
+    assert not [r for r in caplog.records if r.exc_info], "a dead end is the client's schema, no traceback"
+    for rid in ("free0", "free1", "good"):
+        final, before = rec.final(rid), clean.final(rid)
+        assert final is not None and before is not None and final.finish_reason == before.finish_reason
+        assert rec.text(rid) == clean.text(rid)
+
+
+def test_the_error_code_crosses_the_engine_process_wire() -> None:
+    from services.model.engine import wire
+    from services.model.engine.base import FinalOutput
+
+    message = "response_format: no output satisfies this JSON schema"
+    sent = FinalOutput("error", 12, 1, message, 0, "invalid_schema")
+    [(rid, got)] = wire.StepReport(packed=wire.pack_outputs([("r", sent)])).outputs()
+    assert (rid, got) == ("r", sent)

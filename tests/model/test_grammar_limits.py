@@ -143,3 +143,17 @@ def test_a_failing_forced_tool_compile_is_a_400_naming_the_tool(
     with pytest.raises(InvalidSchema) as info:
         engine.prepare_sync(request("tool2", "x").model_copy(update=fields))
     assert info.value.param == "tools[1].function.parameters"
+
+
+def test_the_compilers_assertion_text_stays_out_of_the_message(tiny_model_dir: Path) -> None:
+    # A hostile-input hunt: "Check failed: (val <= MAX_INT64_AS_DOUBLE) is false: ..." reached the client.
+    engine = tiny_engine(tiny_model_dir)
+    schema = {"type": "integer", "minimum": 1e30, "maximum": 1e30 + 1}
+    req = request("huge", "x").model_copy(
+        update={"response_format": ResponseFormat(type="json_schema", json_schema=schema)}
+    )
+    with pytest.raises(InvalidSchema) as info:
+        engine.grammars.matchers(req)
+    message = info.value.message
+    assert message.startswith("response_format: the JSON schema cannot be used: "), message
+    assert "Check failed" not in message and "MAX_INT64" not in message and ".cc:" not in message

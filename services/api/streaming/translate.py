@@ -10,6 +10,8 @@ import json
 import logging
 from typing import Any
 
+from services.api.errors import from_model_error
+from services.protocol.errors import InvalidSchema
 from services.protocol.events import Finished
 
 log = logging.getLogger("api.translate")
@@ -94,8 +96,18 @@ def usage_dict(finished: Finished) -> dict[str, Any]:
     }
 
 
-def error_payload(message: str, *, type_: str, code: str | None) -> str:
-    return _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+def error_payload(message: str, *, type_: str, code: str | None, param: str | None = None) -> str:
+    return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def _client_error(finished: Finished) -> str | None:
+    """The error event of a generation that failed because of the request itself (the model service's
+    ``invalid_schema``: no output satisfies the JSON schema), in the shape of the same 400 before the
+    stream (its text scrubbed as every model-service text is); None for any other failure."""
+    if finished.error is None or finished.error.code != "invalid_schema":
+        return None
+    bad = from_model_error(InvalidSchema(finished.error.message), retry_after=0)
+    return error_payload(bad.message, type_=bad.type, code=bad.code, param=bad.param)
 
 
 def choice_reason(reason: str, called_tools: bool) -> str:
@@ -119,6 +131,9 @@ def final_chunks(
     cancelled, length, stop any choice ended with). None: one choice (index 0, ``called_tools``)."""
     usage = usage_dict(finished)
     if finished.finish_reason == "error":
+        client_error = _client_error(finished)
+        if client_error is not None:
+            return [client_error, DONE], "failed", None
         code = finished.error.code if finished.error else None
         if finished.error is not None:
             log.warning("the model service failed the generation: %s (%s)", finished.error.message, code)

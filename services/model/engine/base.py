@@ -60,6 +60,9 @@ class FinalOutput:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # with an ``error``: "internal" (ours), or "invalid_schema" (the request's JSON schema: no output
+    # satisfies it; ``error`` starts with the parameter's path and ": ", as ``protocol.errors.InvalidSchema``)
+    error_code: str = "internal"
 
 
 Output = TokenOutput | FinalOutput
@@ -78,6 +81,7 @@ class Prepared:
     # the answer's grammar matcher (xgrammar, hf) or constraint (fake); None: free. With n > 1 and a
     # stateful matcher: a list of n matchers, one per choice (see ``grammar_for``)
     grammar: Any = None
+    grammar_param: str = "response_format"  # the public parameter the grammar comes from (its errors name it)
     prefix_key: Any = None  # hf: the prompt's ``prefix.PromptKey`` (ids + media digests), made at prepare
 
     @property

@@ -33,6 +33,7 @@ class ChoiceGroup:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     reasons: dict[int, str] = field(default_factory=dict)  # choice index -> its finish reason
     error: str | None = None
+    error_code: str = "internal"  # see ``FinalOutput.error_code``
 
     @property
     def done(self) -> bool:
@@ -46,6 +47,7 @@ class ChoiceGroup:
         generated: int,
         error: str | None = None,
         tail: TokenOutput | None = None,
+        error_code: str = "internal",
     ) -> list[tuple[str, Output]]:
         """Outputs for the end of choice ``index`` after ``generated`` tokens (``reason`` one of stop,
         length, cancelled, error). ``tail``: the choice's last unreported tokens/text, folded into its
@@ -56,7 +58,7 @@ class ChoiceGroup:
         self.reasons[index] = reason
         self.completion_tokens += generated
         if error is not None and self.error is None:
-            self.error = error
+            self.error, self.error_code = error, error_code
         out: list[tuple[str, Output]] = []
         if self.n == 1:
             if tail is not None:
@@ -73,7 +75,8 @@ class ChoiceGroup:
         """The request's ``FinalOutput`` (see the module doc for its reason)."""
         seen = set(self.reasons.values())
         reason = next((r for r in _SEVERITY if r in seen), "error")
-        return FinalOutput(reason, self.prompt_tokens, self.completion_tokens, self.error, self.cached_tokens)
+        counts = (self.prompt_tokens, self.completion_tokens)
+        return FinalOutput(reason, *counts, self.error, self.cached_tokens, self.error_code)
 
 
 def tail_output(

@@ -50,6 +50,7 @@ COMPILE_THREADS = 2  # compiles at once, per engine (apart from the prepare thre
 TOO_SLOW_KEPT = 1024  # schemas remembered as too slow to compile (least recently seen out first)
 _BITS = np.arange(32, dtype=np.int64)
 _LOG_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[17:40:41] /path/file.cc:5088: "
+_CHECK_FAILED = re.compile(r"^Check failed: \(.*?\) is false:\s*")  # the C++ assertion, before its text
 
 
 class Grammars:
@@ -109,11 +110,11 @@ class Grammars:
 
     def _compile(self, request: GenerateRequest) -> Any:
         rf = request.response_format
-        if request.tools and request.tool_choice.mode in ("required", "function"):
+        if forces_tools(request):
             chosen = chosen_tools(request)
             for i, tool in chosen:
                 check_schema(tool.function.parameters or {}, f"tools[{i}].function.parameters")
-            param = f"tools[{chosen[0][0]}].function.parameters" if len(chosen) == 1 else "tools"
+            param = grammar_param(request)
             key = json.dumps([[i, t.function.model_dump()] for i, t in chosen], sort_keys=True)
             compiler = self.compiler()  # built outside the deadline (once, about a second)
             return self._bounded(
@@ -233,9 +234,10 @@ def _call_grammar(index: int, tool: Tool) -> Any:
 
 
 def _clean(exc: BaseException) -> str:
-    """The compiler's message without its log prefix (time, source file), on one line, bounded."""
+    """The compiler's message without its log prefix (time, source file) and its failed C++ assertion
+    ("Check failed: (val <= MAX_INT64_AS_DOUBLE) is false: "), on one line, bounded."""
     text = " ".join(str(exc).split())
-    return _LOG_PREFIX.sub("", text)[:300] or type(exc).__name__
+    return _CHECK_FAILED.sub("", _LOG_PREFIX.sub("", text))[:300] or type(exc).__name__
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -340,3 +342,18 @@ def _ids(words: np.ndarray, which: np.ndarray, vocab: int) -> torch.Tensor:
     bits = np.unpackbits(words[which].view(np.uint8), bitorder="little").reshape(-1, 32).astype(bool)
     ids = (which[:, None] * 32 + _BITS)[bits]
     return torch.from_numpy(ids[ids < vocab])
+
+
+def forces_tools(request: GenerateRequest) -> bool:
+    """The request's grammar is its forced tool call's (``tool_choice`` required or a named function)."""
+    return bool(request.tools) and request.tool_choice.mode in ("required", "function")
+
+
+def grammar_param(request: GenerateRequest) -> str:
+    """The public parameter that a request's grammar comes from (what an error about it names): the one
+    forced tool's ``tools[i].function.parameters``, ``tools`` for a choice among several, else
+    ``response_format``."""
+    if not forces_tools(request):
+        return "response_format"
+    chosen = chosen_tools(request)
+    return f"tools[{chosen[0][0]}].function.parameters" if len(chosen) == 1 else "tools"

@@ -15,7 +15,7 @@ from typing import Any
 from services.model.engine.base import Admitted, EngineObserver, EngineStats, OutputSink, Prepared
 from services.model.engine.batch import bytes_per_token
 from services.model.engine.detokenize import TokenTable
-from services.model.engine.grammar import Grammars
+from services.model.engine.grammar import Grammars, grammar_param
 from services.model.engine.kv_slots import SlotConfig
 from services.model.engine.prefix import prompt_key
 from services.model.engine.scheduler import Scheduler, SchedulerConfig
@@ -149,6 +149,7 @@ class HFEngine:
             prompt_tokens=prompt_tokens,
             inputs=inputs,
             grammar=grammar,
+            grammar_param=grammar_param(request),
             prefix_key=(
                 prompt_key(self.loaded.model.config, inputs, prompt.digests)
                 if self.settings.prefix_cache

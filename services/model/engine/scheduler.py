@@ -136,6 +136,7 @@ class _Row:
     logprobs: TokenLogprobs | None = None  # entries of the unreported tokens (rows with top_logprobs)
     finish_reason: str | None = None
     error: str | None = None
+    error_code: str = "internal"  # see ``FinalOutput.error_code``
 
     @property
     def request_id(self) -> str:
@@ -792,10 +793,23 @@ class Scheduler:
                     log.exception("grammar of %s failed", row.request_id)
                     self._fail_rows(step, [row], f"grammar failed: {exc}")
                     continue
+                if not bool(self._mask_buffer()[i].any()):  # a dead end: the schema cannot be satisfied
+                    self._dead_end(step, row)
+                    continue
                 masked.append(i)
         if masked:
             picks.update(self._masked(step, logits, masked))
         return picks
+
+    def _dead_end(self, step: _Step, row: _Row) -> None:
+        """A grammar row whose matcher allows no token (it has not accepted a whole value, or end of
+        sequence would be allowed): the request's schema admits no output from here, e.g. a pattern no
+        string matches. The client's schema, not our failure: the request ends with ``invalid_schema``."""
+        param = row.prepared.grammar_param
+        log.warning("%s: the JSON schema of %s admits no output (%s)", param, row.request_id, "dead end")
+        message = f"{param}: no output satisfies this JSON schema (the model could not continue after "
+        message += f"{row.generated} tokens)"
+        self._fail_rows(step, [row], message, "invalid_schema")
 
     def _masked(self, step: _Step, logits: torch.Tensor, masked: list[int]) -> dict[_Row, int]:
         """``_mask_rows`` for the ``masked`` rows together; when that raises, row by row, and a row that
@@ -875,12 +889,12 @@ class Scheduler:
         reason = row.finish_reason or "error"
         group = row.group
         group.cached_tokens = row.prefix[1] if row.prefix is not None else 0
-        step.outputs.extend(group.end(row.index, reason, row.generated, row.error, tail))
+        step.outputs.extend(group.end(row.index, reason, row.generated, row.error, tail, row.error_code))
         if group.done:
             final = group.final()
             self._forget(row.request_id, final.finish_reason, final.completion_tokens)
         if reason == "error":
-            self._fail_rows(step, row.choices, row.error or "another choice failed")
+            self._fail_rows(step, row.choices, row.error or "another choice failed", row.error_code)
 
     def _finish_unstarted(
         self, step: _Step, prepared: Prepared, reason: str, error: str | None = None
@@ -894,10 +908,10 @@ class Scheduler:
         if self._observer is not None:
             self._observer.on_finish(request_id, reason, completion_tokens)
 
-    def _fail_rows(self, step: _Step, rows: Iterable[_Row], message: str) -> None:
+    def _fail_rows(self, step: _Step, rows: Iterable[_Row], message: str, code: str = "internal") -> None:
         for row in rows:
             if row.finish_reason is None:
-                row.finish_reason, row.error = "error", message
+                row.finish_reason, row.error, row.error_code = "error", message, code
                 self._final(step, row)
 
     def _retire(self) -> None:

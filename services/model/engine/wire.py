@@ -37,10 +37,10 @@ from services.protocol.generate import GenerateRequest
 __all__ = ["Admitted"]  # re-exported: the same value is the child's answer and admit's result
 
 _TOKEN, _FINAL = 0, 1
-PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | int | None, int]
+PackedOutput = tuple[str, int, str | int, str | int, int, str | None, TokenLogprobs | int | None, int | str]
 """``(request_id, 0, reasoning, content, tokens, finish_reason, logprobs, index)`` (the choice's index
 and, n > 1 only, its finish reason) or
-``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, cached_tokens, 0)``."""
+``(request_id, 1, finish_reason, prompt_tokens, completion_tokens, error, cached_tokens, error_code)``."""
 
 
 # ---- parent -> child --------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def pack_outputs(outputs: Sequence[tuple[str, Output]]) -> list[PackedOutput]:
                     out.completion_tokens,
                     out.error,
                     out.cached_tokens,
-                    0,
+                    out.error_code,
                 )
             )
     return packed
@@ -147,4 +147,5 @@ def _unpack(p: PackedOutput) -> tuple[str, Output]:
     rid, kind, a, b, n, reason, logprobs, index = p
     if kind == _TOKEN:
         return rid, TokenOutput(str(a), str(b), n, logprobs, index, reason)
-    return rid, FinalOutput(str(a), int(b), n, reason, int(logprobs or 0))  # type: ignore[arg-type]
+    final = FinalOutput(str(a), int(b), n, reason, int(logprobs or 0), str(index))  # type: ignore[arg-type]
+    return rid, final

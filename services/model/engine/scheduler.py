@@ -793,13 +793,22 @@ class Scheduler:
                     log.exception("grammar of %s failed", row.request_id)
                     self._fail_rows(step, [row], f"grammar failed: {exc}")
                     continue
-                if not bool(self._mask_buffer()[i].any()):  # a dead end: the schema cannot be satisfied
-                    self._dead_end(step, row)
-                    continue
                 masked.append(i)
+        if masked:
+            masked = self._drop_dead_ends(step, masked)
         if masked:
             picks.update(self._masked(step, logits, masked))
         return picks
+
+    def _drop_dead_ends(self, step: _Step, masked: list[int]) -> list[int]:
+        """``masked`` without the rows whose filled mask allows no token (one check for all of them),
+        which end as dead ends (``_dead_end``)."""
+        assert self._bitmask is not None
+        alive = self._bitmask[masked].any(dim=1).tolist()
+        for i, ok in zip(masked, alive, strict=True):
+            if not ok:
+                self._dead_end(step, self._rows[i])
+        return [i for i, ok in zip(masked, alive, strict=True) if ok]
 
     def _dead_end(self, step: _Step, row: _Row) -> None:
         """A grammar row whose matcher allows no token (it has not accepted a whole value, or end of

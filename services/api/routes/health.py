@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from services.api.deps import Hub
-from services.api.errors import ServiceUnavailable
+from services.api.errors import ServiceUnavailable, error_response, request_id_of
 from services.api.store.base import StoreUnavailable
 from services.api.streaming.hub import SessionHub
 
@@ -21,10 +21,11 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(hub: Hub) -> JSONResponse:
+async def ready(request: Request, hub: Hub) -> JSONResponse:
     """200 when the database answers and at least one model replica is ready, else 503 with the reason.
     Both are asked at once, each fresh (no cached model status), so the answer agrees with what a request
-    would meet now."""
+    would meet now. A 503 here is the probe's answer, not a failed request: answered, not raised (the error
+    handler would log a warning for every poll while the model loads)."""
     retry_after = hub.settings.retry_after_seconds
     reasons: list[str] = []
     store_ok, (model_ok, model_reason) = await asyncio.gather(_store_ok(hub), hub.model.readiness())
@@ -34,7 +35,8 @@ async def ready(hub: Hub) -> JSONResponse:
         reasons.append(model_reason)
     if reasons:
         message = "not ready: " + "; ".join(reasons)
-        raise ServiceUnavailable(message, code="not_ready", retry_after=retry_after)
+        error = ServiceUnavailable(message, code="not_ready", retry_after=retry_after)
+        return error_response(error, request_id_of(request))
     return JSONResponse({"status": "ready"})
 
 

@@ -62,6 +62,7 @@ def configure_logging(level: str, secrets: Iterable[str]) -> None:
     model service's callers are the api and the probes. ``secrets``: strings replaced by ``[REDACTED]``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(secrets))
+    logging.captureWarnings(True)  # ``warnings.warn`` (torch, transformers): records of "py.warnings"
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level.upper())

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from bench.cpu import CpuMeter
 from bench.engine_bench import RawEngine
 from bench.http_client import ChatTarget, make_client
@@ -193,7 +195,15 @@ async def run_level(target: Target, concurrency: int, args: argparse.Namespace) 
 
 
 async def _steps(target: Target) -> StepTotals | None:
-    return None if target.steps is None else await asyncio.to_thread(target.steps)
+    """The target's step totals; None when it has none or they cannot be read (a level whose server died
+    records its errors, it does not stop the bench)."""
+    if target.steps is None:
+        return None
+    try:
+        return await asyncio.to_thread(target.steps)
+    except httpx.HTTPError as exc:
+        log.warning("%s: engine steps unreadable (%s)", target.name, exc)
+        return None
 
 
 def _best(runs: list[LevelResult]) -> LevelResult:

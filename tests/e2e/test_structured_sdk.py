@@ -7,6 +7,7 @@ concurrency 16 with half the rows constrained."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +280,7 @@ def test_a_schema_no_output_satisfies_is_the_clients_error(http: httpx.Client, s
         "response_format": {"type": "json_schema", "json_schema": nothing},
         "stream": stream,
     }
+    before = generation_errors(http)
     if not stream:
         r = http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400, r.text
@@ -294,4 +296,11 @@ def test_a_schema_no_output_satisfies_is_the_clients_error(http: httpx.Client, s
         "response_format",
         "invalid_schema",
     )
-    assert error["message"].startswith("response_format: no output satisfies this JSON schema")
+    assert error["message"].startswith("response_format: the output reached a part of this JSON schema")
+    assert generation_errors(http) == before  # the client's schema: no alert on the model service
+
+
+def generation_errors(http: httpx.Client) -> float:
+    page = http.get("/metrics").text
+    found = re.search(r'^api_model_errors_total\{reason="generation_error"\} (\S+)$', page, re.M)
+    return float(found.group(1)) if found else 0.0

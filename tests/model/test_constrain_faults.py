@@ -83,6 +83,7 @@ def test_a_masking_fault_fails_only_the_row_at_fault(
 
 
 NOTHING = {"type": "string", "pattern": "[^\\s\\S]"}  # compiles; no string matches it
+DEAD_END = "response_format: the output reached a part of this JSON schema that no value satisfies"
 
 
 def test_a_schema_no_output_satisfies_ends_its_request_with_invalid_schema(
@@ -102,8 +103,10 @@ def test_a_schema_no_output_satisfies_ends_its_request_with_invalid_schema(
     for rid in ("dead", "dead-n3"):
         final = rec.final(rid)
         assert final is not None and final.finish_reason == "error" and final.error_code == "invalid_schema"
-        assert (final.error or "").startswith("response_format: no output satisfies this JSON schema")
+        assert (final.error or "").startswith(DEAD_END)
     assert not [r for r in caplog.records if r.exc_info], "a dead end is the client's schema, no traceback"
+    warned = [r.getMessage() for r in caplog.records if "dead end" in r.getMessage()]
+    assert len(warned) == 2, warned  # one per request, the n = 3 one's siblings included
     for rid in ("free0", "free1", "good"):
         final, before = rec.final(rid), clean.final(rid)
         assert final is not None and before is not None and final.finish_reason == before.finish_reason
@@ -114,7 +117,6 @@ def test_the_error_code_crosses_the_engine_process_wire() -> None:
     from services.model.engine import wire
     from services.model.engine.base import FinalOutput
 
-    message = "response_format: no output satisfies this JSON schema"
-    sent = FinalOutput("error", 12, 1, message, 0, "invalid_schema")
+    sent = FinalOutput("error", 12, 1, DEAD_END, 0, "invalid_schema")
     [(rid, got)] = wire.StepReport(packed=wire.pack_outputs([("r", sent)])).outputs()
     assert (rid, got) == ("r", sent)

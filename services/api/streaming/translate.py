@@ -100,11 +100,16 @@ def error_payload(message: str, *, type_: str, code: str | None, param: str | No
     return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+def failed_by_request(finished: Finished) -> bool:
+    """The generation failed because of the request itself, not the model service: its ``invalid_schema``
+    (the output reached a part of the JSON schema that no value satisfies)."""
+    return finished.error is not None and finished.error.code == "invalid_schema"
+
+
 def _client_error(finished: Finished) -> str | None:
-    """The error event of a generation that failed because of the request itself (the model service's
-    ``invalid_schema``: no output satisfies the JSON schema), in the shape of the same 400 before the
+    """The error event of a generation that ``failed_by_request``, in the shape of the same 400 before the
     stream (its text scrubbed as every model-service text is); None for any other failure."""
-    if finished.error is None or finished.error.code != "invalid_schema":
+    if finished.error is None or not failed_by_request(finished):
         return None
     bad = from_model_error(InvalidSchema(finished.error.message), retry_after=0)
     return error_payload(bad.message, type_=bad.type, code=bad.code, param=bad.param)

@@ -806,18 +806,19 @@ class Scheduler:
         assert self._bitmask is not None
         alive = self._bitmask[masked].any(dim=1).tolist()
         for i, ok in zip(masked, alive, strict=True):
-            if not ok:
+            if not ok and self._rows[i].finish_reason is None:  # not a sibling failed with it just now
                 self._dead_end(step, self._rows[i])
         return [i for i, ok in zip(masked, alive, strict=True) if ok]
 
     def _dead_end(self, step: _Step, row: _Row) -> None:
         """A grammar row whose matcher allows no token (it has not accepted a whole value, or end of
-        sequence would be allowed): the request's schema admits no output from here, e.g. a pattern no
-        string matches. The client's schema, not our failure: the request ends with ``invalid_schema``."""
+        sequence would be allowed): the output reached a part of the request's schema that no value
+        satisfies, e.g. a pattern no string matches (the compiler lets a row walk into such a part, also an
+        optional one). The client's schema, not our failure: the request ends with ``invalid_schema``."""
         param = row.prepared.grammar_param
-        log.warning("%s: the JSON schema of %s admits no output (%s)", param, row.request_id, "dead end")
-        message = f"{param}: no output satisfies this JSON schema (the model could not continue after "
-        message += f"{row.generated} tokens)"
+        log.warning("%s: the output of %s reached a dead end of its JSON schema", param, row.request_id)
+        message = f"{param}: the output reached a part of this JSON schema that no value satisfies "
+        message += f"(the model could not continue after {row.generated} tokens)"
         self._fail_rows(step, [row], message, "invalid_schema")
 
     def _masked(self, step: _Step, logits: torch.Tensor, masked: list[int]) -> dict[_Row, int]:

@@ -60,8 +60,9 @@ class FinalOutput:
     completion_tokens: int
     error: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # with an ``error``: "internal" (ours), or "invalid_schema" (the request's JSON schema: no output
-    # satisfies it; ``error`` starts with the parameter's path and ": ", as ``protocol.errors.InvalidSchema``)
+    # with an ``error``: "internal" (ours), or "invalid_schema" (the output reached a part of the request's
+    # JSON schema that no value satisfies; ``error`` starts with the parameter's path and ": ", as
+    # ``protocol.errors.InvalidSchema`` does)
     error_code: str = "internal"
 
 

@@ -54,7 +54,7 @@ async def chat_completions(request: Request, hub: Hub, owner: Owner) -> Response
     bind_session(request, record.id)
     if req.stream:
         return sse_response(hub, record.id, after if not created else -1, request_id_of(request))
-    return await _complete(request, hub, record)
+    return await _complete(request, hub, record, created)
 
 
 async def _start(
@@ -86,9 +86,11 @@ async def _start(
     return record, True
 
 
-async def _complete(request: Request, hub: SessionHub, record: SessionRecord) -> JSONResponse:
-    """Collect the whole answer; a client that leaves first cancels the generation at once (unless
-    another client of this process is following the same session)."""
+async def _complete(request: Request, hub: SessionHub, record: SessionRecord, created: bool) -> JSONResponse:
+    """Collect the whole answer. A client that leaves first cancels its generation at once (the contract)
+    — the one its request ``created``, and only while nobody else reads it: no client of this process
+    follows it and none of another process has marked itself present since it began. A request that
+    attached to an existing session leaves it to auto-cancel (someone else's generation)."""
     retry_after = hub.settings.retry_after_seconds
     collecting = asyncio.create_task(collect(hub, record.id, retry_after))
     leaving = asyncio.create_task(wait_disconnect(request))
@@ -101,7 +103,7 @@ async def _complete(request: Request, hub: SessionHub, record: SessionRecord) ->
             with contextlib.suppress(asyncio.CancelledError):
                 await collecting
     if collecting.cancelled():
-        if hub.attachments.count(record.id) == 0:
+        if created and not await hub.read_elsewhere(record.id):
             await hub.cancel(record, "auto", wait=False)
         return JSONResponse({}, status_code=499)  # nobody reads it; keeps the access log honest
     return JSONResponse(collecting.result(), headers={"X-Session-Id": record.id})

@@ -339,6 +339,18 @@ class SessionHub:
             else:
                 await self.store.wait(session_id, record.last_index, min(remaining, 0.5))
 
+    async def read_elsewhere(self, session_id: str) -> bool:
+        """Someone else reads the session: a client of this process follows it, or one of another process
+        marked itself present (``heartbeat``) after the session began. A store outage counts as someone
+        (cancelling on a guess could stop another client's generation; auto-cancel still applies)."""
+        if self.attachments.count(session_id):
+            return True
+        try:
+            record = await self.store.get(session_id)
+        except StoreUnavailable:
+            return True
+        return record is not None and record.reader_seen_at > record.created
+
     async def heartbeat(self, session_id: str) -> None:
         """A client is attached here to a session run elsewhere (auto-cancel across processes)."""
         with contextlib.suppress(StoreUnavailable):

@@ -7,6 +7,7 @@ re-attaches to the model replica), so a resume after a crash continues with the 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -51,12 +52,14 @@ async def follow(hub: SessionHub, session_id: str, after: int) -> AsyncIterator[
     settings = hub.settings
     beat_every = _heartbeat_interval(settings.cancel_after_disconnect_seconds)
     next_index = after + 1
-    last_yield = last_beat = time.monotonic()
+    last_yield = time.monotonic()
+    last_beat = -math.inf  # present at once: a non-streaming client elsewhere must not cancel it on leaving
     hub.attachments.attach(session_id)
     try:
         while True:
             now = time.monotonic()
-            if beat_every and now - last_beat >= beat_every and not hub.runs_locally(session_id):
+            due = last_beat == -math.inf or (beat_every and now - last_beat >= beat_every)
+            if due and not hub.runs_locally(session_id):
                 await hub.heartbeat(session_id)
                 last_beat = now
             timeout = max(0.01, min(settings.sse_ping_seconds - (now - last_yield), beat_every or 3600.0))

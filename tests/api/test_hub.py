@@ -223,3 +223,42 @@ async def test_the_orphan_sweep_runs_by_itself() -> None:
         assert time.monotonic() - started < 3.0  # one sweep (0.375..0.5 s) and the generation
     finally:
         await hub.close()
+
+
+@pytest.mark.parametrize("cancel_after", [4.0, 0.0])
+async def test_a_reader_elsewhere_counts_while_its_marks_are_recent(cancel_after: float) -> None:
+    # A non-streaming client that leaves cancels its generation at once only when nobody else reads it:
+    # a reader of another process shows in reader_seen_at (set equal to `created` at creation).
+    from services.api.streaming.hub import READER_GRACE_SECONDS, reader_heartbeat_seconds
+
+    store = MemoryStore()
+    settings = ApiSettings(cancel_after_disconnect_seconds=cancel_after, event_flush_ms=5)
+    hub = SessionHub(settings, store, FakeModel([]), ApiMetrics())  # type: ignore[arg-type]
+    created = time.time() - 30
+    await store.create(record("s", created=created, reader_seen_at=created))
+    assert not await hub.read_elsewhere("s")  # nobody ever attached elsewhere
+    hub.attachments.attach("s")
+    assert await hub.read_elsewhere("s")  # a client of this process follows it
+    hub.attachments.detach("s")
+    await hub.heartbeat("s")
+    assert await hub.read_elsewhere("s")  # one of another process marked itself just now
+    beat = reader_heartbeat_seconds(cancel_after)
+    stale = time.time() - 2 * max(beat, 1.0) - READER_GRACE_SECONDS - 1
+    await store.update("s", now=time.time(), reader_seen_at=stale)
+    # it came and went: with repeated marks (auto-cancel on) an old one no longer counts; with auto-cancel
+    # off readers mark themselves once, so any mark since the start does
+    assert await hub.read_elsewhere("s") is (beat == 0)
+
+
+async def test_replaying_a_finished_session_writes_nothing() -> None:
+    store = MemoryStore()
+    settings = ApiSettings(cancel_after_disconnect_seconds=4.0, event_flush_ms=5)
+    hub = SessionHub(settings, store, FakeModel([]), ApiMetrics())  # type: ignore[arg-type]
+    now = time.time()
+    await store.create(record("done", status="completed", created=now, reader_seen_at=now))
+    events = [StoredEvent(0, "{}"), StoredEvent(1, "[DONE]")]
+    await store.append("done", AppendBatch(events, model_seq=0, now=now))
+    seen = [e.data async for e in follow(hub, "done", -1) if e is not None]
+    assert seen == ["{}", "[DONE]"]
+    after = await store.get("done")
+    assert after is not None and after.reader_seen_at == now  # no heartbeat for a session nobody runs

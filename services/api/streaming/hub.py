@@ -44,6 +44,17 @@ from services.protocol.generate import GenerateRequest, Message, SamplingParams
 
 log = logging.getLogger("api.hub")
 
+READER_GRACE_SECONDS = 1.0  # a reader elsewhere counts this long past two missed heartbeats
+
+
+def reader_heartbeat_seconds(cancel_after: float) -> float:
+    """How often a reader in another process marks itself present (``SessionHub.heartbeat``), in seconds:
+    a quarter of ``CANCEL_AFTER_DISCONNECT_SECONDS`` within [0.2, 5]; 0 when auto-cancel is off (a reader
+    then marks itself once, as it attaches)."""
+    if cancel_after <= 0:
+        return 0.0
+    return min(max(cancel_after / 4.0, 0.2), 5.0)
+
 
 @dataclass(slots=True)
 class NewSession:
@@ -341,15 +352,20 @@ class SessionHub:
 
     async def read_elsewhere(self, session_id: str) -> bool:
         """Someone else reads the session: a client of this process follows it, or one of another process
-        marked itself present (``heartbeat``) after the session began. A store outage counts as someone
-        (cancelling on a guess could stop another client's generation; auto-cancel still applies)."""
+        marked itself present (``heartbeat``; ``reader_seen_at`` differs from ``created`` once one did, which
+        no clock skew between hosts changes) recently — within two beats and ``READER_GRACE_SECONDS``; with
+        auto-cancel off readers beat once, as they attach, so any such mark counts. A store outage counts as
+        someone (cancelling on a guess could stop another client's generation; auto-cancel still applies)."""
         if self.attachments.count(session_id):
             return True
         try:
             record = await self.store.get(session_id)
         except StoreUnavailable:
             return True
-        return record is not None and record.reader_seen_at > record.created
+        if record is None or record.reader_seen_at == record.created:
+            return False
+        beat = reader_heartbeat_seconds(self.settings.cancel_after_disconnect_seconds)
+        return beat == 0 or time.time() - record.reader_seen_at < 2 * beat + READER_GRACE_SECONDS
 
     async def heartbeat(self, session_id: str) -> None:
         """A client is attached here to a session run elsewhere (auto-cancel across processes)."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from services.api.store.base import FINAL_STATUSES, StoredEvent
-from services.api.streaming.hub import SessionHub
+from services.api.streaming.hub import SessionHub, reader_heartbeat_seconds
 from services.api.streaming.translate import DONE
 
 
@@ -50,26 +50,28 @@ async def follow(hub: SessionHub, session_id: str, after: int) -> AsyncIterator[
     """Yield the events with index > ``after`` in order, then stop after ``[DONE]`` (or when the session
     is final and fully read). Yields None whenever nothing came for SSE_PING_SECONDS (send a ping)."""
     settings = hub.settings
-    beat_every = _heartbeat_interval(settings.cancel_after_disconnect_seconds)
+    beat_every = reader_heartbeat_seconds(settings.cancel_after_disconnect_seconds)
     next_index = after + 1
     last_yield = time.monotonic()
-    last_beat = -math.inf  # present at once: a non-streaming client elsewhere must not cancel it on leaving
+    last_beat = -math.inf  # present once the first look shows a live session (``read_elsewhere``)
     hub.attachments.attach(session_id)
     try:
         while True:
             now = time.monotonic()
-            due = last_beat == -math.inf or (beat_every and now - last_beat >= beat_every)
-            if due and not hub.runs_locally(session_id):
-                await hub.heartbeat(session_id)
-                last_beat = now
+            first = last_beat == -math.inf
             timeout = max(0.01, min(settings.sse_ping_seconds - (now - last_yield), beat_every or 3600.0))
-            events, ended = await _step(hub, session_id, next_index, timeout)
+            events, ended = await _step(hub, session_id, next_index, 0.01 if first else timeout)
             for event in events:
                 yield event
                 if event.data == DONE:
                     return
             if ended:
-                return
+                return  # a finished session's replay writes nothing
+            now = time.monotonic()
+            if first or (beat_every and now - last_beat >= beat_every):
+                last_beat = now
+                if not hub.runs_locally(session_id):
+                    await hub.heartbeat(session_id)
             if events:
                 next_index = events[-1].index + 1
                 last_yield = time.monotonic()
@@ -107,10 +109,3 @@ async def _step(
         return [], False
     await hub.store.wait(session_id, next_index - 1, min(within, hub.settings.runner_lease_seconds / 2))
     return [], False
-
-
-def _heartbeat_interval(cancel_after: float) -> float:
-    """How often a reader marks itself present; 0 when auto-cancel is off."""
-    if cancel_after <= 0:
-        return 0.0
-    return min(max(cancel_after / 4.0, 0.2), 5.0)

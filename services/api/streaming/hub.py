@@ -44,16 +44,19 @@ from services.protocol.generate import GenerateRequest, Message, SamplingParams
 
 log = logging.getLogger("api.hub")
 
-READER_GRACE_SECONDS = 1.0  # a reader elsewhere counts this long past two missed heartbeats
+# A reader elsewhere counts while its last mark is younger than two heartbeats plus this (store latency, a
+# slow client holding the reader's loop, clock differences between hosts).
+READER_GRACE_SECONDS = 2.0
+MAX_READER_HEARTBEAT_SECONDS = 5.0
 
 
 def reader_heartbeat_seconds(cancel_after: float) -> float:
     """How often a reader in another process marks itself present (``SessionHub.heartbeat``), in seconds:
-    a quarter of ``CANCEL_AFTER_DISCONNECT_SECONDS`` within [0.2, 5]; 0 when auto-cancel is off (a reader
-    then marks itself once, as it attaches)."""
+    a quarter of ``CANCEL_AFTER_DISCONNECT_SECONDS`` within [0.2, 5], and 5 with auto-cancel off (the
+    non-streaming cancel still needs to know who reads)."""
     if cancel_after <= 0:
-        return 0.0
-    return min(max(cancel_after / 4.0, 0.2), 5.0)
+        return MAX_READER_HEARTBEAT_SECONDS
+    return min(max(cancel_after / 4.0, 0.2), MAX_READER_HEARTBEAT_SECONDS)
 
 
 @dataclass(slots=True)
@@ -352,10 +355,10 @@ class SessionHub:
 
     async def read_elsewhere(self, session_id: str) -> bool:
         """Someone else reads the session: a client of this process follows it, or one of another process
-        marked itself present (``heartbeat``; ``reader_seen_at`` differs from ``created`` once one did, which
-        no clock skew between hosts changes) recently — within two beats and ``READER_GRACE_SECONDS``; with
-        auto-cancel off readers beat once, as they attach, so any such mark counts. A store outage counts as
-        someone (cancelling on a guess could stop another client's generation; auto-cancel still applies)."""
+        marked itself present (``heartbeat``; ``reader_seen_at`` differs from ``created`` once one did)
+        recently: within two beats and ``READER_GRACE_SECONDS`` (a mark written on another host's clock). A
+        store outage counts as someone (cancelling on a guess could stop another client's generation;
+        auto-cancel still applies)."""
         if self.attachments.count(session_id):
             return True
         try:
@@ -365,7 +368,7 @@ class SessionHub:
         if record is None or record.reader_seen_at == record.created:
             return False
         beat = reader_heartbeat_seconds(self.settings.cancel_after_disconnect_seconds)
-        return beat == 0 or time.time() - record.reader_seen_at < 2 * beat + READER_GRACE_SECONDS
+        return time.time() - record.reader_seen_at < 2 * beat + READER_GRACE_SECONDS
 
     async def heartbeat(self, session_id: str) -> None:
         """A client is attached here to a session run elsewhere (auto-cancel across processes)."""

@@ -59,16 +59,17 @@ async def follow(hub: SessionHub, session_id: str, after: int) -> AsyncIterator[
         while True:
             now = time.monotonic()
             first = last_beat == -math.inf
-            timeout = max(0.01, min(settings.sse_ping_seconds - (now - last_yield), beat_every or 3600.0))
+            beat_left = beat_every - (now - last_beat)  # the next mark is due within one beat, not two
+            timeout = max(0.01, min(settings.sse_ping_seconds - (now - last_yield), beat_left))
             events, ended = await _step(hub, session_id, next_index, 0.01 if first else timeout)
             for event in events:
                 yield event
                 if event.data == DONE:
                     return
             if ended:
-                return  # a finished session's replay writes nothing
+                return  # a finished session read in one go (up to 1000 events) writes nothing
             now = time.monotonic()
-            if first or (beat_every and now - last_beat >= beat_every):
+            if first or now - last_beat >= beat_every:
                 last_beat = now
                 if not hub.runs_locally(session_id):
                     await hub.heartbeat(session_id)

@@ -125,4 +125,10 @@ def error_from_body(status: int, body: object) -> ModelServiceError:
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         code = str(body["error"].get("code", code))
         message = str(body["error"].get("message", message))
+    return error_from_code(code, message)
+
+
+def error_from_code(code: str, message: str) -> ModelServiceError:
+    """The typed error of a model-service error ``code`` (an error response's, or a ``Finished`` event's);
+    an unknown code is ``ModelServiceError`` (internal)."""
     return _BY_CODE.get(code, ModelServiceError)(message)

@@ -52,8 +52,8 @@ from services.api.streaming.translate import (
     ChunkEncoder,
     choice_reason,
     error_payload,
-    failed_by_request,
     final_chunks,
+    request_error,
     usage_dict,
 )
 from services.protocol.errors import ModelServiceError
@@ -410,7 +410,7 @@ class SessionRunner:
                     self._add_answer(choice, self._parser(choice).finish())
             self._release_held(self._model_seq)
         self._safe_seq = self._model_seq
-        if finished.finish_reason == "error" and not failed_by_request(finished):
+        if finished.finish_reason == "error" and request_error(finished) is None:
             self._d.metrics.model_errors.labels("generation_error").inc()
         called = {c: self._calls.get(c, 0) > 0 for c in range(self._n) if c not in self._ended}
         open_choices = called if self._n > 1 else None

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from services.api.errors import from_model_error
-from services.protocol.errors import InvalidSchema
+from services.protocol.errors import InvalidRequest, error_from_code
 from services.protocol.events import Finished
 
 log = logging.getLogger("api.translate")
@@ -100,19 +100,14 @@ def error_payload(message: str, *, type_: str, code: str | None, param: str | No
     return _dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
-def failed_by_request(finished: Finished) -> bool:
-    """The generation failed because of the request itself, not the model service: its ``invalid_schema``
-    (the output reached a part of the JSON schema that no value satisfies)."""
-    return finished.error is not None and finished.error.code == "invalid_schema"
-
-
-def _client_error(finished: Finished) -> str | None:
-    """The error event of a generation that ``failed_by_request``, in the shape of the same 400 before the
-    stream (its text scrubbed as every model-service text is); None for any other failure."""
-    if finished.error is None or not failed_by_request(finished):
+def request_error(finished: Finished) -> InvalidRequest | None:
+    """The typed error of a generation that failed because of the request itself — a kind of
+    ``InvalidRequest`` the model service found only while generating, such as ``invalid_schema`` (the output
+    reached a part of the JSON schema that no value satisfies) —, else None (the model service's failure)."""
+    if finished.error is None:
         return None
-    bad = from_model_error(InvalidSchema(finished.error.message), retry_after=0)
-    return error_payload(bad.message, type_=bad.type, code=bad.code, param=bad.param)
+    exc = error_from_code(finished.error.code, finished.error.message)
+    return exc if isinstance(exc, InvalidRequest) else None
 
 
 def choice_reason(reason: str, called_tools: bool) -> str:
@@ -136,9 +131,11 @@ def final_chunks(
     cancelled, length, stop any choice ended with). None: one choice (index 0, ``called_tools``)."""
     usage = usage_dict(finished)
     if finished.finish_reason == "error":
-        client_error = _client_error(finished)
-        if client_error is not None:
-            return [client_error, DONE], "failed", None
+        bad = request_error(finished)
+        if bad is not None:  # the same 400 as before the stream, its text scrubbed as every model text is
+            err = from_model_error(bad, retry_after=0)
+            payload = error_payload(err.message, type_=err.type, code=err.code, param=err.param)
+            return [payload, DONE], "failed", None
         code = finished.error.code if finished.error else None
         if finished.error is not None:
             log.warning("the model service failed the generation: %s (%s)", finished.error.message, code)

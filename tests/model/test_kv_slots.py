@@ -645,6 +645,23 @@ _FAILURES = {
 }
 
 
+def _first_then_the_rest(engine: Any, scenario: str, prefix: str) -> tuple[Any, Recorder, list[Any]]:
+    """A slots scheduler running the requests of ``_FAILURES[scenario]`` (ids ``<prefix>-<row>``): the
+    first one stepped once alone, the others submitted after it."""
+    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=8, prefix_cache=False)
+    rec = Recorder()
+    sched.bind(rec)
+    specs, _ = _FAILURES[scenario]
+    prepared = [
+        prepare(engine, request(f"{prefix}-{r}", text, max_tokens=n, temperature=0)) for r, text, n in specs
+    ]
+    sched.submit(prepared[0])
+    sched.step_once()
+    for p in prepared[1:]:
+        sched.submit(p)
+    return sched, rec, prepared
+
+
 @pytest.mark.parametrize("where", list(_FAILURES))
 def test_a_reallocation_failing_half_way_fails_the_rows_and_the_engine_recovers(
     engine: Any, monkeypatch: pytest.MonkeyPatch, where: str
@@ -660,17 +677,8 @@ def test_a_reallocation_failing_half_way_fails_the_rows_and_the_engine_recovers(
     monkeypatch.setattr(
         scheduler_module, "culprits", lambda n, probe: probes.append(n) or real_culprits(n, probe)
     )
-    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=8, prefix_cache=False)
-    rec = Recorder()
-    sched.bind(rec)
-    specs, message = _FAILURES[where]
-    prepared = [
-        prepare(engine, request(f"{where}-{r}", text, max_tokens=n, temperature=0)) for r, text, n in specs
-    ]
-    sched.submit(prepared[0])
-    sched.step_once()
-    for p in prepared[1:]:
-        sched.submit(p)
+    sched, rec, prepared = _first_then_the_rest(engine, where, where)
+    message = _FAILURES[where][1]
     failing.arm()
     drain(sched)
     assert not failing.armed  # the fault fired
@@ -689,17 +697,7 @@ def test_a_compaction_failing_before_it_released_anything_leaves_the_rows_runnin
     """A compaction is optional: out of memory for its first new buffer (every old layer still whole)
     is logged, the batch is not lost, and the rows finish as ``generate`` alone does."""
     failing = _FailingBuffer(monkeypatch, at=1)
-    sched = scheduler_for(engine, kv_layout="slots", max_batch_size=8, prefix_cache=False)
-    rec = Recorder()
-    sched.bind(rec)
-    specs, _ = _FAILURES["compact"]
-    prepared = [
-        prepare(engine, request(f"keep-{r}", text, max_tokens=n, temperature=0)) for r, text, n in specs
-    ]
-    sched.submit(prepared[0])
-    sched.step_once()
-    for p in prepared[1:]:
-        sched.submit(p)
+    sched, rec, prepared = _first_then_the_rest(engine, "compact", "keep")
     while any(rec.final(p.request_id) is None for p in prepared[1:]):
         sched.step_once()
     failing.arm()  # b and c have left a alone in a bucket of 4: the next step compacts

@@ -39,6 +39,10 @@ PACKAGES: tuple[str, ...] = (
     "transformers",
     "regex",
 )
+# Carried at a version of their own rather than this .venv's: the image's huggingface-hub is a 1.x (its
+# transformers 5.17 asks for <2), older than our transformers' floor (1.31), and hub 2.x needs httpx2, which
+# the image lacks. 1.33.0 is the newest 1.x; it needs only httpx, which the image has.
+OVERRIDES: dict[str, str] = {"huggingface-hub": "1.33.0"}
 # pip matches a manylinux tag's glibc version exactly, so every one a wheel may carry is named.
 PLATFORMS: tuple[str, ...] = (
     "manylinux_2_28_x86_64",
@@ -56,12 +60,14 @@ DATA_DIR = "data"
 
 
 def pinned(names: Sequence[str] = PACKAGES) -> list[str]:
-    """``name==version`` for each name, the version installed in this interpreter's environment.
+    """``name==version`` for each name, the version installed in this interpreter's environment, then each
+    of :data:`OVERRIDES` at its own version.
 
     Raises:
         importlib.metadata.PackageNotFoundError: a name is not installed here (run ``make install``).
     """
-    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
+    own = [f"{name}=={importlib.metadata.version(name)}" for name in names]
+    return own + [f"{name}=={version}" for name, version in OVERRIDES.items()]
 
 
 def download_command(requirements: Sequence[str], dest: Path, python: str = sys.executable) -> list[str]:

@@ -81,6 +81,12 @@ class ModelSettings(BaseSettings):
     # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU. With
     # KV_LAYOUT=concat it has no effect: the engine logs a warning at start
     kv_static_shapes: bool = False
+    # replay the decode step's forward from a CUDA graph captured per slot-buffer shape (engine/kv_slots.py):
+    # needs KV_LAYOUT=slots, KV_STATIC_SHAPES=true and the decoder on one CUDA device, else a warning at start
+    # says it has no effect. Off by default (no effect on CPU); the GPU deployments turn it on: on the lent
+    # H200 the eager decode step is bound by launching ~800 kernels, and a replayed step-shaped forward took
+    # 4.4 ms against 30 ms eager (bench/results/README.md, GPU check)
+    cuda_graphs: bool = False
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
     finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)

@@ -298,9 +298,9 @@ def test_the_reservation_covers_the_slot_buffers(engine: Any) -> None:
 def test_the_settings_reach_the_scheduler(engine: Any) -> None:
     from services.model.engine.hf import HFEngine
 
-    settings = engine.settings.model_copy(update={"kv_layout": "slots", "kv_static_shapes": True})
-    config = HFEngine(engine.loaded, settings).scheduler_config
-    assert (config.kv_layout, config.kv_static_shapes) == ("slots", True)
+    update = {"kv_layout": "slots", "kv_static_shapes": True, "cuda_graphs": True}
+    config = HFEngine(engine.loaded, engine.settings.model_copy(update=update)).scheduler_config
+    assert (config.kv_layout, config.kv_static_shapes, config.cuda_graphs) == ("slots", True, True)
 
 
 # ---- review findings: stale KV, memory following the rows down, transient memory, devices, attention ------
@@ -413,6 +413,80 @@ def test_static_shapes_with_concat_warn_at_start(engine: Any, caplog: pytest.Log
     with caplog.at_level("WARNING"):
         scheduler_for(engine, kv_layout="concat", kv_static_shapes=True)
     assert "KV_STATIC_SHAPES=true has no effect with KV_LAYOUT=concat" in caplog.text
+
+
+def test_cuda_graphs_without_slots_static_shapes_and_cuda_warn_at_start(
+    engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING"):
+        sched = scheduler_for(engine, kv_layout="slots", kv_static_shapes=True, cuda_graphs=True)
+    assert "CUDA_GRAPHS=true has no effect here" in caplog.text and "device cpu" in caplog.text
+    assert sched.slot_config is not None and not sched.slot_config.graphs
+
+
+class _ReplayedForward:
+    """Stands in for ``torch.cuda.CUDAGraph`` on CPU: a replay runs the captured forward again and writes
+    its result where the capture's output lives, as a real replay does."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
+        self.forward, self.out, self.replays = forward, out, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.out.copy_(self.forward())
+
+
+@pytest.fixture
+def captures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every capture's stand-in graph, with the (hi, width) it was captured at."""
+    made: list[Any] = []
+
+    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor]) -> Any:
+        forward()  # the side-stream warm-up: a harmless second write of the same columns
+        graph = _ReplayedForward(forward, forward().clone())
+        made.append((shape, graph))
+        return kv_slots._DecodeGraph(graph, graph.out, shape)
+
+    monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))
+    return made
+
+
+def test_cuda_graphs_decode_the_tokens_of_concat_and_capture_once_per_buffer_shape(
+    engine: Any, captures: list[Any]
+) -> None:
+    """The replayed forward reads its inputs where they were captured: joins, leaves, forks, a failed
+    step and the lengths all reach it in place; a reallocation (new S or C) captures anew."""
+    shapes: list[tuple[int, int]] = []
+
+    def watch(batch: kv.Batch) -> None:
+        assert isinstance(batch, SlotBatch)
+        shapes.append(batch.capacity)
+
+    with torch.inference_mode():
+        concat = _churn(engine, None, lambda b: None)
+        graphed = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), watch)
+    assert graphed == concat
+    changes = [shape for i, shape in enumerate(shapes) if i == 0 or shapes[i - 1] != shape]
+    # one capture per run of steps at one buffer shape; every other step replays
+    assert [shape for shape, _ in captures] == changes
+    assert sum(graph.replays for _, graph in captures) == 36 + 1  # + the step that failed half-way
+
+
+def test_a_failed_capture_falls_back_to_eager_decoding(
+    engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor]) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))
+    monkeypatch.setattr(kv_slots._DecodeGraph, "failed", False)  # the process-wide switch, restored after
+    with torch.inference_mode(), caplog.at_level("ERROR"):
+        concat = _churn(engine, None, lambda b: None)
+        graphed = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), lambda b: None)
+        again = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), lambda b: None)
+    assert graphed == concat == again
+    # once per process: a later batch does not try (and log) again
+    assert caplog.text.count("capturing the decode step as a CUDA graph failed") == 1
 
 
 # ---- second review: hysteresis, bursts, zeroing, the gather, failed reallocations --------------------------

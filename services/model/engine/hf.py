@@ -53,6 +53,7 @@ class HFEngine:
             kv_cache_bytes=settings.kv_cache_bytes,
             kv_layout=settings.kv_layout,
             kv_static_shapes=settings.kv_static_shapes,
+            cuda_graphs=settings.cuda_graphs,
         )
         self.scheduler_config = config
         # tokens of KV the budget holds (0: no budget): a request's rows must fit it even alone

@@ -114,6 +114,7 @@ class SchedulerConfig:
     kv_cache_bytes: int = 0  # KV memory budget in bytes (running rows + kept prefixes); 0: no limit
     kv_layout: str = "concat"  # KV_LAYOUT: "concat" (one DynamicCache) or "slots" (engine/kv_slots.py)
     kv_static_shapes: bool = False  # slots: every decode step spans the whole slot bucket and column capacity
+    cuda_graphs: bool = False  # slots + static shapes on CUDA: replay the decode forward from a CUDA graph
 
 
 @dataclass(slots=True, eq=False)
@@ -366,9 +367,18 @@ class Scheduler:
     def _configure_slots(self, model: Any) -> SlotConfig | None:
         """``KV_LAYOUT=slots``: buffers of at most the batch size in slots and, under a KV budget, S x C
         within the budget (``SlotConfig.budget_tokens``). Raises ValueError, before any request, for an
-        attention implementation the slots cannot serve. ``KV_STATIC_SHAPES`` with concat has no effect: a
-        warning says so."""
+        attention implementation the slots cannot serve. ``KV_STATIC_SHAPES`` with concat, and
+        ``CUDA_GRAPHS`` without slots, static shapes and a CUDA device, have no effect: a warning says so."""
         config = self._config
+        graphs = config.kv_layout == "slots" and config.kv_static_shapes and self._device.type == "cuda"
+        if config.cuda_graphs and not graphs:
+            log.warning(
+                "CUDA_GRAPHS=true has no effect here: it needs KV_LAYOUT=slots, KV_STATIC_SHAPES=true and "
+                "a CUDA device (KV_LAYOUT=%s, KV_STATIC_SHAPES=%s, device %s)",
+                config.kv_layout,
+                config.kv_static_shapes,
+                self._device,
+            )
         if config.kv_layout != "slots":
             if config.kv_static_shapes:
                 log.warning(
@@ -377,7 +387,9 @@ class Scheduler:
             return None
         attention_kind(model)
         budget = config.kv_cache_bytes // self._kv_per_token if config.kv_cache_bytes else 0
-        return SlotConfig(config.max_batch_size, budget, config.kv_static_shapes)
+        return SlotConfig(
+            config.max_batch_size, budget, config.kv_static_shapes, graphs=graphs and config.cuda_graphs
+        )
 
     def _kv_lengths(self) -> list[int]:
         chunked = self._chunked[0] if self._chunked is not None else []

@@ -36,12 +36,14 @@ _PROMPTS = (
 @dataclass(frozen=True, slots=True)
 class KvLayout:
     """One KV layout as the scheduler runs it: ``name`` (the rows' ``layout`` key), the settings that select
-    it, whether it keeps row slots (``KV_LAYOUT=slots``) and whether slots decode with static shapes."""
+    it, whether it keeps row slots (``KV_LAYOUT=slots``), whether slots decode with static shapes and whether
+    that decode is replayed from CUDA graphs (``CUDA_GRAPHS``: CUDA only)."""
 
     name: str
     setting: str
     slots: bool
     static: bool = False
+    graphs: bool = False
 
 
 LAYOUTS = (
@@ -49,7 +51,15 @@ LAYOUTS = (
     KvLayout("slots", "KV_LAYOUT=slots", slots=True),
     KvLayout("slots-static", "KV_LAYOUT=slots + KV_STATIC_SHAPES=true", slots=True, static=True),
 )
-SETTINGS = {layout.name: layout.setting for layout in LAYOUTS}
+# measured on CUDA only (the GPU check): on CPU the scheduler refuses CUDA_GRAPHS
+GRAPHED = KvLayout(
+    "slots-static-graphs",
+    "KV_LAYOUT=slots + KV_STATIC_SHAPES=true + CUDA_GRAPHS=true",
+    slots=True,
+    static=True,
+    graphs=True,
+)
+SETTINGS = {layout.name: layout.setting for layout in (*LAYOUTS, GRAPHED)}
 
 
 def _prefill_text(model: Any, processor: Any, text: str) -> Any:
@@ -65,7 +75,7 @@ def _slots(layout: KvLayout, rows: int) -> Any:
     budget (None: concat)."""
     from services.model.engine.kv_slots import SlotConfig
 
-    return SlotConfig(rows, static=layout.static) if layout.slots else None
+    return SlotConfig(rows, static=layout.static, graphs=layout.graphs) if layout.slots else None
 
 
 def _cuda_devices(model: Any) -> tuple[Any, ...]:

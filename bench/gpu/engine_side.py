@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +12,19 @@ from bench.gpu.bound import decode_bound
 from bench.gpu.report import DecodeRow, KvLayoutRow
 
 
-def load_engine(model_dir: Path, device_map: str, torch_threads: int) -> Any:
-    """An ``HFEngine`` over ``model_dir`` with the service's default settings (dtype auto: bf16 on CUDA)."""
+def load_engine(
+    model_dir: Path, device_map: str, torch_threads: int, serving: Mapping[str, str] | None = None
+) -> Any:
+    """An ``HFEngine`` over ``model_dir`` with the service's default settings (dtype auto: bf16 on CUDA)
+    but ``serving``'s (environment names, e.g. ``{"KV_LAYOUT": "slots"}``: what the deployments set)."""
     from services.model.engine.hf import HFEngine
     from services.model.loading import load_model_and_processor
     from services.model.settings import ModelSettings
 
-    settings = ModelSettings(model_repo_id=str(model_dir), device_map=device_map, torch_threads=torch_threads)
+    overrides = {name.lower(): value for name, value in (serving or {}).items()}
+    settings = ModelSettings(
+        model_repo_id=str(model_dir), device_map=device_map, torch_threads=torch_threads, **overrides
+    )
     return HFEngine(load_model_and_processor(settings), settings)
 
 
@@ -43,19 +49,23 @@ def decode_levels(
 
 
 def kv_layouts(engine: Any, rows: int, steps: int, runs: int) -> list[KvLayoutRow]:
-    """Every KV layout (``bench.kv_bench.LAYOUTS``) at ``rows`` rows on the engine's model: steady vs
-    join-heavy ms per step (``measure_churn``, CUDA synchronised before each clock read). The engine must
-    not be started (its scheduler would share the model). The batches' memory is handed back to the device
-    afterwards, also when a run fails (out of memory at 64 rows must not starve the phases after it)."""
+    """Every KV layout (``bench.kv_bench.LAYOUTS``, and on CUDA ``GRAPHED``) at ``rows`` rows on the
+    engine's model: steady vs join-heavy ms per step (``measure_churn``, CUDA synchronised before each clock
+    read). The engine must not be started (its scheduler would share the model). The batches' memory is
+    handed back to the device afterwards, also when a run fails (out of memory at 64 rows must not starve
+    the phases after it)."""
     import gc
 
     import torch
 
-    from bench.kv_bench import SETTINGS, measure_churn
+    from bench.kv_bench import GRAPHED, LAYOUTS, SETTINGS, measure_churn
 
     loaded = engine.loaded
+    layouts = (*LAYOUTS, GRAPHED) if loaded.device.type == "cuda" else LAYOUTS
     try:
-        measured = measure_churn(loaded.model, loaded.processor, steps=steps, repeats=runs, rows=rows)
+        measured = measure_churn(
+            loaded.model, loaded.processor, steps=steps, repeats=runs, rows=rows, layouts=layouts
+        )
     finally:
         gc.collect()
         if loaded.device.type == "cuda":

@@ -15,6 +15,13 @@ from bench.servers import REPO
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu-check.md"
 DEFAULT_MODEL_DIR = REPO / "tmp" / "gpu-check" / "model"
 EXIT_NO_CUDA = 3
+# What the GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/config.env; tests/deploy check that
+# they agree): slots with static shapes, replayed from CUDA graphs.
+GPU_SERVING: tuple[tuple[str, str], ...] = (
+    ("KV_LAYOUT", "slots"),
+    ("KV_STATIC_SHAPES", "true"),
+    ("CUDA_GRAPHS", "true"),
+)
 
 
 def _positive_seconds(text: str) -> float:
@@ -85,6 +92,10 @@ class Plan:
     kv_repeats: int = 2  # runs of each kind; each figure the best of them
     kv_budget_s: float = 45.0  # the KV layouts phase's estimated seconds, all row counts together
     kv_default_step_s: float = 0.05  # decode step estimate when the decode levels measured nothing near
+    kv_layouts: int = len(LAYOUTS)  # layouts the KV layouts phase measures (CUDA: + the graphed one)
+    # the model settings the engine and the model service run with (environment names): on CUDA those the
+    # GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/config.env); none in a dry run
+    serving: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -131,6 +142,8 @@ class Plan:
             kv_min_steps=20 if args.quick else 40,
             kv_repeats=1 if args.quick else 2,
             kv_budget_s=20.0 if args.quick else 45.0,
+            kv_layouts=len(LAYOUTS) + 1,
+            serving=GPU_SERVING,
         )
 
 
@@ -171,15 +184,15 @@ def step_estimate(steps: Mapping[int, float], rows: int, default: float) -> floa
     return default
 
 
-def kv_cost(step_s: float, steps: int, runs: int) -> float:
-    """Estimated seconds of ``bench.kv_bench.measure_churn`` over every layout: a warm-up run per layout,
-    then ``runs`` x (steady + join-heavy) runs of ``steps`` steps per layout."""
-    return len(LAYOUTS) * (WARMUP_STEPS + 2 * runs * steps) * step_s * KV_STEP_OVERHEAD
+def kv_cost(step_s: float, steps: int, runs: int, layouts: int = len(LAYOUTS)) -> float:
+    """Estimated seconds of ``bench.kv_bench.measure_churn`` over ``layouts`` layouts: a warm-up run per
+    layout, then ``runs`` x (steady + join-heavy) runs of ``steps`` steps per layout."""
+    return layouts * (WARMUP_STEPS + 2 * runs * steps) * step_s * KV_STEP_OVERHEAD
 
 
-def _steps_within(seconds: float, step_s: float, runs: int) -> int:
+def _steps_within(seconds: float, step_s: float, runs: int, layouts: int) -> int:
     """The most steps per run for which :func:`kv_cost` stays within ``seconds``."""
-    per_layout = seconds / (len(LAYOUTS) * step_s * KV_STEP_OVERHEAD)
+    per_layout = seconds / (layouts * step_s * KV_STEP_OVERHEAD)
     return int((per_layout - WARMUP_STEPS) // (2 * runs))
 
 
@@ -195,12 +208,12 @@ def kv_sizes(plan: Plan, steps: Mapping[int, float]) -> tuple[list[KvSize], list
         step_s = step_estimate(steps, rows, plan.kv_default_step_s)
         share = remaining / (len(plan.kv_rows) - i)
         runs = plan.kv_repeats
-        n = min(plan.kv_steps, _steps_within(share, step_s, runs))
+        n = min(plan.kv_steps, _steps_within(share, step_s, runs, plan.kv_layouts))
         if n < plan.kv_min_steps and runs > 1:
             runs = 1
-            n = min(plan.kv_steps, _steps_within(share, step_s, runs))
+            n = min(plan.kv_steps, _steps_within(share, step_s, runs, plan.kv_layouts))
         n = max(n, plan.kv_min_steps)
-        size = KvSize(rows, n, runs, kv_cost(step_s, n, runs))
+        size = KvSize(rows, n, runs, kv_cost(step_s, n, runs, plan.kv_layouts))
         if size.estimate_s > share and i > 0:
             left_out.append(size)
             continue

@@ -82,6 +82,9 @@ NOTES = (
 
 async def _flow(run: Run) -> None:
     run.report.notes.extend(NOTES)
+    if run.plan.serving:
+        settings = ", ".join(f"{name}={value}" for name, value in run.plan.serving)
+        run.report.notes.append(f"engine and model service settings: {settings} (the GPU deployments')")
     if run.plan.mode != "cuda":
         run.report.notes.append("CPU dry run: the tiny architecture on CPU; the figures test the flow only")
     model_dir = await run.step("checkpoint", lambda: asyncio.to_thread(_checkpoint, run))
@@ -128,8 +131,9 @@ async def _engine(run: Run) -> bool:
     from bench.gpu.bound import weight_bytes
     from bench.gpu.engine_side import device_info, load_engine
 
+    p = run.plan
     run.engine = await asyncio.to_thread(
-        load_engine, Path(run.model_id), run.plan.device_map, run.plan.torch_threads
+        load_engine, Path(run.model_id), p.device_map, p.torch_threads, dict(p.serving)
     )
     sizes = weight_bytes(run.engine.loaded.model)
     r = run.report
@@ -201,7 +205,9 @@ async def _with_services(run: Run, raw: Any, workloads: tuple[Workload, ...]) ->
 
     p = run.plan
     work = run.args.model_dir.parent / "services"
-    run.services = Services(Path(run.model_id), work, p.device_map, torch_threads=p.torch_threads)
+    run.services = Services(
+        Path(run.model_id), work, p.device_map, torch_threads=p.torch_threads, serving=p.serving
+    )
     if await run.step("model service start", lambda: asyncio.to_thread(_start_model, run)) is None:
         return
     api_up = await run.step("api start", lambda: asyncio.to_thread(_start_api, run)) is not None

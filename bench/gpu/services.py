@@ -24,6 +24,7 @@ class Services:
     device_map: str = "auto"
     max_batch_size: int = 16
     torch_threads: int = 0
+    serving: tuple[tuple[str, str], ...] = ()  # model settings (environment names) the model service gets
     procs: list[Proc] = field(default_factory=list)
     model_url: str = ""
     api_url: str = ""
@@ -49,6 +50,7 @@ class Services:
             "MAX_QUEUE": str(max(64, 4 * self.max_batch_size)),
             "TORCH_THREADS": str(self.torch_threads),
             "LOG_LEVEL": "warning",
+            **dict(self.serving),
         }
         proc = self._spawn("model", [sys.executable, "-m", "services.model"], env)
         self.model_url = f"http://127.0.0.1:{port}"

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from bench import kv_bench
 from bench.gpu import __main__ as gpu_main
 from bench.gpu import plan as gpu_plan
 from bench.gpu import wheels
@@ -90,6 +91,15 @@ def test_plan_kv_phase_is_shorter_when_quick_and_tiny_in_the_dry_run() -> None:
     assert quick.kv_steps < full.kv_steps and dry.kv_steps < quick.kv_steps
 
 
+def test_on_cuda_the_engine_runs_with_the_gpu_deployments_settings() -> None:
+    """The GPU check measures what the GPU deployments run (tests/deploy check that those set the same),
+    and its KV layouts phase adds the graphed layout there; a dry run keeps the CPU defaults."""
+    cuda = gpu_plan.Plan.from_args(gpu_plan.parse_args([]))
+    dry = gpu_plan.Plan.from_args(gpu_plan.parse_args(["--cpu-dry-run"]))
+    assert dict(cuda.serving) == {"KV_LAYOUT": "slots", "KV_STATIC_SHAPES": "true", "CUDA_GRAPHS": "true"}
+    assert dry.serving == () and dry.kv_layouts == len(kv_bench.LAYOUTS) == cuda.kv_layouts - 1
+
+
 # --------------------------------------------------------------------------------- KV layouts sizing
 
 
@@ -114,15 +124,15 @@ def test_step_estimate_never_guesses_low() -> None:
 
 def test_kv_sizes_fit_the_budget_with_every_row_count_when_steps_are_fast() -> None:
     plan = _kv_plan(kv_budget_s=45.0, kv_steps=200, kv_min_steps=40, kv_repeats=2)
-    measured, left_out = gpu_plan.kv_sizes(plan, {16: 0.02, 64: 0.03})
+    measured, left_out = gpu_plan.kv_sizes(plan, {16: 0.015, 64: 0.02})
     assert [(m.rows, m.runs) for m in measured] == [(16, 2), (64, 2)] and not left_out
     assert all(40 <= m.steps <= 200 for m in measured)
     assert sum(m.estimate_s for m in measured) <= 45.0
     shares = (45.0 / 2, 45.0 - measured[0].estimate_s)  # an equal share of what is left
-    for m, step_s, share in zip(measured, (0.02, 0.03), shares, strict=True):
-        assert m.estimate_s == pytest.approx(gpu_plan.kv_cost(step_s, m.steps, m.runs))
+    for m, step_s, share in zip(measured, (0.015, 0.02), shares, strict=True):
+        assert m.estimate_s == pytest.approx(gpu_plan.kv_cost(step_s, m.steps, m.runs, plan.kv_layouts))
         assert m.estimate_s <= share
-        assert gpu_plan.kv_cost(step_s, m.steps + 1, m.runs) > share  # the most steps that fit
+        assert gpu_plan.kv_cost(step_s, m.steps + 1, m.runs, plan.kv_layouts) > share  # the most that fit
 
 
 def test_kv_sizes_cap_steps_at_the_plans_most() -> None:

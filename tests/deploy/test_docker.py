@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.gpu.plan import GPU_SERVING
 from tests.helpers.env import REPO, VENV_BIN, missing, require_binary
 
 DOCKER = REPO / "deploy" / "docker"
@@ -123,6 +124,8 @@ def test_compose_gpu_stack_is_valid() -> None:
     assert "healthcheck" in services["postgres"]
     assert services["api"]["environment"]["MODEL_SERVICE_URL"] == "http://model:8001"
     assert "@postgres:5432/" in services["api"]["environment"]["DATABASE_URL"]
+    # the decode settings the GPU check measures (bench/gpu/plan.py)
+    assert {k: services["model"]["environment"][k] for k, _ in GPU_SERVING} == dict(GPU_SERVING)
     # Only the edge is published on every interface; the observability UIs on loopback; no metrics port.
     published = {name: s.get("ports", []) for name, s in services.items()}
     assert [p["target"] for p in published["edge"]] == [8080]
@@ -144,6 +147,11 @@ def test_compose_cpu_override_drops_the_gpu() -> None:
     model = resolved(COMPOSE, COMPOSE_CPU)["services"]["model"]
     assert not model.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert model["environment"]["DEVICE_MAP"] == "cpu"
+    # back to the CPU defaults of .env.example
+    cpu = {"KV_LAYOUT": "concat", "KV_STATIC_SHAPES": "false", "CUDA_GRAPHS": "false"}
+    assert {k: model["environment"][k] for k in cpu} == cpu
+    example = dict(re.findall(r"^([A-Z_]+)=(.*)$", (REPO / ".env.example").read_text(), re.M))
+    assert {k: example[k] for k in cpu} == cpu
 
 
 def test_compose_requires_the_secrets() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bench.gpu.plan import GPU_SERVING
 from tests.helpers.env import REPO, require_binary
 
 K8S = REPO / "deploy" / "k8s"
@@ -83,6 +84,11 @@ def test_model_service_is_headless_and_the_api_uses_it() -> None:
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True  # draining owners stay reachable
     assert env_of("Deployment", "api")["MODEL_SERVICE_URL"] == "http://model-headless:8001"
+
+
+def test_model_decodes_with_the_settings_the_gpu_check_measures() -> None:
+    env = env_of("Deployment", "model")
+    assert {name: env[name] for name, _ in GPU_SERVING} == dict(GPU_SERVING)
 
 
 def test_model_runs_on_gpu_nodes_with_probes_and_shm() -> None:

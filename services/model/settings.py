@@ -75,7 +75,8 @@ class ModelSettings(BaseSettings):
     # concat by default. slots was faster on the tiny CPU checkpoint (make bench (g), 16 rows: steady 1.15 vs
     # 1.24 ms/step, join-heavy 0.93 of concat's), but under a KV_CACHE_BYTES budget it reserves a whole slot
     # bucket (9 rows reserve 16 slots): at the real model's size the default 4 GiB would run about half as
-    # many mid-length requests at once; make gpu-check measures both there
+    # many mid-length requests at once. On an H200 slots + KV_STATIC_SHAPES + CUDA_GRAPHS decode 16 rows in
+    # 10.2 ms/step against 110 with concat (bench/results/README.md): the GPU deployments set those three
     kv_layout: Literal["concat", "slots"] = "concat"
     # KV_LAYOUT=slots: every decode step spans the whole slot bucket and column capacity (fixed shapes per
     # bucket, what CUDA graph capture needs) instead of the slots and columns in use; slower on CPU. With
@@ -84,7 +85,7 @@ class ModelSettings(BaseSettings):
     # replay the decode step's forward from a CUDA graph captured per slot-buffer shape (engine/kv_slots.py):
     # needs KV_LAYOUT=slots, KV_STATIC_SHAPES=true and the decoder on one CUDA device, else a warning at start
     # says it has no effect. Off by default (no effect on CPU); the GPU deployments turn it on: on the lent
-    # H200 the eager decode step is bound by launching ~800 kernels, and a replayed step-shaped forward took
+    # H200 the eager decode step is bound by launching ~1,600 kernels, and a replayed step-shaped forward took
     # 4.4 ms against 30 ms eager (bench/results/README.md, GPU check)
     cuda_graphs: bool = False
     finished_retention_seconds: float = Field(default=600.0, ge=0.0)

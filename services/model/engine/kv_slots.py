@@ -55,7 +55,7 @@ captures anew. The warm-up and the capture are harmless to the cache: a step wri
 at its length, and the lengths advance only after the step, so running it again writes the same values. The
 head (index_select of the rows, one product) runs eagerly after the replay. A capture that fails is logged
 once and every batch of the process decodes eagerly from then on. Why: on the lent H200 the eager step is
-bound by launching ~800 kernels from Python; the scheduler's step at 16 rows took 10.2 ms with graphs
+bound by launching ~1,600 kernels from Python; the scheduler's step at 16 rows took 10.2 ms with graphs
 against 31 ms without (1 row: 6.1 vs 27.4; 64 rows: 20.5 vs 59.9), the same greedy text in every row
 (``python -m bench.gpu.probe --mode graphs``, bench/results/README.md).
 

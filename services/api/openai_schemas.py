@@ -19,6 +19,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StrictInt,
     Tag,
     ValidationInfo,
     field_validator,
@@ -267,9 +268,9 @@ class MmProcessorKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
-    max_frames: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    min_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_pixels: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_frames: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
+    min_pixels: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_pixels: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 class StreamOptions(_Lenient):
@@ -279,18 +280,18 @@ class StreamOptions(_Lenient):
 class ChatCompletionRequest(_Lenient):
     model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     # extension; -1 (vLLM's spelling) and 0 mean "no top-k"
-    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=INT32_MAX)
+    seed: StrictInt | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(default=None, max_length=4)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    n: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    n: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     stream: StrictBool = False  # "yes" or 1 is a client bug worth a 400, not a guess
     stream_options: StreamOptions | None = None
     session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
@@ -300,13 +301,13 @@ class ChatCompletionRequest(_Lenient):
     response_format: ResponseFormatSpec | None = None
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     # extension: reasoning tokens before the server closes the thinking block itself (0: at once)
-    max_reasoning_tokens: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    max_reasoning_tokens: StrictInt | None = Field(default=None, ge=0, le=INT32_MAX)
     # extension: per-request media budgets
     mm_processor_kwargs: MmProcessorKwargs | None = None
 
     # per-token log-probabilities: choices[].logprobs.content (answer tokens) and .reasoning_content
     logprobs: StrictBool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     # accepted only so they can be refused by name (see unsupported_params)
     functions: list[Any] | None = None

@@ -275,6 +275,37 @@ def test_forks_and_seeded_sampling_equal_across_layouts(engine: Any) -> None:
     assert len({tuple(runs["slots"].by_choice[("fork-seeded", i)]) for i in range(3)}) == 3
 
 
+def test_an_n_choice_prompt_reaches_its_slots_in_one_copy(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork into n rows is views (``kv.repeated``): no row copy before the join copies into the slots.
+    The prompt kept in the prefix cache stays intact: the same prompt again, reusing it, decodes the same."""
+    copies: list[list[int]] = []
+    real_take = kv.take
+    monkeypatch.setattr(kv, "take", lambda batch, rows: copies.append(rows) or real_take(batch, rows))
+    ask = "Tell me a story about a lighthouse keeper and the sea"
+    first = prepare(engine, request("fork", ask, n=3, max_tokens=6, temperature=0))
+    again = prepare(engine, request("again", ask, n=2, max_tokens=6, temperature=0))
+    sched, _ = _schedule(engine, [(0, first), (12, again)], kv_layout="slots")
+    assert copies == []
+    assert sched.prefix is not None and sched.prefix.stats.hits >= 1
+    chosen = {key: tokens for key, tokens in sched.by_choice.items()}
+    assert len(chosen) == 5 and len({tuple(t) for t in chosen.values()}) == 1  # greedy: every choice alike
+    _schedule(engine, [(0, first)], kv_layout="concat")
+    assert copies == [[0, 0, 0]]  # concat still copies the row (its batch extends those tensors)
+
+
+def test_repeated_rows_share_the_one_row_s_memory() -> None:
+    state = _Rows(5)  # any one-row state
+    state.next_pos = torch.tensor([5])
+    rows = kv.repeated(state, 4)  # type: ignore[arg-type]
+    assert rows.size == 4 and rows.cache.layers[0].keys.shape[0] == 4
+    assert rows.cache.layers[0].keys.data_ptr() == state.cache.layers[0].keys.data_ptr()
+    assert state.cache.layers[0].keys.shape[0] == 1  # the original cache object is untouched
+    with pytest.raises(ValueError, match="one row"):
+        kv.repeated(rows, 2)
+
+
 def test_the_reservation_covers_the_slot_buffers(engine: Any) -> None:
     """Under a KV budget, the rows' reservation (what admission checks) is never below the buffers'
     allocation, and it is the S x C rectangle: slots in buckets, columns in whole blocks."""

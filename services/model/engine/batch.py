@@ -282,6 +282,29 @@ def take(batch: Batch, rows: list[int]) -> BatchTensors:
     return select(replace(batch, cache=cache), rows)
 
 
+def repeated(state: BatchTensors, n: int) -> BatchTensors:
+    """``state``'s one row as ``n`` rows that share its memory (expanded views, no copy): what a join into
+    slots reads (``SlotBatch.join`` copies each row into its own slot), so that an ``n`` > 1 request's
+    prompt is copied once, into its slots, and not first into ``n`` rows as :func:`take` would. Read-only:
+    nothing may decode it or write into it (the prefix cache may hold the same tensors). Raises ValueError
+    for a state of more than one row."""
+    rows = int(state.mask.shape[0])
+    if rows != 1:
+        raise ValueError(f"repeated takes one row, got {rows}")
+    cache = copy.copy(state.cache)
+    cache.layers = [copy.copy(layer) for layer in state.cache.layers]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(n, -1, -1, -1)
+        layer.values = layer.values.expand(n, -1, -1, -1)
+    return BatchTensors(
+        cache=cache,
+        mask=state.mask.expand(n, -1),
+        next_pos=state.next_pos.expand(n),
+        delta=state.delta.expand(n),
+        tokens=state.tokens.expand(n, -1),
+    )
+
+
 def _slot_row(batch: SlotBatch, row: int) -> BatchTensors:
     """Row ``row`` of a ``SlotBatch`` as a one-row ``BatchTensors`` with its own (copied) cache."""
     layers, length = batch.row_kv(row)

@@ -527,7 +527,7 @@ class Scheduler:
         in the prefix cache, then forked into one row per choice (a failed fork fails the request)."""
         self._keep_prefix(choices[0], state)
         try:
-            state = _fork(state, len(choices))
+            state = _fork(state, len(choices), self._slot_cfg is not None)
         except Exception as exc:
             log.exception("fork of %s failed", choices[0].request_id)
             self._fail_rows(step, choices, f"prefill failed: {exc}")
@@ -945,10 +945,14 @@ class Scheduler:
         self._sampler_stale = True
 
 
-def _fork(state: kv.BatchTensors, n: int) -> kv.BatchTensors:
-    """One prefilled row's state as ``n`` rows (the choices of one request): its cache copied row-wise
-    (``kv.take``; the prefix cache may hold the original tensors, which stay untouched)."""
-    return state if n == 1 else kv.take(state, [0] * n)
+def _fork(state: kv.BatchTensors, n: int, slots: bool = False) -> kv.BatchTensors:
+    """One prefilled row's state as ``n`` rows (the choices of one request). With ``slots`` the rows are
+    views of the one (``kv.repeated``): the join copies each into its slot, the only copy. Otherwise its
+    cache is copied row-wise (``kv.take``): the concat batch decodes and extends those rows, and the prefix
+    cache may hold the original tensors, which must stay untouched."""
+    if n == 1:
+        return state
+    return kv.repeated(state, n) if slots else kv.take(state, [0] * n)
 
 
 def _rows_of(prepared: Prepared) -> int:

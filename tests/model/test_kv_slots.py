@@ -9,6 +9,7 @@ device.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from services.model.engine import batch as kv
 from services.model.engine import kv_slots
@@ -451,20 +454,48 @@ def test_cuda_graphs_without_slots_static_shapes_and_cuda_warn_at_start(
 ) -> None:
     with caplog.at_level("WARNING"):
         sched = scheduler_for(engine, kv_layout="slots", kv_static_shapes=True, cuda_graphs=True)
-    assert "CUDA_GRAPHS=true has no effect here" in caplog.text and "device cpu" in caplog.text
+    assert "CUDA_GRAPHS=true has no effect here" in caplog.text and "devices cpu" in caplog.text
     assert sched.slot_config is not None and not sched.slot_config.graphs
 
 
-class _ReplayedForward:
-    """Stands in for ``torch.cuda.CUDAGraph`` on CPU: a replay runs the captured forward again and writes
-    its result where the capture's output lives, as a real replay does."""
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
-    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
-        self.forward, self.out, self.replays = forward, out, 0
+
+class _ForwardInputs(TorchDispatchMode):
+    """The storages a forward reads that none of its own ops made: its inputs (the parameters, the slot
+    buffers, the lengths, deltas, step tokens, column ids). Kept alive, so no address is reused meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: set[int] = set()
+        self.read: dict[int, torch.Tensor] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        for t in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(t, torch.Tensor) and t.numel() and _storage(t) not in self.made:
+                self.read[_storage(t)] = t
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() and _storage(t) not in self.read:
+                self.made.add(_storage(t))
+        return out
+
+
+class _AddressCheckedReplay:
+    """Stands in for ``torch.cuda.CUDAGraph`` on CPU. A real graph replays the addresses it recorded; this
+    replay runs the forward again and fails when that reads a storage the capture did not (on CUDA the graph
+    would have read the stale one), then writes the result where the capture's output lives."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor], out: torch.Tensor, inputs: set[int]) -> None:
+        self.forward, self.out, self.inputs, self.replays = forward, out, inputs, 0
 
     def replay(self) -> None:
         self.replays += 1
-        self.out.copy_(self.forward())
+        with _ForwardInputs() as now:
+            result = self.forward()
+        assert set(now.read) == self.inputs, "the replay reads storages the capture did not record"
+        self.out.copy_(result)
 
 
 @pytest.fixture
@@ -472,11 +503,13 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every capture's stand-in graph, with the (hi, width) it was captured at."""
     made: list[Any] = []
 
-    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor]) -> Any:
+    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor], device: Any) -> Any:
         forward()  # the side-stream warm-up: a harmless second write of the same columns
-        graph = _ReplayedForward(forward, forward().clone())
-        made.append((shape, graph))
-        return kv_slots._DecodeGraph(graph, graph.out, shape)
+        with _ForwardInputs() as inputs:
+            out = forward()
+        graph = _AddressCheckedReplay(forward, out.clone(), set(inputs.read))
+        made.append((shape, graph, inputs))  # the inputs' tensors stay alive with it
+        return kv_slots._DecodeGraph(graph, graph.out, shape, device)
 
     monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))
     return made
@@ -499,14 +532,83 @@ def test_cuda_graphs_decode_the_tokens_of_concat_and_capture_once_per_buffer_sha
     assert graphed == concat
     changes = [shape for i, shape in enumerate(shapes) if i == 0 or shapes[i - 1] != shape]
     # one capture per run of steps at one buffer shape; every other step replays
-    assert [shape for shape, _ in captures] == changes
-    assert sum(graph.replays for _, graph in captures) == 36 + 1  # + the step that failed half-way
+    assert [shape for shape, _, _ in captures] == changes
+    assert sum(graph.replays for _, graph, _ in captures) == 36 + 1  # + the step that failed half-way
+
+
+def _restore_rebinding(self: SlotBatch, saved: Any) -> None:
+    lengths, tensor = saved
+    self._lengths = list(lengths)
+    self._length_t = tensor.clone()  # a new tensor where the graph recorded the old one
+
+
+@pytest.mark.parametrize("regression", ["restore", "select"])
+def test_the_stand_in_catches_a_rebound_graph_input(
+    engine: Any, captures: list[Any], monkeypatch: pytest.MonkeyPatch, regression: str
+) -> None:
+    """The check above is only as good as its stand-in: a state change that rebinds an input the graph
+    reads (instead of writing it in place) must fail it."""
+    if regression == "restore":
+        monkeypatch.setattr(SlotBatch, "restore", _restore_rebinding)
+    else:
+        select = SlotBatch.select
+
+        def select_rebinding(self: SlotBatch, keep: Any) -> SlotBatch:
+            out = select(self, keep)
+            self._delta_t = self._delta_t.clone()
+            return out
+
+        monkeypatch.setattr(SlotBatch, "select", select_rebinding)
+    with torch.inference_mode(), pytest.raises(AssertionError, match="storages the capture did not"):
+        _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), lambda b: None)
+
+
+def test_cuda_graphs_through_the_scheduler_decode_what_generate_does(
+    engine: Any, media: dict[str, Any], captures: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Graphs forced on (the scheduler enables them on CUDA only): media rows joining and leaving three
+    slots, a prompt prefilled in chunks and an n = 2 fork decode what each decodes alone."""
+    from services.model.engine.scheduler import Scheduler
+
+    configure = Scheduler._configure_slots
+    forced = lambda self, model: dataclasses.replace(configure(self, model), graphs=True)  # noqa: E731
+    monkeypatch.setattr(Scheduler, "_configure_slots", forced)
+    ask = "Name three rivers in Europe, please"
+    fork = prepare(engine, request("fork", ask, n=2, max_tokens=10, temperature=0))
+    order = [(0, "video"), (2, "text-1"), (2, "text-2"), (5, "image"), (6, "text-3")]
+    arrivals = [(step, media[rid]) for step, rid in order] + [(9, fork)]
+    config = {"kv_layout": "slots", "kv_static_shapes": True, "max_batch_size": 3, "max_step_tokens": 32}
+    assert media["video"].prompt_tokens > 32  # prefilled in pieces
+    sched, _ = _schedule(engine, arrivals, **config)
+    assert captures and sum(graph.replays for _, graph, _ in captures) > len(captures)
+    for _, rid in order:
+        assert sched.tokens[rid] == reference_tokens(engine, media[rid]), rid
+    for i in range(2):
+        assert sched.by_choice[("fork", i)] == reference_tokens(engine, fork), i
+
+
+def test_captures_and_replays_go_to_the_model_s_cuda_device() -> None:
+    """A model on cuda:1 while the thread's current device is 0: without switching, the capture would
+    record nothing (its work runs on another device's stream) and every replay would do nothing."""
+    on = kv_slots._on(torch.device("cuda:1"))
+    assert isinstance(on, torch.cuda.device) and on.idx == 1
+    assert not isinstance(kv_slots._on(torch.device("cpu")), torch.cuda.device)
+    with pytest.raises(RuntimeError, match="graph is empty"):
+        kv_slots._reraise_warnings([_warning("The CUDA Graph is empty. This usually means ...")])
+    with pytest.warns(UserWarning, match="something else"):
+        kv_slots._reraise_warnings([_warning("something else")])
+
+
+def _warning(text: str) -> Any:
+    import warnings
+
+    return warnings.WarningMessage(UserWarning(text), UserWarning, __file__, 1)
 
 
 def test_a_failed_capture_falls_back_to_eager_decoding(
     engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor]) -> Any:
+    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor], device: Any) -> Any:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))

@@ -51,10 +51,13 @@ CUDA graphs (``CUDA_GRAPHS``, with ``static`` on one CUDA device): the step's fo
 warm-up run on a side stream, and replayed on later steps: its inputs (the (S, 1) tokens, the lengths, the
 mrope deltas, the buffers) are updated in place between steps, so the graph reads them where it recorded
 them. A reallocation (new S or C: a bucket change, a column block) drops the graph and the next step
-captures anew. The warm-up and the capture are harmless to the cache: a step writes each slot's new column
-at its length, and the lengths advance only after the step, so running it again writes the same values. The
-head (index_select of the rows, one product) runs eagerly after the replay. A capture that fails is logged
-once and every batch of the process decodes eagerly from then on. Why: on the lent H200 the eager step is
+captures anew; columns that are not whole blocks (a KV budget's cap grows them a column per step) decode
+eagerly rather than capture every step. Captures and replays run on the model's CUDA device (made current
+for them). The warm-up and the capture are harmless to the cache: a step writes each slot's new column at its
+length, and the lengths advance only after the step, so running it again writes the same values. The head
+(index_select of the rows, one product) runs eagerly after the replay. Out of memory while capturing turns
+graphs off for that batch; any other failed capture is logged once and every batch of the process decodes
+eagerly from then on. Why: on the lent H200 the eager step is
 bound by launching ~1,600 kernels from Python; the scheduler's step at 16 rows took 10.2 ms with graphs
 against 31 ms without (1 row: 6.1 vs 27.4; 64 rows: 20.5 vs 59.9), the same greedy text in every row
 (``python -m bench.gpu.probe --mode graphs``, bench/results/README.md).
@@ -65,7 +68,9 @@ step succeeded, and a step writes only at the columns just past them, which stay
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -588,26 +593,29 @@ class SlotBatch:
 
     def _graphed(self, model: Any, hi: int, width: int) -> torch.Tensor | None:
         """:meth:`_forward` replayed from the CUDA graph of this buffer shape, captured first when there is
-        none (see the module docstring); None when graphs do not apply here (the layers on several
-        devices; the scheduler enables graphs only on CUDA) or the capture failed (logged; graphs stay
-        off in this process: :attr:`_DecodeGraph.failed`)."""
+        none (see the module docstring); None to decode eagerly: the layers on several devices (the
+        scheduler enables graphs only for one CUDA device), columns that are not whole blocks (a KV budget's
+        cap lets them grow a column per step: a capture per step costs more than it saves), out of memory
+        while capturing (graphs off for this batch) or a capture that failed (logged; off in this process:
+        :attr:`_DecodeGraph.failed`)."""
         graph = self._graph
         if graph is not None and graph.shape == (hi, width):
-            graph.graph.replay()
-            return graph.out
+            return graph.replay()
         device = torch.device(self._device)
-        if any(torch.device(d) != device for d in self._layer_devices):  # a graph is one device's
-            self._graphs = False
-            log.warning("CUDA_GRAPHS needs every decoder layer on one CUDA device; decoding eagerly")
+        if any(torch.device(d) != device for d in self._layer_devices) or width % self.config.block:
             return None
+        self._graph = None  # the old graph's memory goes back before the new capture
         try:
-            self._graph = _DecodeGraph.capture((hi, width), lambda: self._forward(model, hi, width))
+            self._graph = _DecodeGraph.capture((hi, width), lambda: self._forward(model, hi, width), device)
+        except torch.OutOfMemoryError:
+            self._graphs = False
+            log.warning("out of memory capturing the decode step as a CUDA graph; this batch decodes eagerly")
+            return None
         except Exception:
             _DecodeGraph.failed = True
             log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly from now on")
             return None
-        self._graph.graph.replay()
-        return self._graph.out
+        return self._graph.replay()
 
     def _step_span(self) -> tuple[int, int]:
         """(hi, width) of the next step, growing the columns first when a row's new column needs it."""
@@ -646,30 +654,86 @@ class SlotBatch:
 
 
 class _DecodeGraph:
-    """One captured decode forward: the graph, the buffer shape (hi, width) it was captured at and the
-    tensor its replays write the last hidden states (hi, hidden) into."""
+    """One captured decode forward: the graph, the buffer shape (hi, width) it was captured at, the tensor
+    its replays write the last hidden states (hi, hidden) into, and its CUDA device."""
 
-    __slots__ = ("graph", "out", "shape")
+    __slots__ = ("device", "graph", "out", "shape")
     failed = False  # a capture failed in this process: every batch decodes eagerly from then on
 
-    def __init__(self, graph: Any, out: torch.Tensor, shape: tuple[int, int]) -> None:
-        self.graph, self.out, self.shape = graph, out, shape
+    def __init__(self, graph: Any, out: torch.Tensor, shape: tuple[int, int], device: Any = None) -> None:
+        self.graph, self.out, self.shape, self.device = graph, out, shape, device
+
+    def replay(self) -> torch.Tensor:
+        """Replay on the graph's device (its current stream); returns :attr:`out`."""
+        with _on(self.device):
+            self.graph.replay()
+        return self.out
 
     @classmethod
-    def capture(cls, shape: tuple[int, int], forward: Any) -> _DecodeGraph:
-        """Run ``forward`` once on a side stream (lazy initialisations, e.g. cuBLAS workspaces, must not
-        happen during capture), then capture it (torch.cuda.graph; errors from other threads' CUDA calls
-        are theirs: ``capture_error_mode="thread_local"``). The capture itself runs nothing: replay it."""
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            forward()
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = forward()
-        return cls(graph, out, shape)
+    def capture(cls, shape: tuple[int, int], forward: Any, device: torch.device) -> _DecodeGraph:
+        """Capture ``forward`` on ``device`` (made the current CUDA device: captures and replays go to its
+        streams, whatever device the thread's default is). ``forward`` first runs once on a side stream (lazy
+        initialisations, e.g. cuBLAS workspaces, must not happen during capture); the capture runs nothing,
+        so replay it. Unlike ``torch.cuda.graph`` this neither empties the allocator's cache (which would
+        send the step's other tensors back to cudaMalloc after every capture) nor leaves the thread on the
+        capture stream when capturing fails. ``capture_error_mode="thread_local"``: other threads' CUDA calls
+        do not invalidate it.
+
+        Raises:
+            torch.OutOfMemoryError: while running or capturing ``forward``.
+            RuntimeError: the capture failed (a host sync or an operation graphs cannot hold in
+                ``forward``), or the graph came out empty (its work ran outside the capture stream).
+        """
+        with _on(device):
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            graph = torch.cuda.CUDAGraph()
+            pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.stream(side):  # restored however the capture ends
+                forward()
+                side.synchronize()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                    try:
+                        out = forward()
+                    finally:
+                        _end_capture(graph, device, pool)
+            current.wait_stream(side)
+        _reraise_warnings(caught)
+        return cls(graph, out, shape, device)
+
+
+def _on(device: Any) -> Any:
+    """``torch.cuda.device(device)`` for a CUDA device, else a no-op context (tests stand in on CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _end_capture(graph: Any, device: Any, pool: Any) -> None:
+    """End the capture. When that fails (the capture was invalidated), torch has not stopped routing the
+    capture's allocations to its pool (``CUDAGraph::capture_end`` raises before it does): do that here, best
+    effort, so that the allocator can free its cache again (out-of-memory retries, ``empty_cache``)."""
+    try:
+        graph.capture_end()
+    except Exception:
+        try:
+            torch._C._cuda_endAllocateToPool(torch.device(device).index or 0, pool)
+        except Exception:  # an internal API: the failure is already being reported
+            log.debug("ending the failed capture's pool failed", exc_info=True)
+        raise
+
+
+def _reraise_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Raise RuntimeError for torch's "empty graph" warning (nothing was captured: a replay would do
+    nothing while the lengths advance); pass the other warnings on."""
+    for w in caught:
+        if "empty" in str(w.message).lower() and "graph" in str(w.message).lower():
+            raise RuntimeError(f"the captured decode graph is empty: {w.message}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _copy_rows(

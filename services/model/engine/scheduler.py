@@ -370,14 +370,16 @@ class Scheduler:
         attention implementation the slots cannot serve. ``KV_STATIC_SHAPES`` with concat, and
         ``CUDA_GRAPHS`` without slots, static shapes and a CUDA device, have no effect: a warning says so."""
         config = self._config
+        devices = {p.device for p in model.parameters()}
         graphs = config.kv_layout == "slots" and config.kv_static_shapes and self._device.type == "cuda"
+        graphs = graphs and len(devices) == 1  # a graph is one device's
         if config.cuda_graphs and not graphs:
             log.warning(
                 "CUDA_GRAPHS=true has no effect here: it needs KV_LAYOUT=slots, KV_STATIC_SHAPES=true and "
-                "a CUDA device (KV_LAYOUT=%s, KV_STATIC_SHAPES=%s, device %s)",
+                "the model on one CUDA device (KV_LAYOUT=%s, KV_STATIC_SHAPES=%s, devices %s)",
                 config.kv_layout,
                 config.kv_static_shapes,
-                self._device,
+                ", ".join(sorted(map(str, devices))),
             )
         if config.kv_layout != "slots":
             if config.kv_static_shapes:

@@ -692,7 +692,7 @@ class _DecodeGraph:
             pool = torch.cuda.graph_pool_handle()
             with torch.cuda.stream(side):  # restored however the capture ends
                 forward()
-                side.synchronize()
+                torch.cuda.synchronize(device)  # as torch.cuda.graph does: no work in flight on any stream
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     graph.capture_begin(pool=pool, capture_error_mode="thread_local")

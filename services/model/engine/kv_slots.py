@@ -57,10 +57,10 @@ for them). The warm-up and the capture are harmless to the cache: a step writes 
 length, and the lengths advance only after the step, so running it again writes the same values. The head
 (index_select of the rows, one product) runs eagerly after the replay. Out of memory while capturing turns
 graphs off for that batch; any other failed capture is logged once and every batch of the process decodes
-eagerly from then on. Why: on the lent H200 the eager step is
-bound by launching ~1,600 kernels from Python; the scheduler's step at 16 rows took 10.2 ms with graphs
-against 31 ms without (1 row: 6.1 vs 27.4; 64 rows: 20.5 vs 59.9), the same greedy text in every row
-(``python -m bench.gpu.probe --mode graphs``, bench/results/README.md).
+eagerly from then on. Why: on the lent H200 the eager step is bound by launching ~1,600 kernels from Python;
+the scheduler's step at 16 rows took 10.2 ms with graphs against 31 ms without (1 row: 6.1 vs 27.4; 64 rows:
+20.5 vs 59.9), the same greedy text in every row (``python -m bench.gpu.probe --mode graphs``,
+bench/results/README.md; measured before the review that made the capture device-explicit and stream-safe).
 
 A failed step is undone by its lengths (:meth:`snapshot` / :meth:`restore`): the lengths advance only after a
 step succeeded, and a step writes only at the columns just past them, which stay masked.
@@ -690,17 +690,19 @@ class _DecodeGraph:
             side.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
             pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.stream(side):  # restored however the capture ends
-                forward()
-                torch.cuda.synchronize(device)  # as torch.cuda.graph does: no work in flight on any stream
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                    try:
-                        out = forward()
-                    finally:
-                        _end_capture(graph, device, pool)
-            current.wait_stream(side)
+            try:
+                with torch.cuda.stream(side):  # restored however the capture ends
+                    forward()
+                    torch.cuda.synchronize(device)  # as torch.cuda.graph does: no work in flight anywhere
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                        try:
+                            out = forward()
+                        finally:
+                            _end_capture(graph, device, pool)
+            finally:  # the eager step that follows a failure must not overtake the warm-up's writes
+                current.wait_stream(side)
         _reraise_warnings(caught)
         return cls(graph, out, shape, device)
 

@@ -92,10 +92,11 @@ class ModelSettings(BaseSettings):
     # bytes of finished generations' (compacted) logs kept for re-attach in all; the oldest go first
     finished_retention_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
     # least time between two writes of one generation's stream (0: one write per engine step); the first
-    # and the last event are never held back. 25 = the api's EVENT_FLUSH_MS: the api stores and sends text
-    # at most that often anyway, and each write it parses costs CPU (make bench @16: the api's CPU per token
-    # 0.09-0.11 -> 0.05-0.06 ms going from 10 to 25, the full stack's tok/s up accordingly on 2 cores)
-    stream_interval_ms: float = Field(default=25.0, ge=0.0, le=1000.0)
+    # and the last event are never held back. Each write costs a socket send here and a parse in the api
+    # (make bench @16: the api's CPU per token 0.09-0.11 -> 0.05-0.06 ms going from 10 to 25 ms; a profile
+    # at 25 showed the model service's event loop ~28% in socket sends). 50: the full stack @16 on 2 cores,
+    # 12 runs each, median 2640 tok/s vs 2375 at 25; 20 text updates a second still read as a stream
+    stream_interval_ms: float = Field(default=50.0, ge=0.0, le=1000.0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0.0)
 
     internal_token: SecretStr | None = None

@@ -182,23 +182,6 @@ def _bounded_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-def _meta_valid(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``value`` when it is a valid JSON schema by its meta-schema (``$schema``'s draft, else 2020-12), as
-    OpenAI requires of a tool's ``parameters`` and of ``json_schema.schema``: an invalid one would otherwise
-    reach the prompt (``tool_choice`` auto) or the grammar compiler unnoticed. Check the size first
-    (:func:`_bounded_schema`). Raises ValueError naming the first violation and where it is."""
-    if value is None:
-        return value
-    from jsonschema import Draft202012Validator, SchemaError, validators
-
-    try:
-        validators.validator_for(value, default=Draft202012Validator).check_schema(value)
-    except SchemaError as exc:
-        where = f" at {'/'.join(str(p) for p in exc.path)}" if exc.path else ""
-        raise ValueError(f"invalid JSON schema{where}: {exc.message[:200]}") from None
-    return value
-
-
 class FunctionSpec(_Lenient):
     name: str = Field(pattern=NAME_PATTERN)
     description: str | None = Field(default=None, max_length=MAX_DESCRIPTION_CHARS)
@@ -206,7 +189,6 @@ class FunctionSpec(_Lenient):
     strict: bool | None = None
 
     _size = field_validator("parameters")(_bounded_schema)
-    _meta = field_validator("parameters")(_meta_valid)
 
 
 class ToolSpec(_Lenient):
@@ -255,12 +237,8 @@ class ResponseFormatSpec(_Lenient):
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormatSpec:
-        """``json_schema`` present for that type, its schema valid (named ``response_format`` like the
-        model service's refusals of a schema it cannot compile)."""
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("`json_schema` is required when `type` is json_schema")
-        if self.type == "json_schema" and self.json_schema is not None:
-            _meta_valid(self.json_schema.schema_)
         return self
 
 

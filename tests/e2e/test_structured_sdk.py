@@ -253,7 +253,7 @@ def test_half_constrained_at_concurrency_16(sdk: openai.OpenAI) -> None:
 
 def test_a_schema_the_compiler_rejects_is_a_400_naming_it(http: httpx.Client) -> None:
     unresolved = {"type": "object", "properties": {"a": {"$ref": "#/x"}}}  # valid by the meta-schema
-    for schema in ({"type": "bogus"}, unresolved):  # refused by the api, then by the model's compiler
+    for schema in ({"type": "bogus"}, unresolved):
         bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
         r = http.post("/v1/chat/completions", json={"messages": ask("x"), "response_format": bad})
         assert r.status_code == 400, r.text

@@ -19,6 +19,7 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     Tag,
     ValidationInfo,
@@ -84,7 +85,7 @@ class ContentPart(_Lenient):
     video: list[Annotated[str, Field(min_length=1, max_length=MAX_URL_CHARS)]] | None = Field(
         default=None, min_length=1, max_length=MAX_FRAME_ITEMS
     )
-    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+    fps: StrictFloat | None = Field(default=None, gt=0.0, le=MAX_FPS)
 
     @field_validator("video", mode="before")
     @classmethod
@@ -267,7 +268,7 @@ class MmProcessorKwargs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fps: float | None = Field(default=None, gt=0.0, le=MAX_FPS)
+    fps: StrictFloat | None = Field(default=None, gt=0.0, le=MAX_FPS)
     max_frames: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     min_pixels: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     max_pixels: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
@@ -282,15 +283,15 @@ class ChatCompletionRequest(_Lenient):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: StrictFloat | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: StrictFloat | None = Field(default=None, gt=0.0, le=1.0)
     # extension; -1 (vLLM's spelling) and 0 mean "no top-k"
     top_k: StrictInt | None = Field(default=None, ge=-1, le=INT32_MAX)
     seed: StrictInt | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] | None = Field(default=None, max_length=4)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    presence_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0.0, le=10.0)
     n: StrictInt | None = Field(default=None, ge=1, le=INT32_MAX)
     stream: StrictBool = False  # "yes" or 1 is a client bug worth a 400, not a guess
     stream_options: StreamOptions | None = None

@@ -154,6 +154,11 @@ def test_harmless_values_and_unknown_fields_pass() -> None:
         ({"top_logprobs": "3", "logprobs": True}, "top_logprobs"),
         ({"max_reasoning_tokens": 1.5}, "max_reasoning_tokens"),
         ({"mm_processor_kwargs": {"max_frames": "8"}}, "mm_processor_kwargs.max_frames"),
+        # numbers likewise (an integer is a number: temperature 1 stays valid)
+        ({"temperature": "0.5"}, "temperature"),
+        ({"top_p": True}, "top_p"),
+        ({"presence_penalty": "1"}, "presence_penalty"),
+        ({"mm_processor_kwargs": {"fps": "2"}}, "mm_processor_kwargs.fps"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": False, "stream_options": {}}, "stream_options"),
     ],
@@ -162,6 +167,11 @@ def test_validation_errors_name_the_parameter(body: dict[str, object], param: st
     with pytest.raises(BadRequest) as info:
         req(**body)
     assert info.value.param is not None and info.value.param.startswith(param)
+
+
+def test_integers_are_numbers() -> None:
+    r = req(temperature=1, top_p=1, repetition_penalty=2, mm_processor_kwargs={"fps": 2})
+    assert r.temperature == 1.0 and r.mm_processor_kwargs is not None and r.mm_processor_kwargs.fps == 2.0
 
 
 def test_stream_null_is_false_and_stream_options_go_with_stream() -> None:

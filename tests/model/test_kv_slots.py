@@ -124,8 +124,8 @@ def logits_width(model: Any) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["span", "static"])
-def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine: Any, static: bool) -> None:
+def _churn_like_concat(engine: Any, slots: SlotConfig) -> list[tuple[int, int]]:
+    """The churn script in slots decodes exactly concat's tokens; returns the buffers' (S, C) at each step."""
     shapes: list[tuple[int, int]] = []
 
     def watch(batch: kv.Batch) -> None:
@@ -134,9 +134,14 @@ def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine
 
     with torch.inference_mode():
         concat = _churn(engine, None, lambda b: None)
-        slots = _churn(engine, SlotConfig(16, block=16, static=static), watch)
-    assert slots == concat
+        assert _churn(engine, slots, watch) == concat
     assert len({t for step in concat for t in step}) > 10  # the model's output depends on its input
+    return shapes
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["span", "static"])
+def test_slots_decode_the_tokens_of_concat_through_joins_leaves_and_grows(engine: Any, static: bool) -> None:
+    shapes = _churn_like_concat(engine, SlotConfig(16, block=16, static=static))
     slot_counts = [s for i, (s, _) in enumerate(shapes) if i == 0 or shapes[i - 1][0] != s]
     # grown by joins; compacted when the rows left + 1 fit a bucket at most half of S (9 -> 6 rows: 8 of 16,
     # 8 -> 2: 4 of 8), not for 4 -> 2 rows (3 need the bucket of 4 they are in)
@@ -520,16 +525,7 @@ def test_cuda_graphs_decode_the_tokens_of_concat_and_capture_once_per_buffer_sha
 ) -> None:
     """The replayed forward reads its inputs where they were captured: joins, leaves, forks, a failed
     step and the lengths all reach it in place; a reallocation (new S or C) captures anew."""
-    shapes: list[tuple[int, int]] = []
-
-    def watch(batch: kv.Batch) -> None:
-        assert isinstance(batch, SlotBatch)
-        shapes.append(batch.capacity)
-
-    with torch.inference_mode():
-        concat = _churn(engine, None, lambda b: None)
-        graphed = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), watch)
-    assert graphed == concat
+    shapes = _churn_like_concat(engine, SlotConfig(16, block=16, static=True, graphs=True))
     changes = [shape for i, shape in enumerate(shapes) if i == 0 or shapes[i - 1] != shape]
     # one capture per run of steps at one buffer shape; every other step replays
     assert [shape for shape, _, _ in captures] == changes

@@ -141,8 +141,11 @@ class SlotConfig:
     graphs: bool = False  # CUDA_GRAPHS: capture the static decode forward per buffer shape (CUDA only)
 
     def column_cap(self, slots: int) -> int:
-        """Columns a buffer of ``slots`` slots may take within the budget (0: no budget)."""
-        return self.budget_tokens // slots if self.budget_tokens and slots else 0
+        """Columns a buffer of ``slots`` slots may take within the budget (0: no budget). With ``graphs``
+        rounded down to whole blocks (when that leaves at least one): columns short of a block decode
+        eagerly, and under the default budget they would from ~2,300 columns on."""
+        cap = self.budget_tokens // slots if self.budget_tokens and slots else 0
+        return cap - cap % self.block if self.graphs and cap >= self.block else cap
 
     def columns(self, needed: int, slots: int) -> int:
         """Columns to allocate for ``needed`` in buffers of ``slots`` slots (:func:`columns_for`)."""
@@ -699,8 +702,11 @@ class _DecodeGraph:
                         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                         try:
                             out = forward()
-                        finally:
-                            _end_capture(graph, device, pool)
+                        except BaseException:  # its error is the one to report (out of memory, say)
+                            with contextlib.suppress(Exception):
+                                _end_capture(graph, device, pool)
+                            raise
+                        _end_capture(graph, device, pool)
             finally:  # the eager step that follows a failure must not overtake the warm-up's writes
                 current.wait_stream(side)
         _reraise_warnings(caught)

@@ -44,9 +44,10 @@ what they would be alone. A matcher that raises fails its row alone.
 
 Several choices (``n`` > 1): the request takes ``n`` batch slots at once (it waits in the queue until they
 are free; admission counts it as ``n`` rows). Its prompt is prefilled ONCE, whole or in chunks (and kept
-once in the prefix cache); the one prefilled row is then forked into ``n`` rows (``_fork``: the cache
-copied row-wise, the last logits repeated), each with its own sampler seeded with ``choice_seed(seed, i)``,
-detokenizer, grammar matcher and reasoning budget. They run as independent rows; ``choices.ChoiceGroup``
+once in the prefix cache); the one prefilled row is then forked into ``n`` rows (``_fork``: concat copies
+the cache row-wise, slots take views that the join copies into the slots; the last logits repeated), each
+with its own sampler seeded with ``choice_seed(seed, i)``, detokenizer, grammar matcher and reasoning
+budget. They run as independent rows; ``choices.ChoiceGroup``
 turns each row's end into its choice's ending output and the request's one ``FinalOutput`` after the last.
 A cancel stops every row of the request; a row that fails fails its siblings too (the request fails as a
 whole, and isolation counts the siblings with the culprit).

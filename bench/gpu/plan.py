@@ -15,7 +15,7 @@ from bench.servers import REPO
 DEFAULT_OUT = REPO / "bench" / "results" / "gpu-check.md"
 DEFAULT_MODEL_DIR = REPO / "tmp" / "gpu-check" / "model"
 EXIT_NO_CUDA = 3
-# What the GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/config.env; tests/deploy check that
+# What the GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/model.yaml; tests/deploy check that
 # they agree): slots with static shapes, replayed from CUDA graphs.
 GPU_SERVING: tuple[tuple[str, str], ...] = (
     ("KV_LAYOUT", "slots"),
@@ -94,7 +94,7 @@ class Plan:
     kv_default_step_s: float = 0.05  # decode step estimate when the decode levels measured nothing near
     kv_layouts: int = len(LAYOUTS)  # layouts the KV layouts phase measures (CUDA: + the graphed one)
     # the model settings the engine and the model service run with (environment names): on CUDA those the
-    # GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/config.env); none in a dry run
+    # GPU deployments set (deploy/docker/compose.yaml, deploy/k8s/model.yaml); none in a dry run
     serving: tuple[tuple[str, str], ...] = ()
 
     @classmethod

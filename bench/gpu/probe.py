@@ -218,8 +218,8 @@ def engine_in_thread(
 LAYOUTS = {
     "concat": {"kv_layout": "concat"},
     "slots": {"kv_layout": "slots"},
-    "slots+static": {"kv_layout": "slots", "kv_static_shapes": True},
-    "slots+static+graphs": {"kv_layout": "slots", "kv_static_shapes": True, "cuda_graphs": True},
+    "slots-static": {"kv_layout": "slots", "kv_static_shapes": True},
+    "slots-static-graphs": {"kv_layout": "slots", "kv_static_shapes": True, "cuda_graphs": True},
 }
 
 
@@ -231,8 +231,8 @@ def graphs(engine: Any, batch: int, max_tokens: int, names: Any = tuple(LAYOUTS)
         config = LAYOUTS[name]
         steps, ms, texts[name] = engine_in_thread(engine, batch, max_tokens, max_tokens // 8, **config)
         print(f"@{batch} {name}: {steps} steps, {ms:.2f} ms/step", flush=True)
-    if "slots+static" in texts and "slots+static+graphs" in texts:
-        plain, graphed = texts["slots+static"], texts["slots+static+graphs"]
+    if "slots-static" in texts and "slots-static-graphs" in texts:
+        plain, graphed = texts["slots-static"], texts["slots-static-graphs"]
         same = sum(plain[k] == graphed.get(k) for k in plain)
         print(f"@{batch} graphs vs none: {same}/{len(plain)} rows with the same greedy text", flush=True)
 
@@ -242,23 +242,25 @@ def graphs_mode(engine: Any, max_tokens: int) -> None:
     shape builds a cuDNN plan: what dynamic shapes pay), then 64 rows."""
     import torch
 
-    static = ("slots+static", "slots+static+graphs")
+    static = ("slots-static", "slots-static-graphs")
     engine_in_thread(engine, 2, 4)  # warm-up
     _part("graphs @16", lambda: graphs(engine, 16, max_tokens))
     _part("graphs @1", lambda: graphs(engine, 1, max_tokens, static))
     if engine.loaded.device.type == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
-        dynamic = ("concat", "slots", "slots+static")
+        dynamic = ("concat", "slots", "slots-static")
         _part("cudnn sdp off @16", lambda: graphs(engine, 16, max_tokens, dynamic))
         torch.backends.cuda.enable_cudnn_sdp(True)
     _part("graphs @64", lambda: graphs(engine, 64, max_tokens, static))
 
 
-def _print_steps(steps: int, ms: float, texts: Any) -> None:
+def _print_steps(steps: int, ms: float, _texts: Any) -> None:
     print(f"{steps} steps, {ms:.2f} ms/step")
 
 
 def run(model_dir: Path, device_map: str, steps: int, mode: str = "all") -> None:
+    """Load the engine over ``model_dir`` on ``device_map`` and print every part (``mode`` "all") or the
+    CUDA graph check (``mode`` "graphs"); ``steps``: decode steps per timed loop (tokens per request)."""
     import torch
 
     from bench.gpu.engine_side import load_engine
@@ -290,6 +292,7 @@ def run(model_dir: Path, device_map: str, steps: int, mode: str = "all") -> None
 
 
 def main() -> None:
+    """The command line: build (or reuse) the random checkpoint at ``--model-dir``, then :func:`run`."""
     parser = argparse.ArgumentParser(prog="python -m bench.gpu.probe", description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=REPO / "tmp" / "gpu-check" / "model")
     parser.add_argument("--steps", type=int, default=24)

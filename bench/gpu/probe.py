@@ -197,17 +197,14 @@ def engine_in_thread(
     from dataclasses import replace
 
     from services.model.engine.scheduler import Scheduler
-    from services.protocol.generate import GenerateRequest, Message, SamplingParams
+    from services.model.engine.throughput import story_requests
 
     base = replace(engine.scheduler_config, max_batch_size=max(streams, 16), max_queue=max(streams, 64))
     sink = _Texts()
     scheduler = Scheduler(engine.loaded.model, engine.table, replace(base, **config))
     scheduler.bind(sink)
-    for i in range(streams):
-        messages = [Message(role="user", content=f"Write story number {i} about a lighthouse.")]
-        sampling = SamplingParams(max_tokens=max_tokens - (i % 4) * stagger, temperature=0.0)
-        request = GenerateRequest(request_id=f"probe-{i}", messages=messages, sampling=sampling)
-        scheduler.submit(engine.prepare_sync(request))
+    for prepared in story_requests(engine, streams, max_tokens, "probe", stagger):
+        scheduler.submit(prepared)
     steps = 0
     started = time.perf_counter()
     while sink.finished < streams and scheduler.step_once():

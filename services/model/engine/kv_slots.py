@@ -138,7 +138,9 @@ class SlotConfig:
     budget_tokens: int = 0
     static: bool = False
     block: int = BLOCK
-    graphs: bool = False  # CUDA_GRAPHS: capture the static decode forward per buffer shape (CUDA only)
+    # CUDA_GRAPHS: capture the decode forward per buffer shape; with ``static`` and the model on one CUDA
+    # device only (``Scheduler._configure_slots`` sets it so)
+    graphs: bool = False
 
     def column_cap(self, slots: int) -> int:
         """Columns a buffer of ``slots`` slots may take within the budget (0: no budget). With ``graphs``
@@ -295,7 +297,7 @@ class SlotBatch:
         self._tokens = self._zeros(0, 1)
         self._mask_kind: str | None = None
         self._graph: _DecodeGraph | None = None  # the captured forward of this buffer shape
-        self._graphs = config.graphs and config.static  # False once a capture failed
+        self._graphs = config.graphs  # False once a capture ran out of memory
         # tokens any row here or joining may reach (prompt + max_tokens; 0: unknown, their lengths so far),
         # set by the scheduler before each join and settle: sizes the slots under a KV budget
         self.longest = 0
@@ -596,20 +598,19 @@ class SlotBatch:
 
     def _graphed(self, model: Any, hi: int, width: int) -> torch.Tensor | None:
         """:meth:`_forward` replayed from the CUDA graph of this buffer shape, captured first when there is
-        none (see the module docstring); None to decode eagerly: the layers on several devices (the
-        scheduler enables graphs only for one CUDA device), columns that are not whole blocks (a KV budget's
-        cap lets them grow a column per step: a capture per step costs more than it saves), out of memory
-        while capturing (graphs off for this batch) or a capture that failed (logged; off in this process:
-        :attr:`_DecodeGraph.failed`)."""
+        none (see the module docstring); None to decode eagerly: columns that are not whole blocks (a KV
+        budget's cap lets them grow a column per step: a capture per step costs more than it saves), out of
+        memory while capturing (graphs off for this batch) or a capture that failed (logged; off in this
+        process: :attr:`_DecodeGraph.failed`)."""
         graph = self._graph
         if graph is not None and graph.shape == (hi, width):
             return graph.replay()
-        device = torch.device(self._device)
-        if any(torch.device(d) != device for d in self._layer_devices) or width % self.config.block:
+        if width % self.config.block:
             return None
         self._graph = None  # the old graph's memory goes back before the new capture
         try:
-            self._graph = _DecodeGraph.capture((hi, width), lambda: self._forward(model, hi, width), device)
+            forward = lambda: self._forward(model, hi, width)  # noqa: E731
+            self._graph = _DecodeGraph.capture((hi, width), forward, torch.device(self._device))
         except torch.OutOfMemoryError:
             self._graphs = False
             log.warning("out of memory capturing the decode step as a CUDA graph; this batch decodes eagerly")

@@ -47,6 +47,21 @@ class _Counter:
             self.cond.notify_all()
 
 
+def story_requests(engine: Any, streams: int, max_tokens: int, id_prefix: str, stagger: int = 0) -> list[Any]:
+    """``streams`` greedy text requests prepared by ``engine`` (ids ``{id_prefix}-{i}``); request i asks for
+    ``max_tokens - (i % 4) * stagger`` tokens (``stagger`` > 0: rows leave at different steps)."""
+    return [
+        engine.prepare_sync(
+            GenerateRequest(
+                request_id=f"{id_prefix}-{i}",
+                messages=[Message(role="user", content=f"Write story number {i} about a lighthouse.")],
+                sampling=SamplingParams(max_tokens=max_tokens - (i % 4) * stagger, temperature=0.0),
+            )
+        )
+        for i in range(streams)
+    ]
+
+
 def measure(
     engine: Any, streams: int, max_tokens: int = 128, timeout: float = 600.0, max_batch_size: int = 0
 ) -> Throughput:
@@ -57,16 +72,7 @@ def measure(
     batch = max_batch_size or max(streams, engine.scheduler_config.max_batch_size)
     config = replace(engine.scheduler_config, max_batch_size=batch)
     config = replace(config, max_queue=max(config.max_queue, streams))
-    prepared = [
-        engine.prepare_sync(
-            GenerateRequest(
-                request_id=f"bench-{streams}-{i}",
-                messages=[Message(role="user", content=f"Write story number {i} about a lighthouse.")],
-                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
-            )
-        )
-        for i in range(streams)
-    ]
+    prepared = story_requests(engine, streams, max_tokens, f"bench-{streams}")
     counter = _Counter()
     scheduler = Scheduler(engine.loaded.model, engine.table, config)
     scheduler.start(counter)

@@ -278,6 +278,25 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 ),
             ),
             Panel(
+                "CUDA graphs: decode steps and captures",
+                [
+                    (
+                        f"sum by (instance, mode) (rate(model_cuda_graph_decode_steps_total[{RATE}]))",
+                        "{{instance}} {{mode}} steps/s",
+                    ),
+                    (
+                        f"sum by (instance, outcome) (rate(model_cuda_graph_captures_total[{RATE}]))",
+                        "{{instance}} captures {{outcome}}/s",
+                    ),
+                ],
+                unit="short",
+                description=(
+                    "With CUDA_GRAPHS on: graphed steps replay the captured decode forward, eager ones fell"
+                    " back (a failed capture: the whole process, ~3x slower steps on an H200). A capture"
+                    " per buffer shape, and again after the batch empties; ModelDecodingEagerly watches it."
+                ),
+            ),
+            Panel(
                 "Finished generation logs kept for re-attach",
                 [("sum by (instance) (model_finished_logs_bytes)", "{{instance}}")],
                 unit="bytes",

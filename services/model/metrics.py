@@ -124,7 +124,23 @@ class ModelMetrics:
             "Prompt tokens whose KV came from the prefix cache",
             registry=r,
         )
-        self._kv_totals = EngineTotals(self.prefix_hits, self.prefix_misses, self.prefix_reused)
+        steps = Counter(
+            "model_cuda_graph_decode_steps",
+            "Decode steps with CUDA_GRAPHS on, by how the forward ran: graphed (replayed) or eager",
+            ["mode"],
+            registry=r,
+        )
+        captures = Counter(
+            "model_cuda_graph_captures",
+            "Decode forwards captured as CUDA graphs, by outcome (failed: the process decodes eagerly)",
+            ["outcome"],
+            registry=r,
+        )
+        graph_counters = (steps.labels("graphed"), steps.labels("eager"))
+        graph_counters += (captures.labels("captured"), captures.labels("failed"))
+        self._kv_totals = EngineTotals(
+            self.prefix_hits, self.prefix_misses, self.prefix_reused, *graph_counters
+        )
         self._kv_lock = threading.Lock()  # an old engine process's last report may race the new one's
 
     def _add_media_metrics(self, r: CollectorRegistry) -> None:
@@ -193,11 +209,11 @@ class ModelMetrics:
         """Outcomes are counted by the generation registry, which also sees every FinalOutput."""
 
     def on_kv_cache(self, stats: Any) -> None:
-        """The engine's ``KVCacheStats`` (in order within an engine): the prefix-cache counters advance by
-        the totals' growth within its ``epoch`` (``EngineTotals``); the gauges follow the latest engine."""
+        """The engine's ``KVCacheStats`` (in order within an engine): the prefix-cache and CUDA-graph
+        counters advance by the totals' growth within its ``epoch`` (``EngineTotals``); the gauges follow the
+        latest engine."""
         with self._kv_lock:
-            totals = (stats.hits, stats.misses, stats.reused_tokens)
-            if not self._kv_totals.advance(stats.epoch, totals):
+            if not self._kv_totals.advance(stats.epoch, stats.totals()):
                 return  # a late report of an engine that was replaced
             self.kv_cache_bytes.labels("rows").set(stats.rows_bytes)
             self.kv_cache_bytes.labels("prefixes").set(stats.prefix_bytes)

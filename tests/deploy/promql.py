@@ -16,6 +16,8 @@ COUNTERS = {
     "model_prefix_cache_hits_total",
     "model_prefix_cache_misses_total",
     "model_prefix_cache_reused_tokens_total",
+    "model_cuda_graph_decode_steps_total",
+    "model_cuda_graph_captures_total",
     "model_media_cache_hits_total",
     "model_media_cache_misses_total",
     "model_media_cache_evictions_total",

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from services.model.engine import batch as kv
 from services.model.engine import kv_slots
 from services.model.engine.kv_slots import SlotBatch, SlotConfig, columns_for, slot_bucket, slot_buckets
+from services.model.metrics import ModelMetrics
 from tests.model.engine_support import (
     Recorder,
     RecordingScheduler,
@@ -218,11 +219,11 @@ def test_a_decode_step_reads_nothing_back_from_the_device(
 
 
 def _schedule(
-    engine: Any, arrivals: list[tuple[int, Any]], **config: Any
+    engine: Any, arrivals: list[tuple[int, Any]], observer: Any = None, **config: Any
 ) -> tuple[RecordingScheduler, Recorder]:
     """Submit each prepared request at its step (0-based), drive the scheduler until idle."""
     base = scheduler_for(engine, **config)
-    sched = RecordingScheduler(engine.loaded.model, engine.table, base._config)
+    sched = RecordingScheduler(engine.loaded.model, engine.table, base._config, observer)
     rec = Recorder()
     sched.bind(rec)
     step = 0
@@ -525,11 +526,16 @@ def test_cuda_graphs_decode_the_tokens_of_concat_and_capture_once_per_buffer_sha
 ) -> None:
     """The replayed forward reads its inputs where they were captured: joins, leaves, forks, a failed
     step and the lengths all reach it in place; a reallocation (new S or C) captures anew."""
-    shapes = _churn_like_concat(engine, SlotConfig(16, block=16, static=True, graphs=True))
+    config = SlotConfig(16, block=16, static=True, graphs=True)
+    shapes = _churn_like_concat(engine, config)
     changes = [shape for i, shape in enumerate(shapes) if i == 0 or shapes[i - 1] != shape]
     # one capture per run of steps at one buffer shape; every other step replays
     assert [shape for shape, _, _ in captures] == changes
     assert sum(graph.replays for _, graph, _ in captures) == 36 + 1  # + the step that failed half-way
+    # the counts the metrics report: every step graphed (the one that failed in a layer before its count)
+    counts = config.graph_counts
+    assert (counts.graph_captures, counts.graphed_steps, counts.eager_steps) == (len(changes), 36, 0)
+    assert counts.graph_capture_failures == 0
 
 
 def _restore_rebinding(self: SlotBatch, saved: Any) -> None:
@@ -575,8 +581,12 @@ def test_cuda_graphs_through_the_scheduler_decode_what_generate_does(
     arrivals = [(step, media[rid]) for step, rid in order] + [(9, fork)]
     config = {"kv_layout": "slots", "kv_static_shapes": True, "max_batch_size": 3, "max_step_tokens": 32}
     assert media["video"].prompt_tokens > 32  # prefilled in pieces
-    sched, _ = _schedule(engine, arrivals, **config)
+    observer = ModelMetrics()
+    sched, _ = _schedule(engine, arrivals, observer=observer, **config)
     assert captures and sum(graph.replays for _, graph, _ in captures) > len(captures)
+    counted = _graph_samples(observer)
+    assert counted["captured"] == len(captures) and counted["failed"] == counted["eager"] == 0
+    assert counted["graphed"] == sum(graph.replays for _, graph, _ in captures)
     for _, rid in order:
         assert sched.tokens[rid] == reference_tokens(engine, media[rid]), rid
     for i in range(2):
@@ -609,13 +619,55 @@ def test_a_failed_capture_falls_back_to_eager_decoding(
 
     monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))
     monkeypatch.setattr(kv_slots._DecodeGraph, "failed", False)  # the process-wide switch, restored after
+    first, later = (SlotConfig(16, block=16, static=True, graphs=True) for _ in range(2))
     with torch.inference_mode(), caplog.at_level("ERROR"):
         concat = _churn(engine, None, lambda b: None)
-        graphed = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), lambda b: None)
-        again = _churn(engine, SlotConfig(16, block=16, static=True, graphs=True), lambda b: None)
+        graphed = _churn(engine, first, lambda b: None)
+        again = _churn(engine, later, lambda b: None)
     assert graphed == concat == again
     # once per process: a later batch does not try (and log) again
     assert caplog.text.count("capturing the decode step as a CUDA graph failed") == 1
+    # and the metrics see it: every step eager (the one that failed in a layer before its count)
+    assert (first.graph_counts.graph_capture_failures, first.graph_counts.eager_steps) == (1, 36)
+    assert (later.graph_counts.graph_capture_failures, later.graph_counts.eager_steps) == (0, 36)
+    assert first.graph_counts.graphed_steps == later.graph_counts.graphed_steps == 0
+
+
+def test_out_of_memory_while_capturing_turns_graphs_off_for_that_batch_only(
+    engine: Any, monkeypatch: pytest.MonkeyPatch, captures: list[Any]
+) -> None:
+    """The first capture runs out of memory: that batch decodes eagerly, counted as such; the next batch
+    captures again (the process-wide switch stays on)."""
+    stand_in = kv_slots._DecodeGraph.capture
+    calls: list[int] = []
+
+    def capture(shape: tuple[int, int], forward: Callable[[], torch.Tensor], device: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return stand_in(shape, forward, device)
+
+    monkeypatch.setattr(kv_slots._DecodeGraph, "capture", staticmethod(capture))
+    monkeypatch.setattr(kv_slots._DecodeGraph, "failed", False)
+    first, later = (SlotConfig(16, block=16, static=True, graphs=True) for _ in range(2))
+    with torch.inference_mode():
+        assert _churn(engine, first, lambda b: None) == _churn(engine, later, lambda b: None)
+    assert (first.graph_counts.graph_capture_failures, first.graph_counts.eager_steps) == (1, 36)
+    assert first.graph_counts.graph_captures == first.graph_counts.graphed_steps == 0
+    assert later.graph_counts.graph_captures == len(captures) > 0 and later.graph_counts.graphed_steps == 36
+    assert not kv_slots._DecodeGraph.failed
+
+
+def _graph_samples(metrics: Any) -> dict[str, float]:
+    """The CUDA-graph counters of a ``ModelMetrics`` page by their label value (mode or outcome)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        next(iter(s.labels.values())): s.value
+        for family in text_string_to_metric_families(metrics.render(None).decode())
+        for s in family.samples
+        if s.name in ("model_cuda_graph_decode_steps_total", "model_cuda_graph_captures_total")
+    }
 
 
 # ---- second review: hysteresis, bursts, zeroing, the gather, failed reallocations --------------------------

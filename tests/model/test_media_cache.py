@@ -383,7 +383,9 @@ def _media_samples(metrics: Any) -> dict[str, float]:
         s.name + "".join(f"/{v}" for v in s.labels.values()): s.value
         for family in text_string_to_metric_families(metrics.render(None).decode())
         for s in family.samples
-        if s.name.startswith(("model_media_cache", "model_prefix_cache", "model_kv_cache"))
+        if s.name.startswith(
+            ("model_media_cache", "model_prefix_cache", "model_kv_cache", "model_cuda_graph")
+        )
     }
 
 
@@ -406,18 +408,19 @@ def test_a_restarted_engines_media_and_prefix_totals_count_from_zero_even_when_l
 
     metrics = ModelMetrics()
     metrics.on_media_cache(MediaCacheStats(hits=1, misses=3, evictions=1, entries=2, version=5, epoch="a"))
-    metrics.on_kv_cache(KVCacheStats(10, 20, 0, hits=1, misses=3, reused_tokens=40, epoch="a"))
+    metrics.on_kv_cache(KVCacheStats(10, 20, 0, hits=1, misses=3, reused_tokens=40, epoch="a", eager_steps=7))
     # the new engine already counted more than the old one by its first report: no decrease to see
     metrics.on_media_cache(MediaCacheStats(hits=2, misses=5, evictions=1, entries=4, version=9, epoch="b"))
-    metrics.on_kv_cache(KVCacheStats(11, 21, 0, hits=2, misses=5, reused_tokens=60, epoch="b"))
+    metrics.on_kv_cache(KVCacheStats(11, 21, 0, hits=2, misses=5, reused_tokens=60, epoch="b", eager_steps=9))
     # and the old engine's last report arrives late: its growth counts, the gauges stay the new engine's
     metrics.on_media_cache(MediaCacheStats(hits=1, misses=4, evictions=1, entries=9, version=6, epoch="a"))
-    metrics.on_kv_cache(KVCacheStats(99, 99, 0, hits=1, misses=4, reused_tokens=40, epoch="a"))
+    metrics.on_kv_cache(KVCacheStats(99, 99, 0, hits=1, misses=4, reused_tokens=40, epoch="a", eager_steps=8))
     samples = _media_samples(metrics)
     assert samples["model_media_cache_hits_total"] == 3 and samples["model_media_cache_misses_total"] == 9
     assert samples["model_media_cache_evictions_total"] == 2 and samples["model_media_cache_entries"] == 4
     assert samples["model_prefix_cache_hits_total"] == 3 and samples["model_prefix_cache_misses_total"] == 9
     assert samples["model_prefix_cache_reused_tokens_total"] == 100
+    assert samples["model_cuda_graph_decode_steps_total/eager"] == 8 + 9
     assert (samples["model_kv_cache_bytes/rows"], samples["model_kv_cache_bytes/prefixes"]) == (11, 21)
 
 

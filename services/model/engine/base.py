@@ -113,7 +113,9 @@ class EngineStats:
 class KVCacheStats:
     """The KV cache after a step: bytes reserved by the running rows (each padded to the longest
     prompt + max_tokens), bytes of kept prompt prefixes, the budget (0: none); prefix-cache totals since
-    the engine started: hits, misses, prompt tokens reused. ``epoch``: which engine counted them (an engine
+    the engine started: hits, misses, prompt tokens reused; and, with CUDA graphs on
+    (``kv_slots.GraphCounts``), decode steps replayed from a graph or run eagerly, captures and failed
+    captures since the engine started. ``epoch``: which engine counted them (an engine
     process stamps its own id; "" for the in-thread engine, which lives as long as the service), so that a
     restarted engine's totals, which start at 0 again, are told apart from an older report."""
 
@@ -124,6 +126,22 @@ class KVCacheStats:
     misses: int
     reused_tokens: int
     epoch: str = ""
+    graphed_steps: int = 0
+    eager_steps: int = 0
+    graph_captures: int = 0
+    graph_capture_failures: int = 0
+
+    def totals(self) -> tuple[int, ...]:
+        """The counters' totals, in the order ``ModelMetrics`` feeds them to its counters."""
+        return (
+            self.hits,
+            self.misses,
+            self.reused_tokens,
+            self.graphed_steps,
+            self.eager_steps,
+            self.graph_captures,
+            self.graph_capture_failures,
+        )
 
 
 @dataclass(frozen=True, slots=True)

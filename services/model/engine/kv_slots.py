@@ -72,7 +72,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -128,6 +128,19 @@ def columns_for(needed: int, cap: int = 0, block: int = BLOCK) -> int:
     return min(rounded, max(needed, cap)) if cap else rounded
 
 
+@dataclass(slots=True)
+class GraphCounts:
+    """CUDA-graph totals of the batches made with one :class:`SlotConfig` whose ``graphs`` is on: decode
+    steps replayed from a graph, decode steps run eagerly although graphs were on (columns short of a block,
+    out of memory while capturing, a capture that failed before), graphs captured and captures that failed.
+    The scheduler reports them (``KVCacheStats``); its thread alone writes them."""
+
+    graphed_steps: int = 0
+    eager_steps: int = 0
+    graph_captures: int = 0
+    graph_capture_failures: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class SlotConfig:
     """``max_slots``: the batch size; ``budget_tokens``: tokens of KV the budget holds (0: no budget): the
@@ -141,6 +154,7 @@ class SlotConfig:
     # CUDA_GRAPHS: capture the decode forward per buffer shape; with ``static`` and the model on one CUDA
     # device only (``Scheduler._configure_slots`` sets it so)
     graphs: bool = False
+    graph_counts: GraphCounts = field(default_factory=GraphCounts, compare=False)  # counted when ``graphs``
 
     def column_cap(self, slots: int) -> int:
         """Columns a buffer of ``slots`` slots may take within the budget (0: no budget). With ``graphs``
@@ -567,9 +581,14 @@ class SlotBatch:
         self._check_usable()
         hi, width = self._step_span()
         self._slot_tokens.index_copy_(0, self._order_t, self._tokens)
-        last = self._graphed(model, hi, width) if self._graphs and not _DecodeGraph.failed else None
-        if last is None:
-            last = self._forward(model, hi, width)
+        graphed = self._graphed(model, hi, width) if self._graphs and not _DecodeGraph.failed else None
+        last = graphed if graphed is not None else self._forward(model, hi, width)
+        if self.config.graphs:
+            counts = self.config.graph_counts
+            if graphed is not None:
+                counts.graphed_steps += 1
+            else:
+                counts.eager_steps += 1
         head = model.get_output_embeddings()
         hidden = last.index_select(0, self._order_t.to(last.device)).to(head.weight.device)  # (B, hidden)
         logits = head(hidden) if out is None else torch.mm(hidden, head.weight.t(), out=out)
@@ -612,13 +631,16 @@ class SlotBatch:
             forward = lambda: self._forward(model, hi, width)  # noqa: E731
             self._graph = _DecodeGraph.capture((hi, width), forward, torch.device(self._device))
         except torch.OutOfMemoryError:
+            self.config.graph_counts.graph_capture_failures += 1
             self._graphs = False
             log.warning("out of memory capturing the decode step as a CUDA graph; this batch decodes eagerly")
             return None
         except Exception:
+            self.config.graph_counts.graph_capture_failures += 1
             _DecodeGraph.failed = True
             log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly from now on")
             return None
+        self.config.graph_counts.graph_captures += 1
         return self._graph.replay()
 
     def _step_span(self) -> tuple[int, int]:

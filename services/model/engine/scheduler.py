@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -434,7 +434,10 @@ class Scheduler:
             return
         rows, prefix, budget = self.kv_bytes()
         s = self.prefix.stats if self.prefix is not None else None
-        stats = KVCacheStats(rows, prefix, budget, *((s.hits, s.misses, s.reused_tokens) if s else (0, 0, 0)))
+        graphs = asdict(self._slot_cfg.graph_counts) if self._slot_cfg is not None else {}
+        stats = KVCacheStats(
+            rows, prefix, budget, *((s.hits, s.misses, s.reused_tokens) if s else (0, 0, 0)), **graphs
+        )
         if stats != self._kv_reported:
             self._kv_reported = stats
             on_kv(stats)

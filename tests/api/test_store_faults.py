@@ -200,3 +200,26 @@ async def test_a_store_down_past_the_bound_hands_over_and_is_taken_over_when_it_
     finally:
         await hub.close()
         await inner.close()
+
+
+async def test_sqlite_readiness_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """``ping`` (what /ready asks) takes the write lock: a lock held past the busy timeout fails it while
+    reads still answer (``SELECT 1`` would have said ready); released, it passes again."""
+    from services.api.store.base import StoreUnavailable
+
+    store = await sqlite_store(tmp_path, busy_timeout=0.05)
+    record = new_record()
+    await store.create(record)
+    await store.ping()
+    locker = sqlite3.connect(tmp_path / "sessions.db", isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            await store.ping()
+        assert await store.get(record.id) is not None
+        locker.execute("ROLLBACK")
+        await store.ping()
+        await store.ping()  # the probe's own transaction was rolled back: nothing left open
+    finally:
+        locker.close()
+        await store.close()

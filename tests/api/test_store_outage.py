@@ -263,3 +263,36 @@ async def test_a_runner_writing_through_a_stall_completes_once_forwarding_resume
         await hub.close()
         await store.close()
         await direct.close()
+
+
+async def test_readiness_fails_while_a_table_is_locked_against_writers(postgres_dsn: str) -> None:
+    """``ping`` (what /ready asks) must fail when writes cannot go through though the server answers
+    ``SELECT 1``: a lock on either table that lets readers pass and stops writers, a read-only server."""
+    import psycopg
+
+    store = PostgresStore(postgres_dsn, fail_fast_timeout=0.3, call_timeout=1.0)
+    await store.open()
+    try:
+        await store.ping()
+        for table in ("sessions", "events"):
+            with psycopg.connect(postgres_dsn) as locker:  # a transaction: the lock lasts until it ends
+                locker.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+                locker.execute("SELECT 1")  # the server answers others meanwhile
+                with pytest.raises(StoreUnavailable):
+                    await store.ping()
+            await eventually(store, within=10)
+            await store.ping()
+        # a failover to a read-only server: its connections are dropped, new ones are read-only
+        name = postgres_dsn.rsplit("/", 1)[1]
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+        await eventually(store, within=10)  # reads answer
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.ping()
+    finally:
+        await store.close()

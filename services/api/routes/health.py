@@ -22,7 +22,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request, hub: Hub) -> JSONResponse:
-    """200 when the database answers and at least one model replica is ready, else 503 with the reason.
+    """200 when the database answers and takes writes (``SessionStore.ping``) and at least one model replica
+    is ready, else 503 with the reason.
     Both are asked at once, each fresh (no cached model status), so the answer agrees with what a request
     would meet now. A 503 here is the probe's answer, not a failed request: answered, not raised (the error
     handler would log a warning for every poll while the model loads)."""
@@ -30,7 +31,7 @@ async def ready(request: Request, hub: Hub) -> JSONResponse:
     reasons: list[str] = []
     store_ok, (model_ok, model_reason) = await asyncio.gather(_store_ok(hub), hub.model.readiness())
     if not store_ok:
-        reasons.append("database unreachable")
+        reasons.append("database unavailable (unreachable or refusing writes)")
     if not model_ok:
         reasons.append(model_reason)
     if reasons:

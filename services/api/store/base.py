@@ -89,7 +89,8 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable when the database is not reachable (readiness)."""
+        """Raise StoreUnavailable when the database is not reachable or does not take writes (readiness);
+        writes nothing."""
 
     async def create(self, record: SessionRecord) -> None:
         """Insert a new session; raise SessionExists when the id is taken."""

@@ -121,6 +121,11 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
 )
 
+_PING_SQL = """
+WITH s AS (UPDATE sessions SET updated = updated WHERE false RETURNING 1)
+DELETE FROM events WHERE false
+"""
+
 _APPEND_SQL = """
 WITH s AS (
     UPDATE sessions SET last_index = last_index + %(n)s, model_seq = %(model_seq)s, updated = %(now)s,
@@ -229,8 +234,16 @@ class PostgresStore:
         self._waiters.notify_all()
 
     async def ping(self) -> None:
+        """Readiness: the server answers and takes writes. One statement updates and deletes no row of
+        ``sessions`` and ``events``: it takes both tables' write locks (so a lock held against writers makes
+        it miss ``call_timeout``) and fails on a read-only server (a hot standby, ``default_transaction_
+        read_only``) or without the privileges; it writes nothing. Raises StoreUnavailable."""
+
         async def op(conn: _Conn) -> None:
-            await conn.execute("SELECT 1")
+            try:
+                await conn.execute(_PING_SQL)
+            except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege) as exc:
+                raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
 
         await self._call(op)
 

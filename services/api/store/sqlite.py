@@ -132,7 +132,10 @@ class SqliteStore:
             executor.shutdown(wait=False)
 
     async def ping(self) -> None:
-        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+        """Readiness: the file answers and takes writes. ``BEGIN IMMEDIATE`` takes the write lock (waiting up
+        to ``busy_timeout`` seconds for another writer) and is rolled back at once, writing nothing; a
+        read-only file, or a lock held past the busy timeout, raises StoreUnavailable."""
+        await self._run(_ping_sync)
 
     # ---- protocol --------------------------------------------------------------------------------------
 
@@ -268,6 +271,11 @@ class SqliteStore:
                 for waiter in self._waiters.of(session_id):
                     if _changed(waiter, state):
                         waiter.event.set()
+
+
+def _ping_sync(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def from_model_error(exc: model_errors.ModelServiceError, retry_after: int) -> A
     if isinstance(exc, model_errors.PromptTooLong):
         return BadRequest(message, param="messages", code="context_length_exceeded")
     if isinstance(exc, model_errors.InvalidMedia):
-        return BadRequest(message, param="messages", code="invalid_media")
+        return BadRequest(message, param=exc.param, code="invalid_media")
     if isinstance(exc, model_errors.InvalidSchema):
         return BadRequest(message, param=exc.param, code="invalid_schema")
     if isinstance(exc, model_errors.InvalidValue):

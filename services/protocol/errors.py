@@ -28,9 +28,15 @@ class InvalidRequest(ModelServiceError):
 
 
 class InvalidMedia(InvalidRequest):
-    """Undecodable image/video, too many pixels or frames, decompression bomb."""
+    """Undecodable image/video, too many pixels or frames, decompression bomb. A message about one part
+    starts with its path and ``": "`` (``messages[i].content[j]``, read back by ``param``)."""
 
     code = "invalid_media"
+
+    @property
+    def param(self) -> str:
+        head = self.message.split(": ", 1)[0]
+        return head if re.fullmatch(r"messages\[\d{1,6}\]\.content\[\d{1,6}\]", head) else "messages"
 
 
 class PromptTooLong(InvalidRequest):

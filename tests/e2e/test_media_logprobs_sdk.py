@@ -77,6 +77,32 @@ def test_a_list_of_frames_through_the_sdk(sdk: openai.OpenAI) -> None:
     assert out.usage.prompt_tokens > two  # two temporal patches vs one
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_undecodable_media_is_a_400_naming_the_part(sdk: openai.OpenAI, stream: bool) -> None:
+    """The api passes the bytes on; the model service cannot decode them and names the part, with or
+    without ``stream`` (the error comes before the first event)."""
+    garbage = "data:image/png;base64,dGhpcyBpcyBub3QgYW4gaW1hZ2U="  # "this is not an image"
+    good = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64(32, 32)}"}}
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                good,
+                {"type": "text", "text": "and"},
+                {"type": "image_url", "image_url": {"url": garbage}},
+            ],
+        },
+    ]
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=stream)  # type: ignore[call-overload]
+    error = bad.value.body
+    assert isinstance(error, dict) and error["code"] == "invalid_media", error
+    assert error["param"] == "messages[1].content[2]" and error["message"].startswith(
+        "messages[1].content[2]: "
+    )
+
+
 def test_logprobs_stream_resume_and_non_stream_agree(sdk: openai.OpenAI, api: Service) -> None:
     body: dict[str, Any] = {"messages": ask({"type": "text", "text": "hello"}), "max_tokens": 12}
     body.update(temperature=0.0, logprobs=True, top_logprobs=3)

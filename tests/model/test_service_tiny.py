@@ -162,10 +162,15 @@ def test_reattach_gets_exactly_the_rest(client: httpx.Client) -> None:
 
 def test_bad_media_and_long_prompts_answer_400(client: httpx.Client) -> None:
     garbage = base64.b64encode(b"this is not an image").decode()
+    png = png_b64(32, 32)
     for part in ({"type": "image", "data": garbage}, {"type": "video", "data": garbage}):
-        response = client.post(paths.GENERATE, json=body("bad-media", "Look.", parts=[part]))
+        # the bad part is the third of the second user turn: the error names it first
+        payload = body("bad-media", "Look.", parts=[{"type": "image", "data": png}, part])
+        payload["messages"].insert(0, {"role": "system", "content": "be brief"})
+        response = client.post(paths.GENERATE, json=payload)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["code"] == "invalid_media"
+        assert response.json()["error"]["message"].startswith("messages[1].content[2]: ")
     too_long = client.post(paths.GENERATE, json=body("too-long", "Hi.", max_tokens=300_000))
     assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "prompt_too_long"
     status = client.get(paths.STATUS).json()

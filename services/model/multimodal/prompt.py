@@ -352,11 +352,11 @@ def _to_conversation(
 ) -> _Conversation:
     check_media_counts(messages, limits)
     conv = _Conversation(messages=[], limits=limits, band=band, options=options, cache=cache)
-    for message in messages:
+    for i, message in enumerate(messages):
         if isinstance(message.content, str):
             content: Any = message.content
         else:
-            content = [_part(p, conv) for p in message.content]
+            content = [_located_part(p, conv, i, j) for j, p in enumerate(message.content)]
         conv.messages.append({"role": message.role, "content": content, **_tool_fields(message)})
     return conv
 
@@ -370,6 +370,15 @@ def _tool_fields(message: Message) -> dict[str, Any]:
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def _located_part(part: TextPart | ImagePart | VideoPart, conv: _Conversation, i: int, j: int) -> dict:
+    """:func:`_part`, its ``InvalidMedia`` naming the part first: ``messages[i].content[j]: <reason>`` (the
+    api keeps the client's message and part indexes, so this is the public path; ``InvalidMedia.param``)."""
+    try:
+        return _part(part, conv)
+    except InvalidMedia as exc:
+        raise InvalidMedia(f"messages[{i}].content[{j}]: {exc.message}") from None
 
 
 def _part(part: TextPart | ImagePart | VideoPart, conv: _Conversation) -> dict:

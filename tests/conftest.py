@@ -41,6 +41,20 @@ def postgres_dsn() -> Iterator[str]:
 
 
 @pytest.fixture
+def own_dsn(postgres_dsn: str) -> Iterator[str]:
+    """A database of this test alone, dropped afterwards (``postgres_dsn`` is shared by the whole session:
+    a test that locks, fills or alters its database takes this one)."""
+    import psycopg
+
+    name = f"qvl_own_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{postgres_dsn.rsplit('/', 1)[0]}/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
     d = tmp_path / "logs"
     d.mkdir()

@@ -265,17 +265,17 @@ async def test_a_runner_writing_through_a_stall_completes_once_forwarding_resume
         await direct.close()
 
 
-async def test_readiness_fails_while_a_table_is_locked_against_writers(postgres_dsn: str) -> None:
+async def test_readiness_fails_while_a_table_is_locked_against_writers(own_dsn: str) -> None:
     """``ping`` (what /ready asks) must fail when writes cannot go through though the server answers
     ``SELECT 1``: a lock on either table that lets readers pass and stops writers, a read-only server."""
     import psycopg
 
-    store = PostgresStore(postgres_dsn, fail_fast_timeout=0.3, call_timeout=1.0)
+    store = PostgresStore(own_dsn, fail_fast_timeout=0.3, call_timeout=1.0)
     await store.open()
     try:
         await store.ping()
         for table in ("sessions", "events"):
-            with psycopg.connect(postgres_dsn) as locker:  # a transaction: the lock lasts until it ends
+            with psycopg.connect(own_dsn) as locker:  # a transaction: the lock lasts until it ends
                 locker.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
                 locker.execute("SELECT 1")  # the server answers others meanwhile
                 with pytest.raises(StoreUnavailable):
@@ -283,8 +283,8 @@ async def test_readiness_fails_while_a_table_is_locked_against_writers(postgres_
             await eventually(store, within=10)
             await store.ping()
         # a failover to a read-only server: its connections are dropped, new ones are read-only
-        name = postgres_dsn.rsplit("/", 1)[1]
-        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        name = own_dsn.rsplit("/", 1)[1]
+        with psycopg.connect(own_dsn, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
             admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -294,5 +294,29 @@ async def test_readiness_fails_while_a_table_is_locked_against_writers(postgres_
         await eventually(store, within=10)  # reads answer
         with pytest.raises(StoreUnavailable, match="read-only"):
             await store.ping()
+        # an api starting against it opens (the schema is current: only read) and is not ready
+        later = PostgresStore(own_dsn, fail_fast_timeout=0.3, call_timeout=1.0)
+        await later.open()
+        try:
+            assert await later.get("nothing") is None
+            with pytest.raises(StoreUnavailable, match="read-only"):
+                await later.ping()
+        finally:
+            await later.close()
+    finally:
+        await store.close()
+
+
+async def test_a_read_only_server_without_the_schema_is_unavailable_at_open(own_dsn: str) -> None:
+    """The migration cannot run there: StoreUnavailable (the api starts not ready), not a driver error."""
+    import psycopg
+
+    name = own_dsn.rsplit("/", 1)[1]
+    with psycopg.connect(own_dsn, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    store = PostgresStore(own_dsn, fail_fast_timeout=0.3, call_timeout=1.0)
+    try:
+        with pytest.raises(StoreUnavailable, match="read-only"):
+            await store.open()
     finally:
         await store.close()

@@ -50,17 +50,6 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def own_dsn(postgres_dsn: str) -> Iterator[str]:
-    """A database of this test alone (the session's shared one holds other tests' sessions)."""
-    name = f"qvl_outage_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{postgres_dsn.rsplit('/', 1)[0]}/{name}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
 def stack(logs: Path, own_dsn: str) -> Iterator[tuple[Service, TcpProxy]]:
     proxy = TcpProxy("127.0.0.1", 5432, free_port()).start()
     dsn = own_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")

@@ -72,6 +72,8 @@ POOL_APP_NAME = "qvl-session-store"
 LISTEN_APP_NAME = "qvl-session-store-listen"
 _MIGRATION_LOCK = 0x71766C5F73746F72  # arbitrary advisory-lock key owned by this schema
 _DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+# a server that answers but takes no writes (a standby, default_transaction_read_only, a role without rights)
+_REFUSED_WRITES = (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege)
 _FINAL = sorted(FINAL_STATUSES)
 _PROBE_INTERVAL = 0.5  # seconds between reconnection attempts while failing
 _LISTEN_CHECK_SECONDS = 5.0  # a LISTEN connection quiet this long is asked a trivial query
@@ -242,7 +244,7 @@ class PostgresStore:
         async def op(conn: _Conn) -> None:
             try:
                 await conn.execute(_PING_SQL)
-            except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InsufficientPrivilege) as exc:
+            except _REFUSED_WRITES as exc:
                 raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
 
         await self._call(op)
@@ -559,7 +561,7 @@ class PostgresStore:
             await pool.open(wait=True, timeout=self._connect_timeout)
         except BaseException as exc:
             await listen_conn.close()
-            if isinstance(exc, _DB_ERRORS):
+            if isinstance(exc, (*_DB_ERRORS, *_REFUSED_WRITES)):
                 raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
             raise
         self._pool = pool
@@ -617,6 +619,11 @@ def _rowcount(query: Any, params: Any) -> Callable[[_Conn], Awaitable[int]]:
 
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Bring the schema to the latest of ``MIGRATIONS`` under an advisory lock (workers starting together
+    do not race). A schema already at the latest version is only read: a read-only server (a standby) then
+    opens, and readiness (``ping``) says it refuses writes. Raises RuntimeError for a newer schema."""
+    if await _schema_version(conn) == MIGRATIONS[-1][0]:
+        return
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
@@ -631,6 +638,17 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
                 for statement in statements:
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+
+async def _schema_version(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The schema's version, 0 without a ``schema_version`` table; reads only."""
+    cursor = await conn.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    row = await cursor.fetchone()
+    if not (row and row[0]):
+        return 0
+    cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_version")
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 def _param(name: str, value: Any) -> Any:

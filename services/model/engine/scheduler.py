@@ -434,7 +434,8 @@ class Scheduler:
             return
         rows, prefix, budget = self.kv_bytes()
         s = self.prefix.stats if self.prefix is not None else None
-        graphs = asdict(self._slot_cfg.graph_counts) if self._slot_cfg is not None else {}
+        cfg = self._slot_cfg
+        graphs = asdict(cfg.graph_counts) if cfg is not None and cfg.graphs else {}
         stats = KVCacheStats(
             rows, prefix, budget, *((s.hits, s.misses, s.reused_tokens) if s else (0, 0, 0)), **graphs
         )

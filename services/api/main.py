@@ -73,6 +73,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     hub = SessionHub(settings, store, model, app.state.metrics)
     hub.start()
     app.state.hub, app.state.media_client, app.state.fetch_limits = hub, media_client, limits
+    app.state.store_probe = health.StoreProbe(store)
     try:
         yield
     finally:

@@ -203,23 +203,57 @@ async def test_a_store_down_past_the_bound_hands_over_and_is_taken_over_when_it_
 
 
 async def test_sqlite_readiness_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
-    """``ping`` (what /ready asks) takes the write lock: a lock held past the busy timeout fails it while
-    reads still answer (``SELECT 1`` would have said ready); released, it passes again."""
+    """``ping`` (what /ready asks) takes the write lock: a lock held past its short wait fails it while
+    reads still answer (``SELECT 1`` would have said ready); released, it passes again, and the store's
+    own busy timeout is back for the writes."""
     from services.api.store.base import StoreUnavailable
 
-    store = await sqlite_store(tmp_path, busy_timeout=0.05)
+    store = await sqlite_store(tmp_path, busy_timeout=5.0)
     record = new_record()
     await store.create(record)
     await store.ping()
     locker = sqlite3.connect(tmp_path / "sessions.db", isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="locked"):
             await store.ping()
+        # it waited its own 0.25 s, not the store's 5 s busy timeout (the store thread is everyone's)
+        assert time.monotonic() - started < 2.0
         assert await store.get(record.id) is not None
         locker.execute("ROLLBACK")
         await store.ping()
         await store.ping()  # the probe's own transaction was rolled back: nothing left open
+        conn = store._conn
+        assert conn is not None and conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     finally:
         locker.close()
         await store.close()
+
+
+async def test_concurrent_ready_probes_share_one_ping_and_a_later_one_pings_again() -> None:
+    """``/ready`` needs no key and its ping takes the write lock: callers arriving while a ping runs share
+    it (one in flight), a caller that leaves does not cancel it for the others, and nothing is cached past
+    it (a later probe asks again and sees the store's state now)."""
+    from services.api.routes.health import StoreProbe
+    from services.api.store.base import StoreUnavailable
+
+    class GatedStore:
+        def __init__(self) -> None:
+            self.pings, self.gate, self.down = 0, asyncio.Event(), False
+
+        async def ping(self) -> None:
+            self.pings += 1
+            await self.gate.wait()
+            if self.down:
+                raise StoreUnavailable("down")
+
+    store = GatedStore()
+    probe = StoreProbe(store)  # type: ignore[arg-type]
+    callers = [asyncio.create_task(probe.ok()) for _ in range(20)]
+    await until(lambda: store.pings == 1)
+    callers[0].cancel()
+    store.gate.set()
+    assert await asyncio.gather(*callers[1:]) == [True] * 19 and store.pings == 1
+    store.down = True
+    assert await probe.ok() is False and store.pings == 2

@@ -251,3 +251,26 @@ def test_model_errors_count_the_model_services_failures_not_the_clients_input() 
         if s.name == "api_model_errors_total"
     }
     assert counted == {"not_ready": 1.0, "not_found": 1.0, "internal": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ("messages[1].content[2]: image could not be decoded (truncated)", "messages[1].content[2]"),
+        (
+            "messages[0].content[0]: the request's media have more than 9 decoded pixels in all",
+            "messages[0].content[0]",
+        ),
+        ("the request has 17 images; at most 16 are allowed", "messages"),  # a whole-request limit
+        ("messages[1].content[2].x: near miss", "messages"),
+        ("messages[1]: no part", "messages"),
+        ("tools[0].function.parameters: not media", "messages"),
+    ],
+)
+def test_a_model_media_error_names_the_part_it_starts_with(message: str, param: str) -> None:
+    from services.api.errors import from_model_error
+    from services.protocol.errors import InvalidMedia
+
+    error = from_model_error(InvalidMedia(message), retry_after=1)
+    assert isinstance(error, BadRequest) and error.code == "invalid_media"
+    assert error.param == param and error.message == message

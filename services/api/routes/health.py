@@ -9,8 +9,7 @@ from fastapi.responses import JSONResponse
 
 from services.api.deps import Hub
 from services.api.errors import ServiceUnavailable, error_response, request_id_of
-from services.api.store.base import StoreUnavailable
-from services.api.streaming.hub import SessionHub
+from services.api.store.base import SessionStore, StoreUnavailable
 
 router = APIRouter()
 
@@ -29,7 +28,8 @@ async def ready(request: Request, hub: Hub) -> JSONResponse:
     handler would log a warning for every poll while the model loads)."""
     retry_after = hub.settings.retry_after_seconds
     reasons: list[str] = []
-    store_ok, (model_ok, model_reason) = await asyncio.gather(_store_ok(hub), hub.model.readiness())
+    probe = request.app.state.store_probe
+    store_ok, (model_ok, model_reason) = await asyncio.gather(probe.ok(), hub.model.readiness())
     if not store_ok:
         reasons.append("database unavailable (unreachable or refusing writes)")
     if not model_ok:
@@ -41,12 +41,27 @@ async def ready(request: Request, hub: Hub) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-async def _store_ok(hub: SessionHub) -> bool:
-    try:
-        await hub.store.ping()
-    except StoreUnavailable:
-        return False
-    return True
+class StoreProbe:
+    """The database's readiness for every ``/ready`` caller of this process: one ``SessionStore.ping`` at a
+    time, shared by the callers that arrive while it runs (``/ready`` needs no key, and the ping takes the
+    database's write lock: a flood of probes costs one ping in flight, not one each). Not cached past it."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+        self._running: asyncio.Task[bool] | None = None
+
+    async def ok(self) -> bool:
+        """Whether the store answers and takes writes (False on StoreUnavailable)."""
+        if self._running is None or self._running.done():
+            self._running = asyncio.create_task(self._ping())
+        return await asyncio.shield(self._running)  # a caller that leaves does not cancel the others' ping
+
+    async def _ping(self) -> bool:
+        try:
+            await self._store.ping()
+        except StoreUnavailable:
+            return False
+        return True
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -237,14 +237,19 @@ class PostgresStore:
 
     async def ping(self) -> None:
         """Readiness: the server answers and takes writes. One statement updates and deletes no row of
-        ``sessions`` and ``events``: it takes both tables' write locks (so a lock held against writers makes
-        it miss ``call_timeout``) and fails on a read-only server (a hot standby, ``default_transaction_
-        read_only``) or without the privileges; it writes nothing. Raises StoreUnavailable."""
+        ``sessions`` and ``events``: it takes both tables' write locks, waiting at most half the call
+        timeout (``lock_timeout``) for a lock held against writers, and fails on a read-only server
+        (``default_transaction_read_only``, a standby) or without the privileges; it writes nothing. A lock
+        or a refusal is an answer: the store does not switch to failing for it (only a missed deadline or a
+        lost connection does, as for any call). Raises StoreUnavailable."""
+        lock_ms = max(1, int(self._call_timeout * 500))
 
         async def op(conn: _Conn) -> None:
             try:
-                await conn.execute(_PING_SQL)
-            except _REFUSED_WRITES as exc:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = {lock_ms}")
+                    await conn.execute(_PING_SQL)
+            except (*_REFUSED_WRITES, psycopg.errors.LockNotAvailable) as exc:
                 raise StoreUnavailable(f"Postgres session store: {_first_line(exc)}") from exc
 
         await self._call(op)
@@ -620,8 +625,10 @@ def _rowcount(query: Any, params: Any) -> Callable[[_Conn], Awaitable[int]]:
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
     """Bring the schema to the latest of ``MIGRATIONS`` under an advisory lock (workers starting together
-    do not race). A schema already at the latest version is only read: a read-only server (a standby) then
-    opens, and readiness (``ping``) says it refuses writes. Raises RuntimeError for a newer schema."""
+    do not race). A schema already at the latest version is only read: a server with
+    ``default_transaction_read_only`` then opens, and readiness (``ping``) says it refuses writes (a hot
+    standby refuses the store's LISTEN, so there the setup keeps failing: unavailable either way). Raises
+    RuntimeError for a newer schema."""
     if await _schema_version(conn) == MIGRATIONS[-1][0]:
         return
     async with conn.transaction():

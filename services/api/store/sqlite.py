@@ -90,6 +90,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
 )
 _FINAL_SQL = "(" + ",".join(f"'{s}'" for s in sorted(FINAL_STATUSES)) + ")"
 _IN_CHUNK = 500  # stay far below SQLite's host-parameter limit
+_PING_BUSY_SECONDS = 0.25  # how long a readiness ping waits for another writer's lock
 
 
 class SqliteStore:
@@ -133,9 +134,9 @@ class SqliteStore:
 
     async def ping(self) -> None:
         """Readiness: the file answers and takes writes. ``BEGIN IMMEDIATE`` takes the write lock (waiting up
-        to ``busy_timeout`` seconds for another writer) and is rolled back at once, writing nothing; a
-        read-only file, or a lock held past the busy timeout, raises StoreUnavailable."""
-        await self._run(_ping_sync)
+        to 0.25 s, at most ``busy_timeout``, for another writer) and is rolled back at once, writing nothing;
+        a read-only file, or a lock held past that wait, raises StoreUnavailable."""
+        await self._run(_ping_sync, self._busy_timeout)
 
     # ---- protocol --------------------------------------------------------------------------------------
 
@@ -273,9 +274,16 @@ class SqliteStore:
                         waiter.event.set()
 
 
-def _ping_sync(conn: sqlite3.Connection) -> None:
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("ROLLBACK")
+def _ping_sync(conn: sqlite3.Connection, busy_timeout: float) -> None:
+    """Take the write lock and give it back, waiting at most ``_PING_BUSY_SECONDS`` for it (the store thread
+    is every request's: a probe must not hold it for the whole ``busy_timeout``), then the store's own
+    ``busy_timeout`` (seconds) again."""
+    conn.execute(f"PRAGMA busy_timeout = {int(min(_PING_BUSY_SECONDS, busy_timeout) * 1000)}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
 @contextlib.contextmanager

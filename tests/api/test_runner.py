@@ -111,9 +111,10 @@ async def test_a_paced_stream_is_written_in_batches_and_published_only_when_stor
     record = new_record()
     await store.create(record)
     live = LiveLog(record.id, 0)
-    runner = SessionRunner(
-        make_deps(store, FakeModel([])), record, live, FakeStream(script(REASONING, []), gate=gate)
-    )
+    # a batching interval well above the pacing (1 ms + a store read per token), so that a slow machine
+    # still gathers several tokens per write
+    deps = make_deps(store, FakeModel([]), event_flush_ms=50)
+    runner = SessionRunner(deps, record, live, FakeStream(script(REASONING, []), gate=gate))
     task = asyncio.create_task(runner.run())
     for _ in range(len(REASONING) + 1):
         gate.put_nowait(None)

@@ -18,7 +18,7 @@ from services.protocol.generate import GenerateRequest, ImagePart, Message, Text
 from tests.model.engine_support import Recorder, request, tiny_engine
 
 KINDS = ["fake", "hf", "process"]
-LONG = 2000  # tokens: far longer than any assertion below waits
+LONG = 4000  # tokens: far longer than any assertion below waits (the fake engine's context is 4096)
 
 
 def _make(kind: str, model_dir: Path, **limits: int) -> Engine:

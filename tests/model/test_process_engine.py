@@ -117,12 +117,12 @@ def test_cancel_overloaded_and_conflict(started: tuple[ProcessEngine, Recorder])
     engine, rec = started
     ids = ["c-0", "c-1", "c-2"]
     for rid in ids:
-        asyncio.run(engine.admit(request(rid, "Tell a long story", max_tokens=400)))
+        asyncio.run(engine.admit(request(rid, "Tell a long story", max_tokens=60000)))
     extra = request("c-extra", "hi", max_tokens=4)
     with pytest.raises(Overloaded):  # 2 running + 1 queued = max_batch_size + max_queue
         asyncio.run(engine.admit(extra))
     with pytest.raises(Conflict):
-        asyncio.run(engine.admit(request("c-0", "Tell a long story", max_tokens=400)))
+        asyncio.run(engine.admit(request("c-0", "Tell a long story", max_tokens=60000)))
     stats = engine.stats()
     assert stats.running + stats.queued == 3
     rec.wait_tokens("c-0", 2)

@@ -296,7 +296,7 @@ def test_stop_string_split_across_tokens_finishes_with_stop(engine: Any) -> None
 
 def test_cancel_one_of_several_within_a_step(engine: Any, mixed: dict[str, Prepared]) -> None:
     long = {
-        rid: prepare(engine, request(rid, f"keep going {rid}", max_tokens=400, temperature=0))
+        rid: prepare(engine, request(rid, f"keep going {rid}", max_tokens=60000, temperature=0))
         for rid in ("long-1", "long-2", "long-3")
     }
     sched = scheduler_for(engine)

@@ -190,3 +190,29 @@ def test_kv_in_use_never_exceeds_the_budget_under_64_streams(engine: Any, layout
     assert all(rec.final(p.request_id).finish_reason in ("stop", "length") for p in prepared)  # type: ignore[union-attr]
     assert 0 < watch.peak <= budget
     assert 1 < watch.max_rows < 64  # the budget, not the batch size, held rows back
+
+
+@pytest.mark.parametrize("layout", ["concat", "slots"])
+def test_the_rows_gauge_falls_to_zero_when_a_cancel_empties_the_batch(engine: Any, layout: str) -> None:
+    """A step that only applies a cancel runs no forward: the KV stats must still be reported, or an idle
+    replica shows the cancelled rows' reservation until the next request (and can trip the budget alert)."""
+    from services.model.metrics import ModelMetrics
+
+    metrics = ModelMetrics()
+    sched = scheduler_for(engine, observer=metrics, kv_layout=layout)
+    rec = Recorder()
+    sched.bind(rec)
+
+    def rows_gauge() -> float:
+        value = metrics.registry.get_sample_value("model_kv_cache_bytes", {"kind": "rows"})
+        assert value is not None
+        return value
+
+    sched.submit(prepare(engine, request("long", "Tell a long story", max_tokens=60000)))
+    while not rec.outputs("long"):
+        sched.step_once()
+    assert rows_gauge() > 0
+    assert sched.cancel("long")
+    sched.step_once()
+    assert rec.final("long").finish_reason == "cancelled"  # type: ignore[union-attr]
+    assert rows_gauge() == 0

@@ -277,10 +277,11 @@ class Scheduler:
             self._rows, self._batch, self._chunked = [], None, None
             self._sampler_stale = True
         # The observer first: an engine process sends the step's timing with its outputs, one message.
-        if self._observer is not None and step.batch_size:
-            seconds = time.perf_counter() - started
-            self._observer.on_step(step.batch_size, seconds, step.prefill_tokens, prefills=step.prefills)
-            self._report_kv()
+        if self._observer is not None:
+            if step.batch_size:
+                seconds = time.perf_counter() - started
+                self._observer.on_step(step.batch_size, seconds, step.prefill_tokens, prefills=step.prefills)
+            self._report_kv()  # also after a step of cancels only: the rows they held are free (when changed)
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
 

@@ -30,20 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (``export``, quotes and comments allowed)."""
-    values: dict[str, str] = {}
+    """The ``.env`` file's KEY=VALUE lines, read by python-dotenv: ``export``, quotes, comment lines and an
+    inline `` # comment`` after an unquoted value, as docker compose reads the same file for ``make up``;
+    no ``${VAR}`` interpolation (a ``$`` stays as written); lines without ``=`` are skipped. {} without
+    the file."""
+    from dotenv import dotenv_values
+
     if not path.is_file():
-        return values
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.removeprefix("export ").partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        values[key.strip()] = value
-    return values
+        return {}
+    return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}
 
 
 def port_from(env: Mapping[str, str], name: str, default: int) -> int:

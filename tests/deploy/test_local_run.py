@@ -142,6 +142,15 @@ def test_env_file_parsing(tmp_path: Path) -> None:
     env = tmp_path / ".env"
     env.write_text("# comment\nexport A=1\nB=\"two words\"\nC='x=y'\n\nbroken line\nD=\n")
     assert read_env_file(env) == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
+    # inline comments as docker compose reads them (the same .env serves `make up`)
+    env.write_text('API_KEYS="a,b" # the keys\nMAX_TOKENS=64  # short\nHASH=a#b\nQ="x # y"\nP=$secret\n')
+    assert read_env_file(env) == {
+        "API_KEYS": "a,b",
+        "MAX_TOKENS": "64",
+        "HASH": "a#b",
+        "Q": "x # y",
+        "P": "$secret",
+    }
     assert read_env_file(tmp_path / "missing") == {}
 
 

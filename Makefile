@@ -13,7 +13,7 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev
 .PHONY: help install test test-fast lint format run tiny-model bench gpu-check gpu-wheels up up-cpu down k8s-check clean playground-screenshot
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-22s %s\n", $$1, $$2}'
 
 $(STAMP): $(REQS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -111,7 +111,9 @@ class ModelMetrics:
         for kind in ("rows", "prefixes"):  # a series from the start, before the engine's first step
             self.kv_cache_bytes.labels(kind)
         self.kv_cache_budget = Gauge(
-            "model_kv_cache_budget_bytes", "KV_CACHE_BYTES (0: no limit)", registry=r
+            "model_kv_cache_budget_bytes",
+            "KV_CACHE_BYTES (0: the engine keeps no KV, e.g. ENGINE=fake)",
+            registry=r,
         )
         self.prefix_hits = Counter(
             "model_prefix_cache_hits", "Prompts prefilled from a cached prefix", registry=r

@@ -29,6 +29,19 @@ _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 
 
+# api_model_errors_total's reasons: the model service's error codes the api counts (``model_error``) and the
+# runner's own (a stream that broke twice, a generation that ended in an error)
+MODEL_ERROR_REASONS = (
+    "internal",
+    "not_ready",
+    "not_found",
+    "unauthorized",
+    "conflict",
+    "stream_broken",
+    "generation_error",
+)
+
+
 class ApiMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -63,6 +76,11 @@ class ApiMetrics:
         self.model_errors = Counter(
             "api_model_errors_total", "Failed calls or streams to the model service", ["reason"], registry=r
         )
+        # a series per label from the start (0, not "no data", on a dashboard before the first one)
+        for kind in ("manual", "auto"):
+            self.cancels.labels(kind)
+        for reason in MODEL_ERROR_REASONS:
+            self.model_errors.labels(reason)
         self.ttft = Histogram(
             "api_time_to_first_token_seconds",
             "Request arrival to the first generated text being sendable",

@@ -274,3 +274,14 @@ def test_a_model_media_error_names_the_part_it_starts_with(message: str, param: 
     error = from_model_error(InvalidMedia(message), retry_after=1)
     assert isinstance(error, BadRequest) and error.code == "invalid_media"
     assert error.param == param and error.message == message
+
+
+def test_labelled_api_counters_have_their_series_from_the_start() -> None:
+    """A dashboard shows 0, not "no data", before the first cancel or model failure."""
+    from services.api.metrics import MODEL_ERROR_REASONS, ApiMetrics
+
+    page = ApiMetrics().exposition()[0].decode()
+    for kind in ("manual", "auto"):
+        assert f'api_cancels_total{{kind="{kind}"}} 0.0' in page
+    for reason in MODEL_ERROR_REASONS:
+        assert f'api_model_errors_total{{reason="{reason}"}} 0.0' in page

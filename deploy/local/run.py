@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         edge_note = "" if nginx else " (no nginx edge: the api serves PORT directly)"
         print(f"run: serving on {url}{edge_note}  (Ctrl-C stops)", flush=True)
         policy = RestartPolicy(max_restarts=args.max_restarts, window_seconds=args.restart_window)
-        supervise(children, policy, f"http://127.0.0.1:{ports['model']}/ready")
+        model_ready, api_ready = (f"http://127.0.0.1:{ports[name]}/ready" for name in ("model", "api"))
+        supervise(children, policy, model_ready, api_ready)
     except Stopped as why:
         reason = str(why)
         code = 0 if reason in {"SIGINT", "SIGTERM"} else 1

@@ -10,11 +10,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import http.client
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from pathlib import Path
 # Seconds a child may take to drain on SIGTERM before it is killed: above each one's own graceful shutdown.
 STOP_TIMEOUT = {"edge": 10.0, "api": 45.0, "model": 50.0}
 TICK_SECONDS = 0.2  # how often the children are checked
+API_READY_SECONDS = 5.0  # how often the api's /ready is asked (each answer checks the database's write lock)
 
 
 class Stopped(Exception):
@@ -122,6 +126,21 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def not_ready_reason(url: str) -> str | None:
+    """None when ``url`` (a ``/ready``) answers 200 within 2 s, else why not: the error message of its JSON
+    answer, or what stopped the call."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        try:
+            return str(json.loads(exc.read())["error"]["message"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return f"HTTP {exc.code}"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"no answer ({type(exc).__name__})"
+
+
 def wait_healthy(child: Child) -> None:
     """Poll the child's health URL until 200. Raises ChildFailed if it exits first or does not answer within
     its ``start_timeout``."""
@@ -201,10 +220,16 @@ def heal(child: Child, policy: RestartPolicy) -> None:
         return
 
 
-def supervise(children: Sequence[Child], policy: RestartPolicy, model_ready_url: str) -> None:
+def supervise(
+    children: Sequence[Child], policy: RestartPolicy, model_ready_url: str, api_ready_url: str | None = None
+) -> None:
     """Watch the children until a signal or a failure that cannot be healed (Stopped); restart any that
-    exits. Says once (again after a model restart) when the model has loaded."""
+    exits. Says once (again after a model restart) when the model has loaded; then, every
+    ``API_READY_SECONDS``, whether the api is ready when that changes (with its reason when it is not: a
+    database that does not exist or refuses writes, which the api only logs once)."""
     announced = False
+    api_note: str | None = ""  # the api's readiness last said: None ready, "" not said yet
+    api_checked = -math.inf
     while True:
         for child in children:
             if not child.alive():
@@ -213,4 +238,10 @@ def supervise(children: Sequence[Child], policy: RestartPolicy, model_ready_url:
         if not announced and http_ok(model_ready_url):
             print("run: model ready", flush=True)
             announced = True
+        if announced and api_ready_url and time.monotonic() - api_checked >= API_READY_SECONDS:
+            api_checked = time.monotonic()
+            note = not_ready_reason(api_ready_url)
+            if note != api_note:
+                print(f"run: api not ready: {note}" if note else "run: api ready", flush=True)
+                api_note = note
         time.sleep(TICK_SECONDS)  # supervision tick

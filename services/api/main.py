@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -66,6 +67,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not app.state.key_hashes:
         log.warning("API_KEYS is not set: every /v1 endpoint is open to anyone who can reach this service")
     store = InstrumentedStore(_build_store(settings), app.state.metrics)
+    log.info("session store: %s", describe_store(settings))
     await _open_store(store, settings)
     model = ModelClient(settings)
     limits = settings.fetch_limits()
@@ -81,6 +83,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await model.close()
         await media_client.aclose()
         await store.close()
+
+
+def describe_store(settings: ApiSettings) -> str:
+    """Which session store the settings choose, without credentials: ``postgres host:port/db``, ``sqlite
+    <path>`` or ``memory``."""
+    if settings.database_url:
+        url = urlsplit(settings.database_url.get_secret_value())
+        return f"postgres {url.hostname or 'localhost'}:{url.port or 5432}{url.path or '/'}"
+    if settings.persist_sessions:
+        return f"sqlite {settings.sessions_db_path}"
+    return "memory (PERSIST_SESSIONS=0: sessions end with the process)"
 
 
 def _build_store(settings: ApiSettings) -> SessionStore:

@@ -285,3 +285,12 @@ def test_labelled_api_counters_have_their_series_from_the_start() -> None:
         assert f'api_cancels_total{{kind="{kind}"}} 0.0' in page
     for reason in MODEL_ERROR_REASONS:
         assert f'api_model_errors_total{{reason="{reason}"}} 0.0' in page
+
+
+def test_the_session_store_is_named_without_credentials() -> None:
+    from services.api.main import describe_store
+
+    pg = ApiSettings(database_url="postgresql://app:s3cret@db.internal:6432/sessions?sslmode=require")
+    assert describe_store(pg) == "postgres db.internal:6432/sessions"
+    assert describe_store(ApiSettings(sessions_db_path="/data/s.db")) == "sqlite /data/s.db"
+    assert describe_store(ApiSettings(persist_sessions=False)).startswith("memory")

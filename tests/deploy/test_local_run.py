@@ -133,7 +133,22 @@ def test_runner_without_edge_serves_the_api_on_port(tmp_path: Path) -> None:
         resp = chat(base)
         assert resp.status_code == 200, resp.text
         assert "nginx" not in resp.headers.get("server", "")
+        await_line(proc, "run: api ready")
         stop_and_check(proc, ports)
+    finally:
+        proc.stop()
+
+
+@pytest.mark.postgres
+def test_runner_says_why_the_api_is_not_ready(tmp_path: Path, postgres_dsn: str) -> None:
+    """A DATABASE_URL naming a database that does not exist: the api starts (and logs it once); the runner
+    says it is not ready and why, rather than only "serving"."""
+    missing_db = postgres_dsn.rsplit("/", 1)[0] + f"/qvl_missing_{uuid.uuid4().hex[:8]}"
+    proc, _ports = start_runner(tmp_path, "--no-edge", env={"DATABASE_URL": missing_db})
+    try:
+        line = await_line(proc, "run: api not ready:")
+        assert "database unavailable" in line, line
+        assert "session store: postgres 127.0.0.1:5432/qvl_missing_" in proc.log_path.read_text()
     finally:
         proc.stop()
 

@@ -12,7 +12,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 
@@ -86,11 +85,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def describe_store(settings: ApiSettings) -> str:
-    """Which session store the settings choose, without credentials: ``postgres host:port/db``, ``sqlite
-    <path>`` or ``memory``."""
+    """Which session store the settings choose, without credentials: ``postgres host:port/db`` (a URL or a
+    ``key=value`` conninfo, read by psycopg's own parser), ``sqlite <path>`` or ``memory``."""
     if settings.database_url:
-        url = urlsplit(settings.database_url.get_secret_value())
-        return f"postgres {url.hostname or 'localhost'}:{url.port or 5432}{url.path or '/'}"
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            parts = conninfo_to_dict(settings.database_url.get_secret_value())
+        except Exception:  # psycopg says what is wrong when the store connects; never echo the value
+            return "postgres (DATABASE_URL is not a valid connection string)"
+        host, port = parts.get("host") or "localhost", parts.get("port") or 5432
+        return f"postgres {host}:{port}/{parts.get('dbname') or ''}"
     if settings.persist_sessions:
         return f"sqlite {settings.sessions_db_path}"
     return "memory (PERSIST_SESSIONS=0: sessions end with the process)"

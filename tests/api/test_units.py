@@ -292,5 +292,9 @@ def test_the_session_store_is_named_without_credentials() -> None:
 
     pg = ApiSettings(database_url="postgresql://app:s3cret@db.internal:6432/sessions?sslmode=require")
     assert describe_store(pg) == "postgres db.internal:6432/sessions"
+    kv = ApiSettings(database_url="host=/var/run/postgresql dbname=app user=u password=s3cret")
+    assert describe_store(kv) == "postgres /var/run/postgresql:5432/app"
+    bad = ApiSettings(database_url="postgresql://u:s3cret@[::1:5432/x")
+    assert "s3cret" not in describe_store(bad) and describe_store(bad).startswith("postgres")
     assert describe_store(ApiSettings(sessions_db_path="/data/s.db")) == "sqlite /data/s.db"
     assert describe_store(ApiSettings(persist_sessions=False)).startswith("memory")

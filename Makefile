@@ -87,7 +87,8 @@ up-cpu: ## docker compose up without a GPU (CPU override)
 	$(COMPOSE) -f deploy/docker/compose.cpu.yaml up -d --build
 
 down: ## docker compose down (volumes kept)
-	$(COMPOSE) -f deploy/docker/compose.cpu.yaml down
+	POSTGRES_PASSWORD=$${POSTGRES_PASSWORD:-unused-by-down} GRAFANA_ADMIN_PASSWORD=$${GRAFANA_ADMIN_PASSWORD:-unused-by-down} \
+	  $(COMPOSE) -f deploy/docker/compose.cpu.yaml down
 
 k8s-check: $(STAMP) ## render the kustomize base and validate it strictly, offline
 	$(BIN)/kubectl kustomize deploy/k8s | $(BIN)/kubernetes-validate --strict -k 1.30.0 -

@@ -32,12 +32,19 @@ REPO = Path(__file__).resolve().parents[2]
 def read_env_file(path: Path) -> dict[str, str]:
     """The ``.env`` file's KEY=VALUE lines, read by python-dotenv: ``export``, quotes, comment lines and an
     inline `` # comment`` after an unquoted value, as docker compose reads the same file for ``make up``;
-    no ``${VAR}`` interpolation (a ``$`` stays as written); lines without ``=`` are skipped. {} without
-    the file."""
+    no ``${VAR}`` interpolation (a ``$`` stays as written). {} without the file. A line python-dotenv
+    cannot read (an unclosed quote, which would swallow the lines after it; words without ``=``) stops the
+    start with SystemExit naming its number, as compose refuses such a file (not its text: it may hold a
+    key)."""
     from dotenv import dotenv_values
+    from dotenv.parser import parse_stream
 
     if not path.is_file():
         return {}
+    with path.open(encoding="utf-8") as stream:
+        bad = next((b for b in parse_stream(stream) if b.error), None)
+    if bad is not None:
+        raise SystemExit(f"run: {path.name} line {bad.original.line} cannot be read (an unclosed quote?)")
     return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}
 
 

@@ -11,11 +11,11 @@ import collections
 import contextlib
 import http.client
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +27,7 @@ from pathlib import Path
 STOP_TIMEOUT = {"edge": 10.0, "api": 45.0, "model": 50.0}
 TICK_SECONDS = 0.2  # how often the children are checked
 API_READY_SECONDS = 5.0  # how often the api's /ready is asked (each answer checks the database's write lock)
+READY_TIMEOUT_SECONDS = 10.0  # longer than the api's own database check (STORE_CALL_TIMEOUT_SECONDS, 5 s)
 
 
 class Stopped(Exception):
@@ -126,19 +127,56 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def not_ready_reason(url: str) -> str | None:
-    """None when ``url`` (a ``/ready``) answers 200 within 2 s, else why not: the error message of its JSON
-    answer, or what stopped the call."""
+def not_ready_reason(url: str, timeout: float = READY_TIMEOUT_SECONDS) -> str | None:
+    """None when ``url`` (a ``/ready``) answers 200 within ``timeout`` seconds, else why not: the error
+    message of its JSON answer (without its "not ready: " lead), or what stopped the call."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
         try:
-            return str(json.loads(exc.read())["error"]["message"])
+            return str(json.loads(exc.read())["error"]["message"]).removeprefix("not ready: ")
         except (ValueError, KeyError, TypeError, OSError):
             return f"HTTP {exc.code}"
+    except urllib.error.URLError as exc:
+        return f"no answer ({exc.reason})"
     except (OSError, http.client.HTTPException) as exc:
         return f"no answer ({type(exc).__name__})"
+
+
+class ReadinessWatch:
+    """Asks ``url`` (the api's ``/ready``) every ``API_READY_SECONDS`` in a daemon thread, so that a slow
+    answer (the api's own database check may take ``STORE_CALL_TIMEOUT_SECONDS``) never holds up the
+    supervision tick. ``changed`` hands each new answer to the supervising thread once."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._lock = threading.Lock()
+        self._latest: tuple[str | None] | None = None  # (reason or None when ready,) once asked
+        self._said: tuple[str | None] | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start asking (once; later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._ask, name="api-readiness", daemon=True)
+            self._thread.start()
+
+    def changed(self) -> tuple[bool, str | None]:
+        """(True, reason or None when ready) when the answer differs from the one last handed out."""
+        with self._lock:
+            latest = self._latest
+        if latest is None or latest == self._said:
+            return False, None
+        self._said = latest
+        return True, latest[0]
+
+    def _ask(self) -> None:
+        while True:
+            reason = not_ready_reason(self._url)
+            with self._lock:
+                self._latest = (reason,)
+            time.sleep(API_READY_SECONDS)  # each answer takes the database's write lock: not too often
 
 
 def wait_healthy(child: Child) -> None:
@@ -228,8 +266,7 @@ def supervise(
     ``API_READY_SECONDS``, whether the api is ready when that changes (with its reason when it is not: a
     database that does not exist or refuses writes, which the api only logs once)."""
     announced = False
-    api_note: str | None = ""  # the api's readiness last said: None ready, "" not said yet
-    api_checked = -math.inf
+    api = ReadinessWatch(api_ready_url) if api_ready_url else None
     while True:
         for child in children:
             if not child.alive():
@@ -238,10 +275,9 @@ def supervise(
         if not announced and http_ok(model_ready_url):
             print("run: model ready", flush=True)
             announced = True
-        if announced and api_ready_url and time.monotonic() - api_checked >= API_READY_SECONDS:
-            api_checked = time.monotonic()
-            note = not_ready_reason(api_ready_url)
-            if note != api_note:
+        if announced and api is not None:
+            api.start()
+            changed, note = api.changed()
+            if changed:
                 print(f"run: api not ready: {note}" if note else "run: api ready", flush=True)
-                api_note = note
         time.sleep(TICK_SECONDS)  # supervision tick

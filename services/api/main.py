@@ -94,7 +94,8 @@ def describe_store(settings: ApiSettings) -> str:
             parts = conninfo_to_dict(settings.database_url.get_secret_value())
         except Exception:  # psycopg says what is wrong when the store connects; never echo the value
             return "postgres (DATABASE_URL is not a valid connection string)"
-        host, port = parts.get("host") or "localhost", parts.get("port") or 5432
+        # no host or port: libpq's defaults (PGHOST/PGPORT, else its unix socket and 5432), not guessed here
+        host, port = parts.get("host") or "default", parts.get("port") or "default"
         return f"postgres {host}:{port}/{parts.get('dbname') or ''}"
     if settings.persist_sessions:
         return f"sqlite {settings.sessions_db_path}"

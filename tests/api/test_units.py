@@ -250,7 +250,24 @@ def test_model_errors_count_the_model_services_failures_not_the_clients_input() 
         for s in family.samples
         if s.name == "api_model_errors_total"
     }
-    assert counted == {"not_ready": 1.0, "not_found": 1.0, "internal": 1.0}
+    assert {reason for reason, value in counted.items() if value} == {"not_ready", "not_found", "internal"}
+    assert all(value in (0.0, 1.0) for value in counted.values())
+
+
+def test_every_counted_model_error_reason_has_its_series_from_the_start() -> None:
+    """``MODEL_ERROR_REASONS`` is written by hand: a new error kind of the model service must be in it."""
+    from services.api.metrics import MODEL_ERROR_REASONS
+    from services.protocol import errors
+
+    def kinds(cls: type) -> list[type]:
+        return [cls, *(k for sub in cls.__subclasses__() for k in kinds(sub))]
+
+    counted = {
+        k.code
+        for k in kinds(errors.ModelServiceError)
+        if not issubclass(k, (errors.InvalidRequest, errors.Overloaded))
+    }
+    assert set(MODEL_ERROR_REASONS) == counted | {"stream_broken", "generation_error"}
 
 
 @pytest.mark.parametrize(
@@ -293,7 +310,8 @@ def test_the_session_store_is_named_without_credentials() -> None:
     pg = ApiSettings(database_url="postgresql://app:s3cret@db.internal:6432/sessions?sslmode=require")
     assert describe_store(pg) == "postgres db.internal:6432/sessions"
     kv = ApiSettings(database_url="host=/var/run/postgresql dbname=app user=u password=s3cret")
-    assert describe_store(kv) == "postgres /var/run/postgresql:5432/app"
+    assert describe_store(kv) == "postgres /var/run/postgresql:default/app"
+    assert describe_store(ApiSettings(database_url="postgresql:///app")) == "postgres default:default/app"
     bad = ApiSettings(database_url="postgresql://u:s3cret@[::1:5432/x")
     assert "s3cret" not in describe_store(bad) and describe_store(bad).startswith("postgres")
     assert describe_store(ApiSettings(sessions_db_path="/data/s.db")) == "sqlite /data/s.db"

@@ -5,9 +5,11 @@ readable 401 and 413 errors."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,18 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 SCREENSHOT = Path(os.environ.get("PLAYGROUND_SCREENSHOT", REPO / "tmp" / "playground" / "playground.png"))
 BrowserPage = tuple[Any, PageWatch]
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def _cancel_what_the_test_left_running(browser_page: BrowserPage, stack: Stack) -> Iterator[None]:
+    """The stack serves one generation at a time (MAX_BATCH_SIZE=1, no queue): a test that fails before its
+    own cancel must not leave a 60,000-token generation in the way of the tests after it."""
+    yield
+    page, _watch = browser_page
+    with contextlib.suppress(Exception):  # a broken page or stack: the test's own failure says why
+        session = transcript(page).get("session")
+        if session:
+            httpx.post(f"{stack.base}/v1/cancel/{session}", headers=AUTH, timeout=10)
 
 
 def open_with_key(page: Any, key: str = KEY, path: str = "/") -> None:
@@ -73,7 +87,7 @@ def test_an_image_prompt_streams_its_reasoning(browser_page: BrowserPage, stack:
     )
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
-    shown = wait_transcript(page, "d.status === 'completed'")
+    shown = wait_transcript(page, "d.status === 'completed'", timeout_ms=180_000)
     assert re.search(r"[?&]session=" + re.escape(shown["session"]) + "$", page.url)
     check_same_as_server(page, stack)
     assert page.text_content("#user-media .name") == name

@@ -148,14 +148,14 @@ def test_runner_says_why_the_api_is_not_ready(tmp_path: Path, postgres_dsn: str)
     try:
         line = await_line(proc, "run: api not ready:")
         assert "database unavailable" in line, line
-        assert "session store: postgres 127.0.0.1:5432/qvl_missing_" in proc.log_path.read_text()
+        assert re.search(r"session store: postgres \S+:\d+/qvl_missing_", proc.log_path.read_text())
     finally:
         proc.stop()
 
 
 def test_env_file_parsing(tmp_path: Path) -> None:
     env = tmp_path / ".env"
-    env.write_text("# comment\nexport A=1\nB=\"two words\"\nC='x=y'\n\nbroken line\nD=\n")
+    env.write_text("# comment\nexport A=1\nB=\"two words\"\nC='x=y'\n\nD=\n")
     assert read_env_file(env) == {"A": "1", "B": "two words", "C": "x=y", "D": ""}
     # inline comments as docker compose reads them (the same .env serves `make up`)
     env.write_text('API_KEYS="a,b" # the keys\nMAX_TOKENS=64  # short\nHASH=a#b\nQ="x # y"\nP=$secret\n')
@@ -167,6 +167,14 @@ def test_env_file_parsing(tmp_path: Path) -> None:
         "P": "$secret",
     }
     assert read_env_file(tmp_path / "missing") == {}
+    # an unclosed quote would swallow the lines after it (API_KEYS among them): refused, naming the line only
+    env.write_text('A=1\nSECRET="abc\nAPI_KEYS=k\n')
+    with pytest.raises(SystemExit, match=r"\.env line 2 cannot be read") as refused:
+        read_env_file(env)
+    assert "abc" not in str(refused.value)
+    env.write_text("A=1\nbroken line\n")  # compose refuses it too
+    with pytest.raises(SystemExit, match=r"\.env line 2 cannot be read"):
+        read_env_file(env)
 
 
 def test_runner_refuses_a_malformed_edge_variable(tmp_path: Path, nginx_bin: str) -> None:
@@ -281,3 +289,60 @@ def test_fresh_starts_in_a_row_never_fail(tmp_path: Path) -> None:
             stop_and_check(proc, ports)
         finally:
             proc.stop()
+
+
+def test_the_readiness_watch_reports_each_change_with_the_api_s_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`make run`'s view of the api's /ready: the JSON reason without its lead, a non-JSON error, no answer;
+    each change once; asked in its own thread."""
+    import http.server
+    import threading
+
+    from deploy.local import supervise
+
+    answers = [
+        (503, b'{"error": {"message": "not ready: database unavailable (unreachable or refusing writes)"}}'),
+        (503, b"<html>oops</html>"),
+        (200, b'{"status": "ready"}'),
+    ]
+    state = {"i": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = answers[min(state["i"], len(answers) - 1)]
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/ready"
+    try:
+        assert supervise.not_ready_reason(url) == "database unavailable (unreachable or refusing writes)"
+        state["i"] = 1
+        assert supervise.not_ready_reason(url) == "HTTP 503"
+        monkeypatch.setattr(supervise, "API_READY_SECONDS", 0.01)
+        watch = supervise.ReadinessWatch(url)
+        watch.start()
+        seen: list[str | None] = []
+        deadline = time.monotonic() + 10
+        state["i"] = 2
+        while not seen or seen[-1] is not None:
+            assert time.monotonic() < deadline, seen
+            changed, note = watch.changed()
+            if changed:
+                seen.append(note)
+            time.sleep(0.01)  # polling the watch, as the supervision tick does
+        assert seen[-1] is None and len(seen) == len(set(seen))  # each change once
+        assert watch.changed() == (False, None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    port = free_port()
+    assert (supervise.not_ready_reason(f"http://127.0.0.1:{port}/ready", timeout=2) or "").startswith(
+        "no answer"
+    )

@@ -940,6 +940,7 @@ def test_a_reallocation_failing_half_way_fails_the_rows_and_the_engine_recovers(
     finals = [rec.final(p.request_id) for p in prepared]
     assert finals[0] is not None and finals[0].finish_reason == "error" and message in (finals[0].error or "")
     assert probes == [] and sched._batch is None
+    assert sched.kv_bytes()[0] == 0  # nothing reserved once the failed rows are gone (no stale joiners)
     later = prepare(engine, request(f"{where}-later", "hi there", max_tokens=12, temperature=0))
     sched.submit(later)
     drain(sched)

@@ -274,14 +274,17 @@ class Scheduler:
             log.exception("scheduler step failed")
             chunked = self._chunked[0] if self._chunked is not None else []
             self._fail_rows(step, [*self._rows, *step.admitted, *chunked], f"internal error: {exc}")
-            self._rows, self._batch, self._chunked = [], None, None
+            self._rows, self._batch, self._chunked, self._admitting = [], None, None, []
             self._sampler_stale = True
         # The observer first: an engine process sends the step's timing with its outputs, one message.
         if self._observer is not None:
             if step.batch_size:
                 seconds = time.perf_counter() - started
                 self._observer.on_step(step.batch_size, seconds, step.prefill_tokens, prefills=step.prefills)
-            self._report_kv()  # also after a step of cancels only: the rows they held are free (when changed)
+            try:  # also after a step of cancels only: the rows they held are free (when changed)
+                self._report_kv()
+            except Exception:  # a metric: the step's outputs still go to the sink
+                log.exception("reporting the KV cache's state failed")
         if step.outputs and self._sink is not None:
             self._sink(step.outputs)
 

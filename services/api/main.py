@@ -8,6 +8,7 @@ services.api`` for a single uvicorn process).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -84,19 +85,37 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.close()
 
 
+_HOST = re.compile(r"[A-Za-z0-9._/,\[\]:-]{1,255}")  # names, IPs (v6 in brackets), socket paths, lists
+_PORT = re.compile(r"\d{1,5}(?:,\d{1,5})*")
+_DBNAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
 def describe_store(settings: ApiSettings) -> str:
     """Which session store the settings choose, without credentials: ``postgres host:port/db`` (a URL or a
-    ``key=value`` conninfo, read by psycopg's own parser), ``sqlite <path>`` or ``memory``."""
+    ``key=value`` conninfo, read by psycopg's own parser), ``sqlite <path>`` or ``memory``. A field shows
+    only when it is well-formed and holds no piece of the URL's password: a password with an unescaped ``/``
+    or ``@`` makes libpq split the URL wrongly, and the pieces would land in these fields (``?`` then;
+    ``default`` where libpq picks the host or port itself)."""
     if settings.database_url:
         from psycopg.conninfo import conninfo_to_dict
 
+        dsn = settings.database_url.get_secret_value()
         try:
-            parts = conninfo_to_dict(settings.database_url.get_secret_value())
+            parts = conninfo_to_dict(dsn)
         except Exception:  # psycopg says what is wrong when the store connects; never echo the value
             return "postgres (DATABASE_URL is not a valid connection string)"
-        # no host or port: libpq's defaults (PGHOST/PGPORT, else its unix socket and 5432), not guessed here
-        host, port = parts.get("host") or "default", parts.get("port") or "default"
-        return f"postgres {host}:{port}/{parts.get('dbname') or ''}"
+        secret = dsn.split("://", 1)[1].rpartition("@")[0].partition(":")[2] if "://" in dsn else ""
+
+        def shown(key: str, form: re.Pattern[str]) -> str:
+            value = str(parts.get(key) or "")
+            if not value:
+                return "default" if key != "dbname" else ""
+            leaks = secret and (
+                value in secret or secret in value or any(p in value for p in secret.split("/"))
+            )
+            return value if form.fullmatch(value) and "@" not in value and not leaks else "?"
+
+        return f"postgres {shown('host', _HOST)}:{shown('port', _PORT)}/{shown('dbname', _DBNAME)}"
     if settings.persist_sessions:
         return f"sqlite {settings.sessions_db_path}"
     return "memory (PERSIST_SESSIONS=0: sessions end with the process)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -204,8 +205,8 @@ async def test_a_store_down_past_the_bound_hands_over_and_is_taken_over_when_it_
 
 async def test_sqlite_readiness_fails_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
     """``ping`` (what /ready asks) takes the write lock: a lock held past its short wait fails it while
-    reads still answer (``SELECT 1`` would have said ready); released, it passes again, and the store's
-    own busy timeout is back for the writes."""
+    reads still answer (``SELECT 1`` would have said ready); released, it passes again. It never runs on
+    the store thread, which every request's calls share: it answers while that thread is busy."""
     from services.api.store.base import StoreUnavailable
 
     store = await sqlite_store(tmp_path, busy_timeout=5.0)
@@ -224,8 +225,14 @@ async def test_sqlite_readiness_fails_while_another_process_holds_the_write_lock
         locker.execute("ROLLBACK")
         await store.ping()
         await store.ping()  # the probe's own transaction was rolled back: nothing left open
-        conn = store._conn
-        assert conn is not None and conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        busy, release = threading.Event(), threading.Event()
+        blocker = asyncio.ensure_future(store._submit(lambda: busy.set() or release.wait(30)))
+        await asyncio.to_thread(busy.wait, 10)
+        try:
+            await asyncio.wait_for(store.ping(), 10)  # the store thread is held: a ping there would hang
+        finally:
+            release.set()
+            await blocker
     finally:
         locker.close()
         await store.close()
@@ -250,8 +257,9 @@ async def test_concurrent_ready_probes_share_one_ping_and_a_later_one_pings_agai
 
     store = GatedStore()
     probe = StoreProbe(store)  # type: ignore[arg-type]
-    callers = [asyncio.create_task(probe.ok()) for _ in range(20)]
-    await until(lambda: store.pings == 1)
+    assert await probe.ok(within=0.05) is False  # no answer in time: not ready, and the ping goes on
+    assert store.pings == 1
+    callers = [asyncio.create_task(probe.ok()) for _ in range(20)]  # they join the ping in flight
     callers[0].cancel()
     store.gate.set()
     assert await asyncio.gather(*callers[1:]) == [True] * 19 and store.pings == 1

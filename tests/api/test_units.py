@@ -312,6 +312,14 @@ def test_the_session_store_is_named_without_credentials() -> None:
     kv = ApiSettings(database_url="host=/var/run/postgresql dbname=app user=u password=s3cret")
     assert describe_store(kv) == "postgres /var/run/postgresql:default/app"
     assert describe_store(ApiSettings(database_url="postgresql:///app")) == "postgres default:default/app"
+    # a password with an unescaped / or @ makes libpq split the URL wrongly: no piece of it is shown
+    for url in (
+        "postgresql://user:s3cr3t/word@localhost/db",
+        "postgresql://user:ab+c/d=@127.0.0.1:5432/db",
+        "postgresql://user:s3c@r3t@localhost/db",
+    ):
+        said = describe_store(ApiSettings(database_url=url))
+        assert not any(piece in said for piece in ("s3cr3t", "word", "ab+c", "d=", "r3t")), (url, said)
     bad = ApiSettings(database_url="postgresql://u:s3cret@[::1:5432/x")
     assert "s3cret" not in describe_store(bad) and describe_store(bad).startswith("postgres")
     assert describe_store(ApiSettings(sessions_db_path="/data/s.db")) == "sqlite /data/s.db"

@@ -173,7 +173,13 @@ def test_env_file_parsing(tmp_path: Path) -> None:
         read_env_file(env)
     assert "abc" not in str(refused.value)
     env.write_text("A=1\nbroken line\n")  # compose refuses it too
-    with pytest.raises(SystemExit, match=r"\.env line 2 cannot be read"):
+    with pytest.raises(SystemExit, match=r"\.env line 2 cannot be read \(not KEY=VALUE"):
+        read_env_file(env)
+    env.write_text("A=1\nB=x\x00y\n")
+    with pytest.raises(SystemExit, match=r"\.env line 2 cannot be read \(a NUL character\)"):
+        read_env_file(env)
+    env.write_bytes(b"A=caf\xe9\n")  # Latin-1
+    with pytest.raises(SystemExit, match=r"\.env is not UTF-8"):
         read_env_file(env)
 
 

@@ -12,6 +12,7 @@ from services.api.errors import ServiceUnavailable, error_response, request_id_o
 from services.api.store.base import SessionStore, StoreUnavailable
 
 router = APIRouter()
+READY_STORE_SECONDS = 2.0  # how long /ready waits for the database's answer
 
 
 @router.get("/health")
@@ -50,11 +51,15 @@ class StoreProbe:
         self._store = store
         self._running: asyncio.Task[bool] | None = None
 
-    async def ok(self) -> bool:
-        """Whether the store answers and takes writes (False on StoreUnavailable)."""
+    async def ok(self, within: float = READY_STORE_SECONDS) -> bool:
+        """Whether the store answers and takes writes within ``within`` seconds (False on StoreUnavailable
+        or past it: a probe's answer must come before a Kubernetes probe's 3 s timeout)."""
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._ping())
-        return await asyncio.shield(self._running)  # a caller that leaves does not cancel the others' ping
+        try:  # shielded: a caller that leaves or times out does not cancel the others' ping
+            return await asyncio.wait_for(asyncio.shield(self._running), within)
+        except TimeoutError:
+            return False
 
     async def _ping(self) -> bool:
         try:

@@ -237,12 +237,12 @@ class PostgresStore:
 
     async def ping(self) -> None:
         """Readiness: the server answers and takes writes. One statement updates and deletes no row of
-        ``sessions`` and ``events``: it takes both tables' write locks, waiting at most half the call
-        timeout (``lock_timeout``) for a lock held against writers, and fails on a read-only server
+        ``sessions`` and ``events``: it takes both tables' write locks, waiting at most half the call timeout
+        and 1 s at most (``lock_timeout``) for a lock held against writers, and fails on a read-only server
         (``default_transaction_read_only``, a standby) or without the privileges; it writes nothing. A lock
         or a refusal is an answer: the store does not switch to failing for it (only a missed deadline or a
         lost connection does, as for any call). Raises StoreUnavailable."""
-        lock_ms = max(1, int(self._call_timeout * 500))
+        lock_ms = max(1, int(min(self._call_timeout / 2, 1.0) * 1000))
 
         async def op(conn: _Conn) -> None:
             try:

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -102,6 +103,8 @@ class SqliteStore:
         self._executor: ThreadPoolExecutor | None = None
         self._poller: asyncio.Task[None] | None = None
         self._waiters = Waiters()
+        self._probe: sqlite3.Connection | None = None  # ping's own connection (never the store thread's)
+        self._probe_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -125,6 +128,10 @@ class SqliteStore:
                 await self._poller
             self._poller = None
         self._waiters.notify_all()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
         conn, executor = self._conn, self._executor
         self._conn = self._executor = None
         if executor is not None:
@@ -134,9 +141,24 @@ class SqliteStore:
 
     async def ping(self) -> None:
         """Readiness: the file answers and takes writes. ``BEGIN IMMEDIATE`` takes the write lock (waiting up
-        to 0.25 s, at most ``busy_timeout``, for another writer) and is rolled back at once, writing nothing;
-        a read-only file, or a lock held past that wait, raises StoreUnavailable."""
-        await self._run(_ping_sync, self._busy_timeout)
+        to 0.25 s for another writer) and is rolled back at once, writing nothing; a read-only file, or a lock
+        held past that wait, raises StoreUnavailable. It runs on a connection and thread of its own: the store
+        thread, which every request's calls share, never waits for it."""
+        if self._conn is None:
+            raise StoreUnavailable("the SQLite session store is closed")
+        try:
+            await asyncio.to_thread(self._ping_sync)
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"SQLite session store: {exc}") from exc
+
+    def _ping_sync(self) -> None:
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = sqlite3.connect(
+                    self._path, timeout=_PING_BUSY_SECONDS, isolation_level=None, check_same_thread=False
+                )
+            self._probe.execute("BEGIN IMMEDIATE")
+            self._probe.execute("ROLLBACK")
 
     # ---- protocol --------------------------------------------------------------------------------------
 
@@ -272,18 +294,6 @@ class SqliteStore:
                 for waiter in self._waiters.of(session_id):
                     if _changed(waiter, state):
                         waiter.event.set()
-
-
-def _ping_sync(conn: sqlite3.Connection, busy_timeout: float) -> None:
-    """Take the write lock and give it back, waiting at most ``_PING_BUSY_SECONDS`` for it (the store thread
-    is every request's: a probe must not hold it for the whole ``busy_timeout``), then the store's own
-    ``busy_timeout`` (seconds) again."""
-    conn.execute(f"PRAGMA busy_timeout = {int(min(_PING_BUSY_SECONDS, busy_timeout) * 1000)}")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
 
 
 @contextlib.contextmanager

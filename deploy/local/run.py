@@ -33,9 +33,9 @@ def read_env_file(path: Path) -> dict[str, str]:
     """The ``.env`` file's KEY=VALUE lines, read by python-dotenv: ``export``, quotes, comment lines and an
     inline `` # comment`` after an unquoted value, as docker compose reads the same file for ``make up``;
     no ``${VAR}`` interpolation (a ``$`` stays as written). {} without the file. A line python-dotenv
-    cannot read (an unclosed quote, which would swallow the lines after it; words without ``=``), a NUL
-    character (no process environment holds one) or a file that is not UTF-8 stops the start with
-    SystemExit naming the line, as compose refuses such a file (never its text: it may hold a key)."""
+    cannot read (an unclosed quote, which would swallow the lines after it; words without ``=``) or a NUL
+    character (no process environment holds one) stops the start with SystemExit naming the line, a file
+    that is not UTF-8 naming the byte, as compose refuses such files (never the text: it may hold a key)."""
     from dotenv import dotenv_values
     from dotenv.parser import parse_stream
 
@@ -47,7 +47,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     except UnicodeDecodeError as exc:
         raise SystemExit(f"run: {path.name} is not UTF-8 text (byte {exc.start})") from None
     for b in bindings:
-        if b.error or (b.value is not None and "\x00" in b.value):
+        if b.error or "\x00" in (b.key or "") + (b.value or ""):
             why = "a NUL character" if not b.error else "not KEY=VALUE, or an unclosed quote"
             raise SystemExit(f"run: {path.name} line {b.original.line} cannot be read ({why})")
     return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}

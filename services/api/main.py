@@ -85,35 +85,37 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.close()
 
 
-_HOST = re.compile(r"[A-Za-z0-9._/,\[\]:-]{1,255}")  # names, IPs (v6 in brackets), socket paths, lists
-_PORT = re.compile(r"\d{1,5}(?:,\d{1,5})*")
-_DBNAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
+_HOST = re.compile(r"[A-Za-z0-9._/,\[\]:%-]{1,255}")  # names, IPs (v6 scoped or in brackets), sockets, lists
+_PORT = re.compile(r"\d{0,5}(?:,\d{0,5})*")
+_DBNAME = re.compile(r"[\w.$-]{1,63}")
 
 
 def describe_store(settings: ApiSettings) -> str:
     """Which session store the settings choose, without credentials: ``postgres host:port/db`` (a URL or a
-    ``key=value`` conninfo, read by psycopg's own parser), ``sqlite <path>`` or ``memory``. A field shows
-    only when it is well-formed and holds no piece of the URL's password: a password with an unescaped ``/``
-    or ``@`` makes libpq split the URL wrongly, and the pieces would land in these fields (``?`` then;
-    ``default`` where libpq picks the host or port itself)."""
+    ``key=value`` conninfo, read by psycopg's own parser; ``default`` where libpq picks the host or port,
+    ``?`` for a value of an unexpected form), ``sqlite <path>`` or ``memory``. A URL whose password holds
+    an unescaped ``/``, ``?`` or ``@`` is split wrongly by libpq, and pieces of the password would land in
+    these fields: such a URL (an ``@`` after its authority, or two in it) is not described at all."""
     if settings.database_url:
         from psycopg.conninfo import conninfo_to_dict
 
         dsn = settings.database_url.get_secret_value()
+        if "://" in dsn:
+            rest = dsn.split("://", 1)[1]
+            cut = re.search(r"[/?#]", rest)
+            authority, tail = (rest[: cut.start()], rest[cut.start() :]) if cut else (rest, "")
+            if authority.count("@") > 1 or "@" in tail:
+                return "postgres (DATABASE_URL not shown: percent-encode / ? @ in its password)"
         try:
             parts = conninfo_to_dict(dsn)
         except Exception:  # psycopg says what is wrong when the store connects; never echo the value
             return "postgres (DATABASE_URL is not a valid connection string)"
-        secret = dsn.split("://", 1)[1].rpartition("@")[0].partition(":")[2] if "://" in dsn else ""
 
         def shown(key: str, form: re.Pattern[str]) -> str:
             value = str(parts.get(key) or "")
             if not value:
                 return "default" if key != "dbname" else ""
-            leaks = secret and (
-                value in secret or secret in value or any(p in value for p in secret.split("/"))
-            )
-            return value if form.fullmatch(value) and "@" not in value and not leaks else "?"
+            return value if form.fullmatch(value) else "?"
 
         return f"postgres {shown('host', _HOST)}:{shown('port', _PORT)}/{shown('dbname', _DBNAME)}"
     if settings.persist_sessions:

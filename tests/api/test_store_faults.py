@@ -265,3 +265,21 @@ async def test_concurrent_ready_probes_share_one_ping_and_a_later_one_pings_agai
     assert await asyncio.gather(*callers[1:]) == [True] * 19 and store.pings == 1
     store.down = True
     assert await probe.ok() is False and store.pings == 2
+
+
+async def test_a_ping_that_runs_after_close_opens_nothing(tmp_path: Path) -> None:
+    """``ping`` checks the store on the loop, then runs in a thread: a ``close`` in between must not leave
+    it to open a new connection and answer ready."""
+    from services.api.store.base import StoreUnavailable
+
+    store = await sqlite_store(tmp_path)
+    await store.ping()
+    await store.close()
+    with pytest.raises(sqlite3.OperationalError, match="closed"):
+        store._ping_sync()  # the thread's half of a ping that passed the check before close
+    assert store._probe is None
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    await store.open()  # a store opened again pings again
+    await store.ping()
+    await store.close()

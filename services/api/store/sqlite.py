@@ -104,7 +104,8 @@ class SqliteStore:
         self._poller: asyncio.Task[None] | None = None
         self._waiters = Waiters()
         self._probe: sqlite3.Connection | None = None  # ping's own connection (never the store thread's)
-        self._probe_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # guards _probe and _probe_closed (ping threads, close)
+        self._probe_closed = False
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class SqliteStore:
         if self._path != ":memory:" and not parent.is_dir():
             raise StoreUnavailable(f"SESSIONS_DB_PATH={self._path}: directory {parent} does not exist")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._probe_closed = False
         try:
             self._conn = await self._submit(self._connect_sync)
             await self._run(self._migrate_sync)
@@ -128,10 +130,7 @@ class SqliteStore:
                 await self._poller
             self._poller = None
         self._waiters.notify_all()
-        with self._probe_lock:
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
+        await asyncio.to_thread(self._close_probe)  # a ping in flight holds its lock up to 0.25 s
         conn, executor = self._conn, self._executor
         self._conn = self._executor = None
         if executor is not None:
@@ -148,17 +147,32 @@ class SqliteStore:
             raise StoreUnavailable("the SQLite session store is closed")
         try:
             await asyncio.to_thread(self._ping_sync)
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:  # locked, read-only, not a database, closed meanwhile
             raise StoreUnavailable(f"SQLite session store: {exc}") from exc
 
     def _ping_sync(self) -> None:
         with self._probe_lock:
+            if self._probe_closed:
+                raise sqlite3.OperationalError("the store is closed")
             if self._probe is None:
                 self._probe = sqlite3.connect(
                     self._path, timeout=_PING_BUSY_SECONDS, isolation_level=None, check_same_thread=False
                 )
-            self._probe.execute("BEGIN IMMEDIATE")
-            self._probe.execute("ROLLBACK")
+            try:
+                self._probe.execute("BEGIN IMMEDIATE")
+                self._probe.execute("ROLLBACK")
+            except sqlite3.Error:
+                if self._probe.in_transaction:  # never keep a connection that may hold the write lock
+                    self._probe.close()
+                    self._probe = None
+                raise
+
+    def _close_probe(self) -> None:
+        with self._probe_lock:
+            self._probe_closed = True
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
 
     # ---- protocol --------------------------------------------------------------------------------------
 
